@@ -1,0 +1,102 @@
+"""Resolve a model name to a checkpoint, load it through transformers, normalise its config once.
+
+Accepted names: a local checkpoint directory (never touches the hub), a hub id (`facebook/opt-1.3b`), or a
+short name (`opt-1.3b` -> `facebook/opt-1.3b`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, OPTForCausalLM
+from transformers.utils import logging as hf_logging
+
+from ..runtime.errors import ModelError
+from ..runtime.tokenizer import TextCodec
+
+OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")
+
+
+@dataclass(frozen=True)
+class OPTShape:
+    """The subset of an OPT config the exporter and runtime need (written into the manifest)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_dim: int
+    vocab_size: int
+    word_embed_proj_dim: int
+    max_positions: int
+    pre_layer_norm: bool  # do_layer_norm_before: True for most sizes, False for opt-350m
+    pad_token_id: int
+    eos_token_id: int | None
+    bos_token_id: int | None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_config(cls, cfg) -> OPTShape:
+        if getattr(cfg, "model_type", None) != "opt":
+            raise ModelError(f"model_type={getattr(cfg, 'model_type', None)!r} is not supported: only 'opt' models")
+        return cls(
+            num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+            ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size, word_embed_proj_dim=cfg.word_embed_proj_dim,
+            max_positions=cfg.max_position_embeddings, pre_layer_norm=bool(cfg.do_layer_norm_before),
+            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 1,
+            eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_model(name: str) -> str:
+    """Map a short name to its hub id; keep local directories and hub ids; reject anything else."""
+    if os.path.isdir(name):
+        return name
+    if name.startswith("opt-") and name[4:] in OPT_SIZES:
+        return f"facebook/{name}"
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name
+    raise ModelError(f"unknown model {name!r}: give a local checkpoint directory, a hub id such as "
+                     f"facebook/opt-1.3b, or a short name opt-{{{','.join(OPT_SIZES)}}}")
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "eager") -> tuple[OPTForCausalLM, TextCodec | None]:
+    """Load an OPT checkpoint and its tokenizer (None when the checkpoint has none). Eval mode."""
+    path = resolve_model(name)
+    hf_logging.disable_progress_bar()
+    local = os.path.isdir(path)
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the config of {name!r} ({path}): {exc}") from exc
+    OPTShape.from_config(cfg)  # refuses non-OPT checkpoints before loading weights
+    try:
+        model = OPTForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local,
+                                               attn_implementation=attn_implementation)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the weights of {name!r} ({path}): {exc}") from exc
+    model.eval()
+    return model, load_codec(path, local)
+
+
+def load_codec(path: str, local: bool) -> TextCodec | None:
+    if local:
+        tok_file = Path(path) / "tokenizer.json"
+        if tok_file.exists():
+            return TextCodec.from_file(tok_file)
+        if not any((Path(path) / f).exists() for f in ("vocab.json", "tokenizer_config.json")):
+            return None
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError):
+        return None
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    return TextCodec(backend) if backend is not None else None

@@ -1,0 +1,1 @@
+"""SkipDecode for OPT: export (torch side) and runtime (no torch)."""

@@ -1,0 +1,181 @@
+"""`skipdecode` command line: a thin shell over typed functions. Errors print one line and exit 2.
+
+torch is imported only by the subcommands that need it (torch backend, export), so `plan` and the onnxruntime
+backend work in a runtime-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from skipdecode.runtime.errors import InputError, SkipDecodeError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from exc
+
+
+def add_schedule_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("schedule (default: full depth)")
+    g.add_argument("--speedup", type=float, help="target speedup S; solves (max, min) budgets with mean L/S")
+    g.add_argument("--max-layers", type=int, help="explicit max budget M (overrides --speedup)")
+    g.add_argument("--min-layers", type=int, help="explicit min budget m")
+    g.add_argument("--warmup-layers", type=int, default=1, help="layers [0, w) always run (default 1)")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], type=_ints,
+                   help='prompt token ids, e.g. "2 100 200" (repeat for a batch)')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="schedule length T (default prompt + max new tokens)")
+    add_schedule_args(p)
+    g = p.add_argument_group("sampling (default greedy)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop-token-ids", type=_ints, default=[], help="extra ids that end a sequence")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
+    p.add_argument("--json", action="store_true", help="one JSON object per sequence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skipdecode", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="print the budget and layer set of every column")
+    p.add_argument("--layers", type=int, required=True, help="decoder layers L")
+    p.add_argument("--prompt-length", type=int, required=True)
+    p.add_argument("--max-length", type=int, required=True)
+    p.add_argument("--buckets", type=_ints, help="exported budgets (default: every budget)")
+    add_schedule_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="generate with SkipDecode")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="onnxruntime")
+    p.add_argument("--model", help="torch backend: local dir, hub id or short name (opt-1.3b)")
+    p.add_argument("--engine", help="onnxruntime backend: engine directory")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="onnxruntime execution providers, comma-separated, in priority order")
+    add_generate_args(p)
+
+    from skipdecode.export_cli import add_export_parsers  # parsers only: no torch import here
+    add_export_parsers(sub)
+    return parser
+
+
+def schedule_from_args(args, num_layers: int):
+    from skipdecode.runtime.schedule import schedule_for
+    return schedule_for(num_layers, args.speedup, args.max_layers, args.min_layers, args.warmup_layers)
+
+
+def cmd_plan(args) -> int:
+    from skipdecode.runtime.schedule import make_plan
+    sched = schedule_from_args(args, args.layers)
+    plan = make_plan(sched, args.prompt_length, args.max_length, args.buckets)
+    L = sched.num_layers
+    rows = [{"column": plan.prompt_length, "source": "prefill", "budget": L, "layers": list(range(L))}]
+    rows += [{"column": s.column + 1, "source": "decode", "scheduled": s.scheduled, "budget": s.bucket,
+              "layers": list(s.layers)} for s in plan.steps]
+    summary = {"num_layers": L, "max_layers": sched.max_budget, "min_layers": sched.min_budget,
+               "warmup_layers": sched.warmup, "prompt_length": plan.prompt_length, "max_length": plan.max_length,
+               "target_speedup": args.speedup or 1.0, "mean_layers": plan.mean_layers,
+               "realised_speedup": plan.realised_speedup, "columns": rows}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"L={L} M={sched.max_budget} m={sched.min_budget} w={sched.warmup} "
+          f"p={plan.prompt_length} T={plan.max_length}")
+    for r in rows:
+        layers = r["layers"]
+        print(f"  column {r['column']:>5}  {r['source']:<7} budget {r['budget']:>3}  layers "
+              f"{_ranges(layers)}")
+    print(f"mean layers per decode step {plan.mean_layers:.2f}  realised speedup {plan.realised_speedup:.3f}x "
+          f"(target {args.speedup or 1.0:g}x)")
+    return 0
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out) or "-"
+
+
+def options_from_args(args, eos_token_id: int | None):
+    from skipdecode.runtime.generation import GenerateOptions
+    from skipdecode.runtime.sampling import SamplingParams
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    return GenerateOptions(
+        max_new_tokens=args.max_new_tokens, speedup=args.speedup, max_layers=args.max_layers,
+        min_layers=args.min_layers, warmup_layers=args.warmup_layers, max_length=args.max_length,
+        sampling=sampling, eos_token_id=None if args.ignore_eos else eos_token_id,
+        stop_token_ids=tuple(args.stop_token_ids))
+
+
+def cmd_generate(args) -> int:
+    if not args.prompt and not args.prompt_ids:
+        raise InputError("no prompt given: pass --prompt TEXT or --prompt-ids \"1 2 3\" at least once")
+    if args.backend == "torch":
+        if not args.model:
+            raise InputError("--backend torch needs --model (local dir, hub id or short name)")
+        from skipdecode.export.generator import TorchGenerator
+        gen = TorchGenerator.load(args.model)
+    else:
+        if not args.engine:
+            raise InputError("--backend onnxruntime needs --engine DIR (built by `skipdecode export`)")
+        from skipdecode.runtime.engine import Engine
+        gen = Engine.load(args.engine, providers=args.providers.split(","))
+    prompts = [gen.encode(t) for t in args.prompt] + [list(x) for x in args.prompt_ids]
+    opts = options_from_args(args, gen.eos_token_id)
+    t0 = time.perf_counter()
+    results = gen.generate(prompts, opts)
+    elapsed = time.perf_counter() - t0
+    for prompt, r in zip(prompts, results, strict=True):
+        if args.json:
+            print(json.dumps({"prompt_tokens": prompt, "tokens": r.tokens, "text": r.text,
+                              "budgets": r.budgets, "finish_reason": r.finish_reason}))
+        else:
+            print(r.text if r.text is not None else " ".join(map(str, r.tokens)))
+            print(f"  [{len(r.tokens)} tokens, mean layers {sum(r.budgets) / len(r.budgets):.2f}, "
+                  f"{r.finish_reason}]", file=sys.stderr)
+    n = sum(len(r.tokens) for r in results)
+    print(f"{n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tokens/s, batch {len(prompts)})", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "generate": cmd_generate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from skipdecode.export_cli import EXPORT_COMMANDS
+    handler = COMMANDS.get(args.command) or EXPORT_COMMANDS[args.command]
+    try:
+        return handler(args)
+    except SkipDecodeError as exc:
+        print(f"skipdecode {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
