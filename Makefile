@@ -5,9 +5,12 @@ PY := $(VENV)/bin/python
 SD := $(VENV)/bin/skipdecode
 MODEL ?= demo/tiny-opt
 OUT ?= engines/$(notdir $(MODEL))
-PROMPT_IDS ?= 2 100 200 300
+PROMPT_IDS ?= 2 10 20 30
 
 .PHONY: install test lint demo-model demo clean
+
+# Targets of later features (training, evaluation) live in mk/*.mk.
+-include mk/*.mk
 
 # Create .venv/ and install the package with the export (torch CPU, transformers, onnx) and dev extras.
 install:
