@@ -57,6 +57,7 @@ class TorchReference:
         self.decoder = model.model.decoder
         self.num_layers = len(self.decoder.layers)
         self.buckets = tuple(range(1, self.num_layers + 1))  # every budget: the schedule runs exactly
+        self.warmup_layers = None  # layer sets are built per step: any warm-up works
         self.max_batch = max_batch
         self.max_length = model.config.max_position_embeddings
         self.dtype = next(model.parameters()).dtype

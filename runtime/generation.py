@@ -24,10 +24,12 @@ class StepBackend(Protocol):
     `prefill` starts a new batch (any previous KV state is dropped) and returns logits of the last prompt column;
     `decode` runs the pass over `step.column` with exactly `step.layers` and returns its logits.
     `attention_mask` is always [B, T] (T = the call's max length); only columns <= the current one are meaningful.
+    Returned logits [B, V] may be a view of a buffer the backend reuses: valid until its next call.
     """
 
     num_layers: int
     buckets: tuple[int, ...]  # decode budgets this backend can run (the full depth is always one)
+    warmup_layers: int | None  # warm-up the graphs were built for; None = any
     max_batch: int
     max_length: int
 
@@ -47,7 +49,7 @@ class GenerateOptions:
     speedup: float | None = None
     max_layers: int | None = None
     min_layers: int | None = None
-    warmup_layers: int = 1
+    warmup_layers: int | None = None  # None: the backend's (an engine's export setting, else 1)
     max_length: int | None = None  # T of the schedule; default prompt length + max_new_tokens
     sampling: SamplingParams = field(default_factory=SamplingParams)
     eos_token_id: int | None = None
@@ -58,8 +60,13 @@ class GenerateOptions:
         if self.max_length is not None:
             check_int("max_length", self.max_length, lo=2)
 
-    def schedule(self, num_layers: int) -> Schedule:
-        return schedule_for(num_layers, self.speedup, self.max_layers, self.min_layers, self.warmup_layers)
+    def schedule(self, num_layers: int, backend_warmup: int | None = None) -> Schedule:
+        """The schedule for a backend; an engine's graphs exist for one warm-up only."""
+        w = self.warmup_layers
+        if backend_warmup is not None and w is not None and w != backend_warmup:
+            raise InputError(f"warmup_layers={w} differs from the {backend_warmup} this engine was exported with")
+        w = w if w is not None else (backend_warmup if backend_warmup is not None else 1)
+        return schedule_for(num_layers, self.speedup, self.max_layers, self.min_layers, w)
 
 
 @dataclass
@@ -131,7 +138,7 @@ def stream_generation(backend: StepBackend, prompts: Sequence[Sequence[int]], op
     ids, prompt_mask = left_pad(prompts, pad_id)
     B, p = ids.shape
     T = resolve_max_length(p, opts, backend.max_length)
-    plan = make_plan(opts.schedule(backend.num_layers), p, T, backend.buckets)
+    plan = make_plan(opts.schedule(backend.num_layers, backend.warmup_layers), p, T, backend.buckets)
     sampler = Sampler(opts.sampling)
     stops = set(opts.stop_token_ids) | ({opts.eos_token_id} if opts.eos_token_id is not None else set())
     mask = np.zeros((B, T), dtype=np.int64)

@@ -34,7 +34,8 @@ def add_schedule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speedup", type=float, help="target speedup S; solves (max, min) budgets with mean L/S")
     g.add_argument("--max-layers", type=int, help="explicit max budget M (overrides --speedup)")
     g.add_argument("--min-layers", type=int, help="explicit min budget m")
-    g.add_argument("--warmup-layers", type=int, default=1, help="layers [0, w) always run (default 1)")
+    g.add_argument("--warmup-layers", type=int,
+                   help="layers [0, w) always run (default: the engine's export setting, else 1)")
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="onnxruntime backend: engine directory")
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="onnxruntime execution providers, comma-separated, in priority order")
+    p.add_argument("--prepack", action="store_true",
+                   help="let onnxruntime pre-pack weights per graph: faster, but one weights copy per graph")
     add_generate_args(p)
+
+    p = sub.add_parser("memory", help="resident memory: all bucket graphs loaded vs one copy of the weights")
+    p.add_argument("--engine", required=True)
+    p.add_argument("--json", action="store_true")
 
     from skipdecode.export_cli import add_export_parsers  # parsers only: no torch import here
     add_export_parsers(sub)
@@ -81,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def schedule_from_args(args, num_layers: int):
     from skipdecode.runtime.schedule import schedule_for
-    return schedule_for(num_layers, args.speedup, args.max_layers, args.min_layers, args.warmup_layers)
+    w = 1 if args.warmup_layers is None else args.warmup_layers
+    return schedule_for(num_layers, args.speedup, args.max_layers, args.min_layers, w)
 
 
 def cmd_plan(args) -> int:
@@ -144,7 +152,7 @@ def cmd_generate(args) -> int:
         if not args.engine:
             raise InputError("--backend onnxruntime needs --engine DIR (built by `skipdecode export`)")
         from skipdecode.runtime.engine import Engine
-        gen = Engine.load(args.engine, providers=args.providers.split(","))
+        gen = Engine.load(args.engine, providers=args.providers.split(","), prepack=args.prepack)
     prompts = [gen.encode(t) for t in args.prompt] + [list(x) for x in args.prompt_ids]
     opts = options_from_args(args, gen.eos_token_id)
     t0 = time.perf_counter()
@@ -163,7 +171,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "generate": cmd_generate}
+def cmd_memory(args) -> int:
+    from skipdecode.runtime.memory import measure_memory
+    m = measure_memory(args.engine)
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    mib = 2**20
+    print(f"{m['graphs']} graphs loaded: {m['all_buckets_bytes'] / mib:.0f} MiB resident; weights file "
+          f"{m['weights_file_bytes'] / mib:.0f} MiB ({m['all_buckets_bytes'] / m['weights_file_bytes']:.2f}x); "
+          f"one plain onnxruntime session of the full-depth graph: {m['one_copy_bytes'] / mib:.0f} MiB "
+          f"({m['ratio']:.2f}x)")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "generate": cmd_generate, "memory": cmd_memory}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,10 +4,64 @@ torch; handlers import it when they run."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
 def add_export_parsers(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("export", help="trace the prefill graph and one decode graph per bucket to ONNX")
+    p.add_argument("--model", required=True, help="local checkpoint dir, hub id or short name (opt-1.3b)")
+    p.add_argument("--out", required=True, type=Path, help="engine directory to write (engines/NAME)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--speedups", type=_floats, default=(2.0, 3.0, 5.0),
+                   help="export every budget these target speedups schedule (default 2,3,5)")
+    g.add_argument("--budgets", type=_ints, help="explicit decode budgets (full depth is always added)")
+    p.add_argument("--warmup-layers", type=int, default=1)
+    p.add_argument("--max-length", type=int, help="max prompt + generated tokens (default: model max positions)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--force", action="store_true", help="replace an existing engine directory")
+    p.add_argument("--no-progress", action="store_true")
 
 
-EXPORT_COMMANDS: dict = {}
+def cmd_export(args) -> int:
+    from skipdecode.export.exporter import ExportConfig, export
+    cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
+                       warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
+                       dtype=args.dtype, force=args.force)
+    man = export(cfg, progress=not args.no_progress)
+    print_summary(args.out, man)
+    return 0
+
+
+def print_summary(out: Path, man) -> None:
+    mib = 1 / 2**20
+    print(f"engine {out}: {len(man.graphs)} graphs, buckets {list(man.buckets)}, dtype {man.dtype}, "
+          f"max batch {man.max_batch}, max length {man.max_length}")
+    print(f"  {man.weights_file}: {man.weights_size * mib:.1f} MiB shared by every graph")
+    for g in man.graphs:
+        size = (out / g.file).stat().st_size
+        print(f"  {g.file:<22} {g.kind:<8} budget {g.budget:>3}  {len(g.weights):>4} weights  "
+              f"{size * mib * 1024:.0f} KiB")
+    worst = max(man.parity.values(), key=lambda v: v["max_abs_diff"])
+    print("  parity vs PyTorch reference (max abs diff / limit): "
+          + ", ".join(f"{k} {v['max_abs_diff']:.2g}/{v['limit']:.2g}" for k, v in man.parity.items()),
+          file=sys.stderr)
+    print(f"  parity ok: worst difference {worst['max_abs_diff']:.3g}")
+
+
+EXPORT_COMMANDS: dict = {"export": cmd_export}

@@ -20,17 +20,19 @@ class Recorder:
     def __init__(self, backend):
         self.backend = backend
         self.logits, self.steps = [], []
-        for name in ("num_layers", "buckets", "max_batch", "max_length"):
+        for name in ("num_layers", "buckets", "max_batch", "max_length", "warmup_layers"):
             setattr(self, name, getattr(backend, name))
 
     def prefill(self, *args):
-        self.logits.append(self.backend.prefill(*args))
-        return self.logits[-1]
+        logits = self.backend.prefill(*args)
+        self.logits.append(logits.copy())  # a backend's logits buffer is only valid until its next call
+        return logits
 
     def decode(self, *args):
         self.steps.append(args[-1])
-        self.logits.append(self.backend.decode(*args))
-        return self.logits[-1]
+        logits = self.backend.decode(*args)
+        self.logits.append(logits.copy())
+        return logits
 
 
 def generator(model):

@@ -1,0 +1,148 @@
+"""`export`: an OPT checkpoint -> engines/<name>/ (manifest, shared weights, prefill + per-bucket decode graphs).
+
+Everything is written into a hidden temporary sibling directory and renamed into place only after the parity
+check passed, so an interrupted or failed export never leaves a half-written engine directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..runtime import contract as C
+from ..runtime.errors import EngineError, ScheduleError, check_int
+from ..runtime.manifest import WEIGHTS_FILE, GraphSpec, Manifest
+from ..runtime.schedule import layers_for_budget, solve_budgets
+from .graphs import DecodeGraph, PrefillGraph
+from .models import OPTShape, load_model
+from .onnx_export import attach_weights, trace, write_weights
+from .parity import check_parity
+
+DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str
+    out: Path
+    speedups: tuple[float, ...] = (2.0, 3.0, 5.0)
+    budgets: tuple[int, ...] | None = None  # explicit budgets replace the ones derived from `speedups`
+    warmup_layers: int = 1
+    max_length: int | None = None  # default: the model's max positions
+    max_batch: int = 8
+    dtype: str = "fp32"
+    force: bool = False  # replace an existing engine directory
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise EngineError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        check_int("max_batch", self.max_batch, lo=1, hi=4096)
+        check_int("warmup_layers", self.warmup_layers, lo=0, error=ScheduleError)
+
+
+def bucket_budgets(num_layers: int, cfg: ExportConfig) -> tuple[int, ...]:
+    """Every budget the schedules of `speedups` can ask for (so they run exactly), or the explicit list; the
+    full depth always."""
+    w = cfg.warmup_layers
+    if cfg.budgets is not None:
+        for b in cfg.budgets:
+            check_int("budget", b, lo=max(w, 1), hi=num_layers, error=ScheduleError)
+        return tuple(sorted(set(cfg.budgets) | {num_layers}))
+    budgets = {num_layers}
+    for s in cfg.speedups:
+        M, m = solve_budgets(num_layers, s, w)
+        budgets |= set(range(m, M + 1))
+    return tuple(sorted(budgets))
+
+
+def tool_versions() -> dict:
+    return {name: version(name) for name in ("skipdecode", "torch", "transformers", "onnx", "onnxruntime")}
+
+
+def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
+    torch_dtype, dtype = DTYPES[cfg.dtype]
+    model, codec = load_model(cfg.model)
+    model = model.to(torch_dtype)
+    shape = OPTShape.from_config(model.config)
+    L = shape.num_layers
+    check_int("warmup_layers", cfg.warmup_layers, lo=0, hi=L, error=ScheduleError)
+    max_length = check_int("max_length", cfg.max_length or shape.max_positions, lo=2, hi=shape.max_positions)
+    buckets = bucket_budgets(L, cfg)
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise EngineError(f"{out} already exists: pass --force to replace it")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        man = _build(model, codec, shape, buckets, dtype, max_length, cfg, tmp, progress)
+        man = replace(man, parity=check_parity(tmp, model))
+        man.write(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return man
+
+
+def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, cfg: ExportConfig,
+           tmp: Path, progress: bool) -> Manifest:
+    L, H, D, V = shape.num_layers, shape.num_heads, shape.head_dim, shape.vocab_size
+    prefill = PrefillGraph(model)
+    index = write_weights(prefill, tmp / WEIGHTS_FILE)
+    jobs = [("prefill", L)] + [(f"decode_b{b:03d}", b) for b in sorted(buckets, reverse=True)]
+    graphs = []
+    for name, budget in tqdm(jobs, desc="export graphs", unit="graph", disable=not progress, file=sys.stderr):
+        if name == "prefill":
+            layers = tuple(range(L))
+            ins, outs = C.prefill_io(L, H, D, V, dtype)
+            module, args = prefill, _prefill_args()
+        else:
+            layers = layers_for_budget(L, budget, cfg.warmup_layers)
+            ins, outs = C.decode_io(layers, H, D, V, dtype)
+            module, args = DecodeGraph(model, layers), _decode_args(len(layers), H, D, model.dtype)
+        path = tmp / f"{name}.onnx"
+        trace(module, args, ins, outs, path)
+        used = attach_weights(path, index, [s.name for s in (*ins, *outs)])
+        graphs.append(GraphSpec(name, name.split("_")[0], path.name, budget, layers, tuple(ins), tuple(outs),
+                                tuple(used)))
+    if codec is not None:
+        codec.save(tmp / "tokenizer.json")
+    man = Manifest(
+        model={"name": Path(cfg.out).name, "source": str(cfg.model), **shape.to_dict()}, dtype=dtype,
+        warmup_layers=cfg.warmup_layers, max_batch=cfg.max_batch, max_length=max_length, graphs=tuple(graphs),
+        weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
+        schedule_defaults={"speedups": list(cfg.speedups), "warmup_layers": cfg.warmup_layers},
+        tokenizer="tokenizer.json" if codec is not None else None, tools=tool_versions())
+    man.write(tmp)
+    return man
+
+
+# Example inputs for tracing: sizes >= 2 and distinct from each other so no dim is specialised.
+_B, _S, _T = 3, 7, 13
+
+
+def _prefill_args():
+    ids = torch.full((_B, _S), 5, dtype=torch.long)
+    return ids, torch.arange(_S).repeat(_B, 1), torch.ones(_B, _S, dtype=torch.long)
+
+
+def _decode_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype):
+    past = [torch.zeros(_B, heads, _T, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
+    return (torch.full((_B, 1), 5, dtype=torch.long), torch.full((_B, 1), _T, dtype=torch.long),
+            torch.ones(_B, _T, dtype=torch.long), *past)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory into place; an existing one (with --force) is removed only afterwards."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

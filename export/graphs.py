@@ -1,0 +1,135 @@
+"""Torch modules that are traced into the prefill graph and the per-bucket decode graphs.
+
+They reuse the HF model's modules (and so its parameter names: `model.decoder.layers.3.fc1.weight`, ...) but
+wire attention themselves, because the decode graph reads a preallocated KV buffer instead of a growing cache
+(see runtime/contract.py). The PyTorch reference (reference.py) calls HF's own layers; the export parity check
+compares the two, so this file is checked against an independent implementation on every export.
+
+Every Linear is applied to a 2-D input so the legacy exporter emits Gemm(transB=1) on the stored weight: no
+Transpose of a weight in the graph, hence nothing for onnxruntime to constant-fold into a private copy, and
+every session can use the one shared weight buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Gemm(torch.autograd.Function):
+    """F.linear that always exports as Gemm(x, W[, b], transB=1), bias or not (the legacy exporter would
+    otherwise emit Transpose(W) + MatMul for a bias-free Linear)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias=None):
+        args = (x, weight) if bias is None or bias.node().mustBeNone() else (x, weight, bias)
+        return g.op("Gemm", *args, transB_i=1)
+
+
+def linear(x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
+    # x: [..., in] -> [..., out] through a 2-D Gemm with transB=1
+    y = _Gemm.apply(x.reshape(-1, x.shape[-1]), mod.weight, mod.bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class OPTGraphBase(nn.Module):
+    """Holds `model` and `lm_head` under the same attribute names as `OPTForCausalLM` (same parameter names)."""
+
+    def __init__(self, hf_model) -> None:
+        super().__init__()
+        self.model = hf_model.model
+        self.lm_head = hf_model.lm_head
+        cfg = hf_model.config
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.pre_ln = bool(cfg.do_layer_norm_before)
+        self.act = hf_model.model.decoder.layers[0].activation_fn
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        dec = self.model.decoder
+        x = dec.embed_tokens(input_ids)
+        if dec.project_in is not None:
+            x = linear(x, dec.project_in)
+        return x + dec.embed_positions.weight[position_ids + dec.embed_positions.offset]
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        dec = self.model.decoder
+        if dec.final_layer_norm is not None:
+            h = dec.final_layer_norm(h)
+        if dec.project_out is not None:
+            h = linear(h, dec.project_out)
+        return linear(h, self.lm_head).float()
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, S, H*D] -> [B, H, S, D]
+        return x.reshape(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def qkv(self, layer, x: torch.Tensor):
+        attn = layer.self_attn
+        q = self.split_heads(linear(x, attn.q_proj) * attn.scaling)
+        return q, self.split_heads(linear(x, attn.k_proj)), self.split_heads(linear(x, attn.v_proj))
+
+    def finish_layer(self, layer, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, FFN and the layer norms in OPT's pre-LN or post-LN order."""
+        B, H, S, D = attn_out.shape
+        h = residual + linear(attn_out.transpose(1, 2).reshape(B, S, H * D), layer.self_attn.out_proj)
+        if not self.pre_ln:
+            h = layer.self_attn_layer_norm(h)
+        x = layer.final_layer_norm(h) if self.pre_ln else h
+        h = h + linear(self.act(linear(x, layer.fc1)), layer.fc2)
+        return h if self.pre_ln else layer.final_layer_norm(h)
+
+
+def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
+
+
+class PrefillGraph(OPTGraphBase):
+    """(input_ids, position_ids, attention_mask) [B, S] -> logits of the last column, every layer's K/V."""
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        h = self.embed(input_ids, position_ids)
+        S = input_ids.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
+        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        bias = mask_bias(allowed, h.dtype)  # [B, 1, S, S]
+        kv = []
+        for layer in self.model.decoder.layers:
+            x = layer.self_attn_layer_norm(h) if self.pre_ln else h
+            q, k, v = self.qkv(layer, x)
+            probs = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1, dtype=torch.float32).to(h.dtype)
+            h = self.finish_layer(layer, h, probs @ v)
+            kv += [k, v]
+        return (self.head(h[:, -1]), *kv)
+
+
+class DecodeGraph(OPTGraphBase):
+    """One token per row through `layers` only; past K/V from the preallocated buffers, new K/V returned."""
+
+    def __init__(self, hf_model, layers: Sequence[int]) -> None:
+        super().__init__(hf_model)
+        self.layer_ids = tuple(layers)
+
+    def forward(self, input_ids, position_ids, attention_mask, *past):
+        # past: (k_0, v_0, k_1, v_1, ...) each [B, H, Tmax, D] for self.layer_ids, in that order
+        h = self.embed(input_ids, position_ids)  # [B, 1, hidden]
+        bias = mask_bias(attention_mask.bool(), h.dtype)[:, None, None, :]  # [B, 1, 1, Tmax]
+        new = []
+        for i, idx in enumerate(self.layer_ids):
+            layer = self.model.decoder.layers[idx]
+            past_k, past_v = past[2 * i], past[2 * i + 1]
+            x = layer.self_attn_layer_norm(h) if self.pre_ln else h
+            q, k, v = self.qkv(layer, x)  # [B, H, 1, D]
+            scores = torch.cat([q @ past_k.transpose(-1, -2) + bias, (q * k).sum(-1, keepdim=True)], dim=-1)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(h.dtype)
+            attn = probs[..., :-1] @ past_v + probs[..., -1:] * v
+            h = self.finish_layer(layer, h, attn)
+            new += [k, v]
+        return (self.head(h[:, -1]), *new)

@@ -1,0 +1,84 @@
+"""Tracing to ONNX with one shared weights file.
+
+Graphs are traced with `export_params=False`, so parameters become graph inputs named by their PyTorch names
+and nothing is written per graph. `attach_weights` then turns those inputs into initializers stored as ONNX
+external data at offsets of the one `weights.bin` (written once by `write_weights`). Every graph of an engine
+thus references the same file, and the runtime can hand each session the same in-memory buffers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from ..runtime.contract import TensorSpec, dynamic_axes
+from ..runtime.errors import EngineError
+from ..runtime.manifest import WEIGHTS_ALIGN, WEIGHTS_FILE, WeightEntry
+
+OPSET = 17
+IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 loads at most IR 13
+
+_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+
+
+def write_weights(module: torch.nn.Module, path: Path) -> dict[str, WeightEntry]:
+    """Write every (deduplicated) parameter of `module` as raw little-endian bytes, 64-byte aligned."""
+    index: dict[str, WeightEntry] = {}
+    offset = 0
+    with open(path, "wb") as f:
+        for name, param in module.named_parameters():  # tied weights appear once, under their first name
+            arr = np.ascontiguousarray(param.detach().cpu().numpy())
+            pad = (-offset) % WEIGHTS_ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(arr.tobytes())
+            index[name] = WeightEntry(str(arr.dtype), tuple(arr.shape), offset, arr.nbytes)
+            offset += arr.nbytes
+    return index
+
+
+def trace(module: torch.nn.Module, args: Sequence[torch.Tensor], inputs: Sequence[TensorSpec],
+          outputs: Sequence[TensorSpec], path: Path) -> None:
+    """Legacy (TorchScript) exporter: faster to run and gave faster ORT graphs than dynamo here (DESIGN §4).
+    Constant folding is off so parameter names survive."""
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about python ints in shapes are expected
+        torch.onnx.export(module, tuple(args), str(path), input_names=[s.name for s in inputs],
+                          output_names=[s.name for s in outputs], dynamic_axes=dynamic_axes([*inputs, *outputs]),
+                          opset_version=OPSET, do_constant_folding=False, export_params=False, dynamo=False)
+
+
+def attach_weights(path: Path, index: dict[str, WeightEntry], io_names: Sequence[str]) -> list[str]:
+    """Replace parameter inputs of the graph at `path` by external-data initializers in WEIGHTS_FILE.
+
+    Returns the weight names the graph uses. Fails if the graph has an input that is neither part of the I/O
+    contract nor a known weight.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    keep, used = [], []
+    for inp in graph.input:
+        if inp.name in io_names:
+            keep.append(inp)
+            continue
+        if inp.name not in index:
+            raise EngineError(f"graph {path.name} has input {inp.name!r} that is neither I/O nor a weight")
+        w = index[inp.name]
+        t = TensorProto(name=inp.name, data_type=_ONNX_DTYPES[w.dtype], dims=list(w.shape))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", WEIGHTS_FILE), ("offset", str(w.offset)), ("length", str(w.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        graph.initializer.append(t)
+        used.append(inp.name)
+    del graph.input[:]
+    graph.input.extend(keep)
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(path))
+    return used

@@ -1,0 +1,146 @@
+"""The engine directory's self-description (`manifest.json`), versioned and validated on load.
+
+The exporter writes it; the runtime never re-derives what the exporter knew (layers per graph, I/O names,
+weights offsets, model shape, schedule defaults). A manifest of another format version is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .contract import TensorSpec
+from .errors import EngineError
+
+FORMAT = "skipdecode-engine"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS_FILE = "weights.bin"
+WEIGHTS_ALIGN = 64  # bytes; every tensor starts on a cache-line boundary of the shared weights file
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    kind: str  # "prefill" | "decode"
+    file: str
+    budget: int  # layers executed
+    layers: tuple[int, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    weights: tuple[str, ...]  # names of the shared-weights entries this graph uses
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: dict  # OPTShape fields plus name/source
+    dtype: str
+    warmup_layers: int
+    max_batch: int
+    max_length: int
+    graphs: tuple[GraphSpec, ...]
+    weights_file: str
+    weights_size: int
+    weights: dict[str, WeightEntry]
+    schedule_defaults: dict
+    tokenizer: str | None = None
+    tools: dict = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model["num_layers"])
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(g.budget for g in self.graphs if g.kind == "decode"))
+
+    def prefill(self) -> GraphSpec:
+        return next(g for g in self.graphs if g.kind == "prefill")
+
+    def decode(self, budget: int) -> GraphSpec:
+        return next(g for g in self.graphs if g.kind == "decode" and g.budget == budget)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d, indent=1)
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST).write_text(self.to_json())
+
+
+def _graph_from_dict(d: dict) -> GraphSpec:
+    return GraphSpec(name=d["name"], kind=d["kind"], file=d["file"], budget=int(d["budget"]),
+                     layers=tuple(d["layers"]), inputs=tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
+                     outputs=tuple(TensorSpec.from_dict(x) for x in d["outputs"]), weights=tuple(d["weights"]))
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read and validate `directory/manifest.json` and the files it names; raise EngineError naming the problem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise EngineError(f"engine directory {directory} does not exist (build it with `skipdecode export`)")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{path} is missing: {directory} is not an engine directory")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineError(f"{path} is corrupted: {exc}") from exc
+    fmt = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+    if fmt != FORMAT:
+        raise EngineError(f"{path} is not a {FORMAT} manifest (format={fmt!r})")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise EngineError(f"{path} has format_version={raw.get('format_version')!r}; this runtime reads version "
+                          f"{FORMAT_VERSION}: re-export the model with this version of skipdecode")
+    try:
+        man = Manifest(
+            model=raw["model"], dtype=raw["dtype"], warmup_layers=int(raw["warmup_layers"]),
+            max_batch=int(raw["max_batch"]), max_length=int(raw["max_length"]),
+            graphs=tuple(_graph_from_dict(g) for g in raw["graphs"]), weights_file=raw["weights_file"],
+            weights_size=int(raw["weights_size"]),
+            weights={k: WeightEntry(v["dtype"], tuple(v["shape"]), int(v["offset"]), int(v["nbytes"]))
+                     for k, v in raw["weights"].items()},
+            schedule_defaults=raw.get("schedule_defaults", {}), tokenizer=raw.get("tokenizer"),
+            tools=raw.get("tools", {}), parity=raw.get("parity", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"{path} is corrupted: missing or invalid field {exc}") from exc
+    _check_files(directory, man)
+    return man
+
+
+def _check_files(directory: Path, man: Manifest) -> None:
+    L = man.num_layers
+    kinds = [g.kind for g in man.graphs]
+    if kinds.count("prefill") != 1:
+        raise EngineError(f"manifest lists {kinds.count('prefill')} prefill graphs; expected exactly 1")
+    if L not in man.buckets:
+        raise EngineError(f"manifest decode buckets {list(man.buckets)} lack the full-depth budget {L}")
+    weights = directory / man.weights_file
+    if not weights.is_file():
+        raise EngineError(f"shared weights file {weights} is missing")
+    size = weights.stat().st_size
+    if size != man.weights_size:
+        raise EngineError(f"shared weights file {weights} has {size} bytes; the manifest expects {man.weights_size}")
+    for g in man.graphs:
+        if not (directory / g.file).is_file():
+            raise EngineError(f"graph file {directory / g.file} ({g.name}) is missing")
+        missing = [w for w in g.weights if w not in man.weights]
+        if missing:
+            raise EngineError(f"graph {g.name} uses weight {missing[0]!r} that the manifest does not list")
+    for name, w in man.weights.items():
+        if w.offset + w.nbytes > man.weights_size:
+            raise EngineError(f"weight {name!r} ends at byte {w.offset + w.nbytes}, past the file size {size}")
+    if man.tokenizer is not None and not (directory / man.tokenizer).is_file():
+        raise EngineError(f"tokenizer file {directory / man.tokenizer} is missing")
