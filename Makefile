@@ -7,7 +7,7 @@ MODEL ?= demo/tiny-opt
 OUT ?= engines/$(notdir $(MODEL))
 PROMPT_IDS ?= 2 10 20 30
 
-SPEEDUPS ?= 2,3,5
+EXPORT_SPEEDUPS ?= 2,3,5
 
 .PHONY: install test lint demo-model demo export memory clean
 
@@ -33,9 +33,9 @@ demo-model:
 	mkdir -p demo
 	$(PY) -c "from skipdecode.export.random_models import save_random_opt; save_random_opt('tiny-preln', '$(MODEL)', init_std=0.15)"
 
-# Export MODEL (local dir, hub id or short name like opt-1.3b) to engines/<name>/ with buckets for SPEEDUPS.
+# Export MODEL (local dir, hub id or short name like opt-1.3b) to engines/<name>/ with buckets for EXPORT_SPEEDUPS.
 export:
-	$(SD) export --model $(MODEL) --out $(OUT) --speedups $(SPEEDUPS) --force
+	$(SD) export --model $(MODEL) --out $(OUT) --speedups $(EXPORT_SPEEDUPS) --force
 
 # Resident memory of an engine: all bucket graphs vs one copy of the weights.
 memory:

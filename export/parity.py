@@ -15,6 +15,7 @@ import numpy as np
 from ..runtime.engine import Engine
 from ..runtime.errors import EngineError
 from ..runtime.generation import left_pad, position_ids
+from ..runtime.manifest import load_manifest
 from ..runtime.schedule import Step, layers_for_budget
 from .reference import TorchReference
 
@@ -37,7 +38,9 @@ class ParityError(EngineError):
     """An exported graph disagrees with the PyTorch reference beyond its tolerance."""
 
 
-def _record(report: dict, key: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> None:
+def _record(report: dict, key: str, got, want, tol: Tolerance) -> None:
+    if hasattr(want, "numpy"):  # torch tensor from the reference
+        want = want.float().numpy()
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     diff = float(np.abs(got - want).max())
     limit = tol.atol + tol.rtol * float(np.abs(want).max())
@@ -47,13 +50,14 @@ def _record(report: dict, key: str, got: np.ndarray, want: np.ndarray, tol: Tole
 
 def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0) -> dict:
     """Return {output: {max_abs_diff, limit}}; raise ParityError naming every output over its limit."""
-    engine = Engine.load(directory, max_batch=3)
-    man = engine.manifest
+    man = load_manifest(directory)
+    n_prompts = min(3, man.max_batch)
+    engine = Engine.load(directory, max_batch=n_prompts)
     tols = TOLERANCES[man.dtype]
     ref = TorchReference(model)
     L, w = man.num_layers, man.warmup_layers
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, man.model["vocab_size"], size=n).tolist() for n in (5, 2, 8)]
+    prompts = [rng.integers(3, man.model["vocab_size"], size=n).tolist() for n in (5, 2, 8)[:n_prompts]]
     ids, prompt_mask = left_pad(prompts, man.model["pad_token_id"])
     B, p = ids.shape
     buckets = sorted(man.buckets, reverse=True)
@@ -68,9 +72,12 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
     want = ref.prefill(ids, pos, mask)
     _record(report, "prefill.logits", engine.backend.prefill(ids, pos, mask), want, tols["logits"])
     arena = engine.backend.arena
+    real = prompt_mask.astype(bool)[:, None, :, None]  # K/V of padding columns is never attended: skip it
     for layer in range(L):
-        _record(report, "prefill.kv", arena.keys[layer][:, :, :p], ref.cache.keys[layer], tols["kv"])
-        _record(report, "prefill.kv", arena.values[layer][:, :, :p], ref.cache.values[layer], tols["kv"])
+        for ours, theirs in ((arena.keys[layer][:, :, :p], ref.cache.keys[layer]),
+                             (arena.values[layer][:, :, :p], ref.cache.values[layer])):
+            _record(report, "prefill.kv", np.where(real, ours, 0), np.where(real, theirs.float().numpy(), 0),
+                    tols["kv"])
     c = p
     for bucket in buckets:
         for _ in range(steps_per_bucket):

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     from skipdecode.export_cli import add_export_parsers  # parsers only: no torch import here
+    from skipdecode.train_cli import add_train_parsers
     add_export_parsers(sub)
+    add_train_parsers(sub)
     return parser
 
 
@@ -191,7 +193,8 @@ COMMANDS = {"plan": cmd_plan, "generate": cmd_generate, "memory": cmd_memory}
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from skipdecode.export_cli import EXPORT_COMMANDS
-    handler = COMMANDS.get(args.command) or EXPORT_COMMANDS[args.command]
+    from skipdecode.train_cli import TRAIN_COMMANDS
+    handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS}[args.command]
     try:
         return handler(args)
     except SkipDecodeError as exc:
