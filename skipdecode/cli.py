@@ -12,21 +12,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from skipdecode.cliargs import ints
 from skipdecode.runtime.errors import InputError, SkipDecodeError
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(",", " ").split()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from exc
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +27,7 @@ def add_schedule_args(p: argparse.ArgumentParser) -> None:
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-ids", action="append", default=[], type=_ints,
+    p.add_argument("--prompt-ids", action="append", default=[], type=ints,
                    help='prompt token ids, e.g. "2 100 200" (repeat for a batch)')
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-length", type=int, help="schedule length T (default prompt + max new tokens)")
@@ -50,7 +37,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--stop-token-ids", type=_ints, default=[], help="extra ids that end a sequence")
+    g.add_argument("--stop-token-ids", type=ints, default=[], help="extra ids that end a sequence")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
     p.add_argument("--json", action="store_true", help="one JSON object per sequence")
 
@@ -63,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, required=True, help="decoder layers L")
     p.add_argument("--prompt-length", type=int, required=True)
     p.add_argument("--max-length", type=int, required=True)
-    p.add_argument("--buckets", type=_ints, help="exported budgets (default: every budget)")
+    p.add_argument("--buckets", type=ints, help="exported budgets (default: every budget)")
     add_schedule_args(p)
     p.add_argument("--json", action="store_true")
 

@@ -7,19 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.replace(",", " ").split())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+from skipdecode.cliargs import floats, ints
 
 
 def add_export_parsers(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +15,9 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="local checkpoint dir, hub id or short name (opt-1.3b)")
     p.add_argument("--out", required=True, type=Path, help="engine directory to write (engines/NAME)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--speedups", type=_floats, default=(2.0, 3.0, 5.0),
+    g.add_argument("--speedups", type=floats, default=(2.0, 3.0, 5.0),
                    help="export every budget these target speedups schedule (default 2,3,5)")
-    g.add_argument("--budgets", type=_ints, help="explicit decode budgets (full depth is always added)")
+    g.add_argument("--budgets", type=ints, help="explicit decode budgets (full depth is always added)")
     p.add_argument("--warmup-layers", type=int, default=1)
     p.add_argument("--max-length", type=int, help="max prompt + generated tokens (default: model max positions)")
     p.add_argument("--max-batch", type=int, default=8)
