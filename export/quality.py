@@ -71,7 +71,8 @@ class EvalConfig:
     prompt_length: int = 32
     seq_len: int = 128
     warmup_layers: int = 1
-    batch_size: int = 16
+    batch_size: int = 16  # teacher-forced rows per forward
+    gen_batch: int = 8  # prompts per generate() call: the exporter's default max batch, so engines take it
     seed: int = 0
     threads: int = 2
 
@@ -79,8 +80,9 @@ class EvalConfig:
         if not 1 <= self.prompt_length < self.seq_len - 1:
             raise InputError(f"prompt_length={self.prompt_length} must be in [1, seq_len - 1) = "
                              f"[1, {self.seq_len - 1})")
-        if self.chunks < 1 or self.gen_prompts < 1:
-            raise InputError(f"chunks={self.chunks} and gen_prompts={self.gen_prompts} must be >= 1")
+        if min(self.chunks, self.gen_prompts, self.batch_size, self.gen_batch) < 1:
+            raise InputError(f"chunks={self.chunks}, gen_prompts={self.gen_prompts}, batch_size={self.batch_size} "
+                             f"and gen_batch={self.gen_batch} must be >= 1")
 
     def points(self) -> list[EvalPoint]:
         pts = [EvalPoint(speedup=1.0)] + [EvalPoint(speedup=s) for s in self.speedups if s != 1]
@@ -143,7 +145,8 @@ def continuations(generator, prompts: Sequence[Sequence[int]], point: EvalPoint,
     """Greedy continuations of T - p tokens from any `Generator` (torch reference or compiled engine)."""
     opts = point.options(cfg.seq_len - cfg.prompt_length, cfg.seq_len, cfg.warmup_layers)
     opts.schedule(num_layers)  # validate before running
-    return generator.generate([list(map(int, x)) for x in prompts], opts)
+    rows = [list(map(int, x)) for x in prompts]
+    return [g for i in range(0, len(rows), cfg.gen_batch) for g in generator.generate(rows[i: i + cfg.gen_batch], opts)]
 
 
 def generation_metrics(results: Sequence[Generation], references: np.ndarray,
@@ -190,8 +193,11 @@ def evaluate_model(name: str, model, chunks: np.ndarray, cfg: EvalConfig, genera
 
 
 def run_report(model_dir: str, base_dir: str | None, data: Sequence[str], cfg: EvalConfig,
-               json_path: str | Path, out_dir: str | Path | None = None) -> list[dict]:
-    """Evaluate the model (and the base, for the ablation) on held-out `data`; write JSON (+ table, plot)."""
+               json_path: str | Path, out_dir: str | Path | None = None, engine_dir: str | None = None) -> list[dict]:
+    """Evaluate the model (and the base, for the ablation) on held-out `data`; write JSON (+ table, plot).
+
+    `engine_dir`: an engine exported from `model_dir`; its onnxruntime `Engine` then produces the model's
+    continuations (and realised layers, with its buckets), the torch model the teacher-forced metrics."""
     docs = read_documents(data)
     rows = []
     for role, path in (("tuned", model_dir), ("base", base_dir)):
@@ -201,8 +207,12 @@ def run_report(model_dir: str, base_dir: str | None, data: Sequence[str], cfg: E
         if codec is None:
             raise InputError(f"model {path} has no tokenizer.json: the report needs one to encode {data[0]}")
         chunks = eval_chunks(codec.tokenizer, docs, cfg)
-        for row in evaluate_model(Path(path).name, model, chunks, cfg, TorchGenerator.from_model(model, codec)):
-            rows.append({"role": role, **row})
+        gen = TorchGenerator.from_model(model, codec)
+        if role == "tuned" and engine_dir is not None:
+            from ..runtime.engine import Engine  # onnxruntime only when asked for
+            gen = Engine.load(engine_dir, threads=cfg.threads)
+        for row in evaluate_model(Path(path).name, model, chunks, cfg, gen):
+            rows.append({"role": role, "generator": type(gen).__name__, **row})
     write_json(rows, json_path)
     if out_dir is not None:
         out = Path(out_dir)

@@ -4,8 +4,8 @@ TINY_BUILD := build/tiny-opt-kjv
 CORPUS := build/corpus
 # Steps measured to fit ~35 min on a 2-core CPU (1-2 s per step of 16 x 128 tokens); see the model card.
 PRETRAIN_STEPS ?= 1000
-SKIPTUNE_STEPS ?= 400
-TUNE_SPEEDUPS ?= 1,2,3,5
+SKIPTUNE_STEPS ?= 1000
+TUNE_SPEEDUPS ?= 2,3,5
 DATA ?= $(CORPUS)/kjv-train.txt
 FT_OUT ?= runs/finetune-$(notdir $(MODEL))
 FT_STEPS ?= 500
@@ -39,6 +39,8 @@ tiny-model: corpus
 finetune:
 	$(SD) finetune --model $(MODEL) --data $(DATA) --out $(FT_OUT) --speedups $(TUNE_SPEEDUPS) --steps $(FT_STEPS) --resume
 
-# Quality report (perplexity, agreement, ROUGE-L vs speedup; tuned vs untuned) into $(EVAL_OUT).
+# Quality report (perplexity, agreement, ROUGE-L vs speedup; tuned vs untuned) into $(EVAL_OUT); ENGINE=dir
+# takes the tuned model's continuations from its exported onnxruntime engine instead of the torch reference.
 eval:
-	$(SD) eval --model $(EVAL_MODEL) --base $(EVAL_BASE) --json $(EVAL_OUT)/quality.json --out-dir $(EVAL_OUT)
+	$(SD) eval --model $(EVAL_MODEL) --base $(EVAL_BASE) $(if $(ENGINE),--engine $(ENGINE)) \
+	    --json $(EVAL_OUT)/quality.json --out-dir $(EVAL_OUT)

@@ -16,7 +16,8 @@ from pathlib import Path
 from skipdecode.cliargs import floats as _floats
 from skipdecode.runtime.errors import InputError, SkipDecodeError
 
-DEFAULT_SPEEDUPS = "1,2,3,5"
+TUNE_SPEEDUPS = "2,3,5"  # drawn per batch; full depth is trained on the prompt positions (export/finetune.py)
+EVAL_SPEEDUPS = "1,2,3,5"
 
 
 def _int_pair(text: str) -> tuple[int, int]:
@@ -45,8 +46,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", required=True, help="text (.txt) or JSONL (.jsonl, field 'text') files")
     p.add_argument("--heldout", nargs="*", default=[], help="held-out files: full-depth loss after training")
     p.add_argument("--out", required=True, help="output dir: checkpoints/ while training, HF model at the end")
-    p.add_argument("--speedups", type=_floats, default=_floats(DEFAULT_SPEEDUPS),
-                   help=f"target speedups, one drawn per batch (default {DEFAULT_SPEEDUPS}; 1 = full depth)")
+    p.add_argument("--speedups", type=_floats, default=_floats(TUNE_SPEEDUPS),
+                   help=f"target speedups, one drawn per batch (default {TUNE_SPEEDUPS}; 1 = full depth)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk = T of the training schedule")
@@ -67,8 +68,10 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="quality report: perplexity, agreement, ROUGE-L vs speedup")
     p.add_argument("--model", required=True, help="model directory (e.g. the skip-tuned one)")
     p.add_argument("--base", help="untuned model directory for the ablation")
+    p.add_argument("--engine", help="engine dir exported from --model: its continuations come from onnxruntime")
     p.add_argument("--data", nargs="+", help="held-out text files (default: heldout.txt next to --model)")
-    p.add_argument("--speedups", type=_floats, default=_floats(DEFAULT_SPEEDUPS))
+    p.add_argument("--speedups", type=_floats, default=_floats(EVAL_SPEEDUPS),
+                   help=f"target speedups to evaluate (default {EVAL_SPEEDUPS}; full depth is always included)")
     p.add_argument("--max-layers", type=int, action="append", default=[], help="explicit budget M (repeatable)")
     p.add_argument("--min-layers", type=int, action="append", default=[], help="explicit budget m, paired")
     p.add_argument("--json", required=True, help="JSON file for the rows")
@@ -134,7 +137,7 @@ def cmd_eval(args) -> int:
                      gen_prompts=args.gen_prompts, prompt_length=args.prompt_length, seq_len=args.seq_len,
                      seed=args.seed, threads=args.threads)
     rows = run_report(args.model, args.base, args.data or default_heldout(args.model), cfg, args.json,
-                      args.out_dir)
+                      args.out_dir, engine_dir=args.engine)
     for r in rows:
         print(f"{r['model']:>12} {r['label']:>8}  ppl {r['perplexity']:8.3f}  agree {r['agreement']:.3f}  "
               f"layers {r['mean_layers']:5.2f}  rougeL(full) {r['rouge_l_full']:.3f}")

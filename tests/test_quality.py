@@ -103,7 +103,7 @@ def test_continuation_metrics_come_from_the_given_generator(model):
     chunks = random_chunks()
     echo = EchoReference(chunks, CFG.prompt_length)
     rows = evaluate_model("m", model, chunks, CFG, generator=echo)
-    assert echo.calls == len(rows)
+    assert echo.calls == len(rows)  # 3 prompts fit one generate() call of gen_batch=8
     assert all(r["rouge_l_ref"] == 1.0 and r["overlap_ref"] == 1.0 and r["mean_layers"] == 5 for r in rows)
     torch_rows = evaluate_model("m", model, chunks, CFG)
     assert torch_rows[0]["rouge_l_ref"] < 1.0  # negative control: the torch reference does not echo
@@ -153,3 +153,24 @@ def test_committed_model_is_trained():
     chunks = eval_chunks(codec.tokenizer, read_documents([TINY_KJV / "heldout.txt"]), cfg)
     full, half = evaluate_model("skip-tuned", model, chunks, cfg)
     assert full["perplexity"] < 60 and half["perplexity"] < 1.3 * full["perplexity"], (full, half)
+
+
+def test_onnxruntime_engine_plugs_into_the_continuation_metrics(checkpoint, tmp_path):
+    """The `Generator` seam with the real compiled runtime: same greedy continuations as the torch reference."""
+    pytest.importorskip("onnxruntime")
+    from skipdecode.export.corpus import read_documents
+    from skipdecode.export.exporter import ExportConfig, export
+    from skipdecode.export.models import load_model
+    from skipdecode.export.quality import eval_chunks
+    from skipdecode.runtime.engine import Engine
+    export(ExportConfig(model=str(checkpoint / "model"), out=tmp_path / "engine", speedups=(2.0,), max_batch=4),
+           progress=False)
+    model, codec = load_model(str(checkpoint / "model"))
+    cfg = EvalConfig(speedups=(1.0, 2.0), chunks=4, gen_prompts=3, prompt_length=8, seq_len=24, threads=1)
+    chunks = eval_chunks(codec.tokenizer, read_documents([checkpoint / "heldout.txt"]), cfg)
+    ort_rows = evaluate_model("m", model, chunks, cfg, generator=Engine.load(tmp_path / "engine", threads=1))
+    torch_rows = evaluate_model("m", model, chunks, cfg)
+    for a, b in zip(ort_rows, torch_rows, strict=True):
+        assert a["mean_layers"] == b["mean_layers"]  # every 2x budget is an exported bucket: exact schedule
+        assert a["rouge_l_ref"] == pytest.approx(b["rouge_l_ref"])
+        assert a["rouge_l_full"] == pytest.approx(b["rouge_l_full"])
