@@ -38,11 +38,16 @@ class ExportConfig:
     max_length: int | None = None  # default: the model's max positions
     max_batch: int = 8
     dtype: str = "fp32"
+    # Decode attention flavour (runtime/contract.py): "gqa" for onnxruntime (in-place KV, attention over each row's
+    # own length), "matmul" for standard-ops-only consumers such as TensorRT.
+    attention: str = "gqa"
     force: bool = False  # replace an existing engine directory
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise EngineError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.attention not in C.ATTENTIONS:
+            raise EngineError(f"attention={self.attention!r} is not one of {list(C.ATTENTIONS)}")
         check_int("max_batch", self.max_batch, lo=1, hi=4096)
         check_int("warmup_layers", self.warmup_layers, lo=0, error=ScheduleError)
 
@@ -105,8 +110,9 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
             module, args = prefill, _prefill_args()
         else:
             layers = layers_for_budget(L, budget, cfg.warmup_layers)
-            ins, outs = C.decode_io(layers, H, D, V, dtype)
-            module, args = DecodeGraph(model, layers), _decode_args(len(layers), H, D, model.dtype)
+            ins, outs = C.decode_io(layers, H, D, V, dtype, cfg.attention)
+            module = DecodeGraph(model, layers, cfg.attention)
+            args = _decode_args(len(layers), H, D, model.dtype, cfg.attention)
         path = tmp / f"{name}.onnx"
         trace(module, args, ins, outs, path)
         used = attach_weights(path, index, [s.name for s in (*ins, *outs)])
@@ -116,7 +122,8 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         codec.save(tmp / "tokenizer.json")
     man = Manifest(
         model={"name": Path(cfg.out).name, "source": str(cfg.model), **shape.to_dict()}, dtype=dtype,
-        warmup_layers=cfg.warmup_layers, max_batch=cfg.max_batch, max_length=max_length, graphs=tuple(graphs),
+        warmup_layers=cfg.warmup_layers, attention=cfg.attention, max_batch=cfg.max_batch, max_length=max_length,
+        graphs=tuple(graphs),
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults={"speedups": list(cfg.speedups), "warmup_layers": cfg.warmup_layers},
         tokenizer="tokenizer.json" if codec is not None else None, tools=tool_versions())
@@ -133,10 +140,12 @@ def _prefill_args():
     return ids, torch.arange(_S).repeat(_B, 1), torch.ones(_B, _S, dtype=torch.long)
 
 
-def _decode_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype):
+def _decode_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype, attention: str):
     past = [torch.zeros(_B, heads, _T, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
-    return (torch.full((_B, 1), 5, dtype=torch.long), torch.full((_B, 1), _T, dtype=torch.long),
-            torch.ones(_B, _T, dtype=torch.long), *past)
+    lengths = torch.tensor([2, 5, 9], dtype=torch.int32)
+    kv_length = (torch.tensor(_T, dtype=torch.int32),) if attention == "gqa" else ()
+    gate = torch.ones(_B, n_layers, dtype=torch.bool)
+    return (torch.full((_B, 1), 5, dtype=torch.long), lengths, *kv_length, gate, *past)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

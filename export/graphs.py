@@ -110,26 +110,74 @@ class PrefillGraph(OPTGraphBase):
         return (self.head(h[:, -1]), *kv)
 
 
-class DecodeGraph(OPTGraphBase):
-    """One token per row through `layers` only; past K/V from the preallocated buffers, new K/V returned."""
+class _GroupQueryAttention(torch.autograd.Function):
+    """One new token per row against a shared past/present buffer; exports as com.microsoft GroupQueryAttention.
 
-    def __init__(self, hf_model, layers: Sequence[int]) -> None:
+    q, k, v: [B, 1, H*D] (q already scaled, hence scale=1); past_k/v: [B, H, T, D]; past_length: [B] int32.
+    Returns (out [B, 1, H*D], present_k, present_v) where present = past with column past_length[b] of row b set
+    to the new k/v; row b attends over columns [0, past_length[b]]. onnxruntime writes that column in place when
+    past and present are bound to one buffer. The torch forward is only used while tracing.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, past_length, kv_length, heads):
+        B, H, T, D = past_k.shape
+        col = torch.arange(T, device=q.device)
+        here = (col[None, :] == past_length[:, None].long())[:, None, :, None]  # [B, 1, T, 1]
+        present_k = torch.where(here, k.reshape(B, 1, H, D).transpose(1, 2), past_k)
+        present_v = torch.where(here, v.reshape(B, 1, H, D).transpose(1, 2), past_v)
+        allowed = (col[None, :] <= past_length[:, None].long())[:, None, None, :]  # [B, 1, 1, T]
+        qh = q.reshape(B, 1, H, D).transpose(1, 2)
+        scores = qh @ present_k.transpose(-1, -2) + mask_bias(allowed, q.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return (probs @ present_v).transpose(1, 2).reshape(B, 1, H * D), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, past_length, kv_length, heads):
+        return g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, past_length, kv_length,
+                    num_heads_i=heads, kv_num_heads_i=heads, scale_f=1.0, outputs=3)
+
+
+class DecodeGraph(OPTGraphBase):
+    """One token per row through `layers` only, rows gated per layer; K/V in the preallocated slot buffers.
+
+    `attention="gqa"` writes the new K/V into the buffers in place (outputs present.*), `"matmul"` uses standard
+    ONNX ops and returns them (outputs new.*); see runtime/contract.py.
+    """
+
+    def __init__(self, hf_model, layers: Sequence[int], attention: str = "gqa") -> None:
         super().__init__(hf_model)
         self.layer_ids = tuple(layers)
+        self.attention = attention
 
-    def forward(self, input_ids, position_ids, attention_mask, *past):
-        # past: (k_0, v_0, k_1, v_1, ...) each [B, H, Tmax, D] for self.layer_ids, in that order
-        h = self.embed(input_ids, position_ids)  # [B, 1, hidden]
-        bias = mask_bias(attention_mask.bool(), h.dtype)[:, None, None, :]  # [B, 1, 1, Tmax]
-        new = []
+    def forward(self, input_ids, past_length, *rest):
+        # gqa: (kv_length, gate, k_0, v_0, ...); matmul: (gate, k_0, v_0, ...); each k/v [B, H, Tmax, D]
+        kv_length = rest[0] if self.attention == "gqa" else None
+        gate, past = (rest[1], rest[2:]) if self.attention == "gqa" else (rest[0], rest[1:])
+        h = self.embed(input_ids, past_length.long()[:, None])  # [B, 1, hidden]; position = tokens so far
+        out = []
         for i, idx in enumerate(self.layer_ids):
             layer = self.model.decoder.layers[idx]
-            past_k, past_v = past[2 * i], past[2 * i + 1]
             x = layer.self_attn_layer_norm(h) if self.pre_ln else h
-            q, k, v = self.qkv(layer, x)  # [B, H, 1, D]
-            scores = torch.cat([q @ past_k.transpose(-1, -2) + bias, (q * k).sum(-1, keepdim=True)], dim=-1)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(h.dtype)
-            attn = probs[..., :-1] @ past_v + probs[..., -1:] * v
-            h = self.finish_layer(layer, h, attn)
-            new += [k, v]
-        return (self.head(h[:, -1]), *new)
+            if self.attention == "gqa":
+                attn, k, v = self.gqa(layer, x, past[2 * i], past[2 * i + 1], past_length, kv_length)
+            else:
+                attn, k, v = self.masked(layer, x, past[2 * i], past[2 * i + 1], past_length)
+            h = torch.where(gate[:, i, None, None], self.finish_layer(layer, h, attn), h)
+            out += [k, v]
+        return (self.head(h[:, -1]), *out)
+
+    def gqa(self, layer, x, past_k, past_v, past_length, kv_length):
+        attn = layer.self_attn
+        q = linear(x, attn.q_proj) * attn.scaling
+        o, k, v = _GroupQueryAttention.apply(q, linear(x, attn.k_proj), linear(x, attn.v_proj), past_k, past_v,
+                                             past_length, kv_length, self.heads)
+        return self.split_heads(o), k, v
+
+    def masked(self, layer, x, past_k, past_v, past_length):
+        q, k, v = self.qkv(layer, x)  # [B, H, 1, D]
+        col = torch.arange(past_k.shape[2], device=x.device)
+        bias = mask_bias(col[None, :] < past_length[:, None].long(), x.dtype)[:, None, None, :]  # [B, 1, 1, Tmax]
+        scores = torch.cat([q @ past_k.transpose(-1, -2) + bias, (q * k).sum(-1, keepdim=True)], dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+        return probs[..., :-1] @ past_v + probs[..., -1:] * v, k, v

@@ -51,7 +51,8 @@ def trace(module: torch.nn.Module, args: Sequence[torch.Tensor], inputs: Sequenc
         warnings.simplefilter("ignore")  # tracer warnings about python ints in shapes are expected
         torch.onnx.export(module, tuple(args), str(path), input_names=[s.name for s in inputs],
                           output_names=[s.name for s in outputs], dynamic_axes=dynamic_axes([*inputs, *outputs]),
-                          opset_version=OPSET, do_constant_folding=False, export_params=False, dynamo=False)
+                          opset_version=OPSET, do_constant_folding=False, export_params=False, dynamo=False,
+                          custom_opsets={"com.microsoft": 1})
 
 
 def attach_weights(path: Path, index: dict[str, WeightEntry], io_names: Sequence[str]) -> list[str]:

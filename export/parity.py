@@ -72,26 +72,26 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
     want = ref.prefill(ids, pos, mask)
     _record(report, "prefill.logits", engine.backend.prefill(ids, pos, mask), want, tols["logits"])
     arena = engine.backend.arena
-    real = prompt_mask.astype(bool)[:, None, :, None]  # K/V of padding columns is never attended: skip it
-    for layer in range(L):
-        for ours, theirs in ((arena.keys[layer][:, :, :p], ref.cache.keys[layer]),
-                             (arena.values[layer][:, :, :p], ref.cache.values[layer])):
-            _record(report, "prefill.kv", np.where(real, ours, 0), np.where(real, theirs.float().numpy(), 0),
-                    tols["kv"])
+    rows, lengths = np.arange(B), prompt_mask.sum(axis=1)
+    for layer in range(L):  # ragged slots: row b's prompt sits at columns [0, len_b), no padding
+        pairs = ((arena.keys[layer], ref.cache.keys[layer]), (arena.values[layer], ref.cache.values[layer]))
+        for ours, theirs in pairs:
+            for b in rows:
+                _record(report, "prefill.kv", ours[b, :, : lengths[b]], theirs[b, :, p - lengths[b]:], tols["kv"])
     c = p
     for bucket in buckets:
         for _ in range(steps_per_bucket):
             tokens = np.argmax(want, axis=-1).astype(np.int64)
             mask[:, c] = 1
-            pos_c = (mask[:, : c + 1].sum(axis=1) - 1).astype(np.int64)
+            pos_c = (mask[:, : c + 1].sum(axis=1) - 1).astype(np.int64)  # = tokens so far = the new column
             step = Step(column=c, scheduled=bucket, bucket=bucket, layers=layers_for_budget(L, bucket, w))
             want = ref.decode(tokens, pos_c, mask, step)
             got = engine.backend.decode(tokens, pos_c, mask, step)
             _record(report, f"decode.{bucket}.logits", got, want, tols["logits"])
             for layer in step.layers:
-                _record(report, f"decode.{bucket}.kv", arena.keys[layer][:, :, c], ref.cache.keys[layer][:, :, -1],
-                        tols["kv"])
-                _record(report, f"decode.{bucket}.kv", arena.values[layer][:, :, c],
+                _record(report, f"decode.{bucket}.kv", arena.keys[layer][rows, :, pos_c],
+                        ref.cache.keys[layer][:, :, -1], tols["kv"])
+                _record(report, f"decode.{bucket}.kv", arena.values[layer][rows, :, pos_c],
                         ref.cache.values[layer][:, :, -1], tols["kv"])
             c += 1
     failed = {k: v for k, v in report.items() if v["max_abs_diff"] > v["limit"]}

@@ -2,12 +2,25 @@
 
 The exporter traces graphs with exactly these names; the runtime binds buffers by these names and checks them
 against each loaded session. Symbolic dims: `batch`, `seq` (prompt length of a prefill), `max_length` (columns
-of the KV buffer view of one generation call).
+of a KV slot).
 
-KV layout: every layer owns K and V buffers of shape [batch, heads, max_length, head_dim]. A decode graph reads
-the whole buffer view (columns not yet written are masked out by `attention_mask`), computes the new token's
-K/V itself, and returns them as `new.<l>.key/value` [batch, heads, 1, head_dim]; the runtime writes them into
-column `c` of the buffer. Nothing proportional to the cache is copied per step outside the graph.
+KV layout (ragged): every layer owns K and V buffers [slots, heads, max_length, head_dim]; row i is KV slot i and
+a sequence's tokens occupy columns [0, n) of its slot with no padding, so token j of a sequence sits at column j
+and has position j. A decode graph gets `past_length` [batch] (n of each row: the new token's column and
+position) and the slots' buffers; rows may have different lengths (continuous batching needs nothing else).
+
+Decode attention comes in two flavours (manifest field `attention`):
+* `gqa` (onnxruntime): com.microsoft GroupQueryAttention with the past and present K/V bound to the same
+  buffer. Each row attends over its own n + 1 columns only and the op writes the new column in place, so a
+  step costs attention over the real length and copies nothing. Outputs `present.<l>.key/value` (= the
+  buffers). `kv_length` is the op's total sequence length, max(past_length) + 1.
+* `matmul` (standard ONNX ops, for TensorRT): attends over the whole bound buffer with a mask built from
+  `past_length` and returns the new token's K/V as `new.<l>.key/value` [batch, heads, 1, head_dim]; the
+  runtime writes them into column past_length[i] of row i.
+
+`gate` [batch, layers of the graph] (bool) lets rows of one call run different layer sets: a row whose gate is
+off for a layer passes through it unchanged (continuous batching runs the deepest row's graph; static batches
+set every gate).
 """
 
 from __future__ import annotations
@@ -18,7 +31,11 @@ from dataclasses import dataclass
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
+PAST_LENGTH = "past_length"
+KV_LENGTH = "kv_length"
+GATE = "gate"
 LOGITS = "logits"
+ATTENTIONS = ("gqa", "matmul")
 
 
 def past_key(layer: int) -> str:
@@ -70,17 +87,24 @@ def prefill_io(num_layers: int, heads: int, head_dim: int, vocab: int, dtype: st
     return ids, outs
 
 
-def decode_io(layers: Sequence[int], heads: int, head_dim: int, vocab: int, dtype: str
+def decode_io(layers: Sequence[int], heads: int, head_dim: int, vocab: int, dtype: str, attention: str
               ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Decode: one new token per row through `layers`; K/V in and out only for those layers."""
-    ins = [TensorSpec(INPUT_IDS, "int64", ("batch", 1)), TensorSpec(POSITION_IDS, "int64", ("batch", 1)),
-           TensorSpec(ATTENTION_MASK, "int64", ("batch", "max_length"))]
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r} is not one of {ATTENTIONS}")
+    kv = ("batch", heads, "max_length", head_dim)
+    ins = [TensorSpec(INPUT_IDS, "int64", ("batch", 1)), TensorSpec(PAST_LENGTH, "int32", ("batch",))]
+    if attention == "gqa":
+        ins.append(TensorSpec(KV_LENGTH, "int32", ()))
+    ins.append(TensorSpec(GATE, "bool", ("batch", len(layers))))
     outs = [TensorSpec(LOGITS, "float32", ("batch", vocab))]
     for layer in layers:
-        ins += [TensorSpec(past_key(layer), dtype, ("batch", heads, "max_length", head_dim)),
-                TensorSpec(past_value(layer), dtype, ("batch", heads, "max_length", head_dim))]
-        outs += [TensorSpec(new_key(layer), dtype, ("batch", heads, 1, head_dim)),
-                 TensorSpec(new_value(layer), dtype, ("batch", heads, 1, head_dim))]
+        ins += [TensorSpec(past_key(layer), dtype, kv), TensorSpec(past_value(layer), dtype, kv)]
+        if attention == "gqa":
+            outs += [TensorSpec(present_key(layer), dtype, kv), TensorSpec(present_value(layer), dtype, kv)]
+        else:
+            outs += [TensorSpec(new_key(layer), dtype, ("batch", heads, 1, head_dim)),
+                     TensorSpec(new_value(layer), dtype, ("batch", heads, 1, head_dim))]
     return ins, outs
 
 

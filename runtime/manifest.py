@@ -10,11 +10,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .contract import TensorSpec
+from .contract import ATTENTIONS, TensorSpec
 from .errors import EngineError
 
 FORMAT = "skipdecode-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ragged slot KV layout, past_length/gate inputs, `attention` flavour
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHTS_ALIGN = 64  # bytes; every tensor starts on a cache-line boundary of the shared weights file
@@ -45,6 +45,7 @@ class Manifest:
     model: dict  # OPTShape fields plus name/source
     dtype: str
     warmup_layers: int
+    attention: str  # decode attention flavour, runtime/contract.py ("gqa" | "matmul")
     max_batch: int
     max_length: int
     graphs: tuple[GraphSpec, ...]
@@ -107,7 +108,7 @@ def load_manifest(directory: str | Path) -> Manifest:
     try:
         man = Manifest(
             model=raw["model"], dtype=raw["dtype"], warmup_layers=int(raw["warmup_layers"]),
-            max_batch=int(raw["max_batch"]), max_length=int(raw["max_length"]),
+            attention=raw["attention"], max_batch=int(raw["max_batch"]), max_length=int(raw["max_length"]),
             graphs=tuple(_graph_from_dict(g) for g in raw["graphs"]), weights_file=raw["weights_file"],
             weights_size=int(raw["weights_size"]),
             weights={k: WeightEntry(v["dtype"], tuple(v["shape"]), int(v["offset"]), int(v["nbytes"]))
@@ -122,6 +123,8 @@ def load_manifest(directory: str | Path) -> Manifest:
 
 def _check_files(directory: Path, man: Manifest) -> None:
     L = man.num_layers
+    if man.attention not in ATTENTIONS:
+        raise EngineError(f"manifest attention={man.attention!r} is not one of {list(ATTENTIONS)}")
     kinds = [g.kind for g in man.graphs]
     if kinds.count("prefill") != 1:
         raise EngineError(f"manifest lists {kinds.count('prefill')} prefill graphs; expected exactly 1")

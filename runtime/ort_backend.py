@@ -2,8 +2,8 @@
 
 Weights: `weights.bin` is read once into one numpy buffer; each tensor is an OrtValue over a view of it and is
 handed to every session that uses it with `SessionOptions.add_initializer`, so no session loads its own copy.
-KV: owned by `KVArena`; decode graphs are bound (IOBinding) to the arena's views, so they read the cache in
-place and write only the new column's K/V into staging buffers.
+KV: owned by `KVArena` (ragged slot layout, runtime/contract.py); decode graphs are bound (IOBinding) to the
+arena's slot rows, read the cache in place and (gqa flavour) write the new column in place too.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract as C
-from .errors import BackendError, EngineError, check_int
+from .errors import BackendError, EngineError, InputError, check_int
+from .generation import left_pad, position_ids
 from .kv import KVArena
 from .manifest import GraphSpec, Manifest
 from .schedule import Step
@@ -67,7 +68,11 @@ def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtVal
 
 
 class OrtBackend:
-    """`StepBackend` over the graphs of one engine directory."""
+    """`StepBackend` over the graphs of one engine directory, plus the slot API continuous batching uses.
+
+    Static batches (`prefill`/`decode`) use slots 0..B-1. The slot API (`prefill_rows`/`decode_rows`) lets the
+    caller place sequences in slots and run rows of different lengths and layer sets in one call.
+    """
 
     def __init__(self, directory: str | Path, man: Manifest, providers: list[str], threads: int | None = None,
                  max_batch: int | None = None, max_length: int | None = None, prepack: bool = False) -> None:
@@ -81,6 +86,7 @@ class OrtBackend:
         self.num_layers = man.num_layers
         self.warmup_layers = man.warmup_layers
         self.buckets = man.buckets
+        self.in_place = man.attention == "gqa"
         self.max_batch = check_int("max_batch", max_batch or man.max_batch, lo=1, hi=man.max_batch)
         self.max_length = check_int("max_length", max_length or man.max_length, lo=2, hi=man.max_length)
         self.weights = load_weights(directory, man)
@@ -89,66 +95,112 @@ class OrtBackend:
                          for g in man.graphs}
         self.prefill_spec = man.prefill()
         m = man.model
-        self.heads, self.head_dim = m["num_heads"], m["hidden_size"] // m["num_heads"]
-        self.arena = KVArena(self.num_layers, self.heads, self.head_dim, self.max_batch, self.max_length,
-                             man.dtype)
-        self._logits = np.zeros(self.max_batch * m["vocab_size"], dtype=np.float32)
-        self._ids = np.zeros(self.max_batch, dtype=np.int64)
-        self._pos = np.zeros(self.max_batch, dtype=np.int64)
-        self._mask = np.zeros(self.max_batch * self.max_length, dtype=np.int64)
-        self._bindings: dict[int, ort.IOBinding] = {}
-        self._batch = self._length = 0
+        self.vocab_size = m["vocab_size"]
+        heads, head_dim = m["num_heads"], m["hidden_size"] // m["num_heads"]
+        self.arena = KVArena(self.num_layers, heads, head_dim, self.max_batch, self.max_length, man.dtype,
+                             staging=not self.in_place)
+        # Inputs and logits live in buffers allocated once; bindings point into them and are cached per
+        # (bucket, rows), so a step only refreshes their contents.
+        self._logits = np.zeros(self.max_batch * self.vocab_size, dtype=np.float32)
+        self._ids = np.zeros((self.max_batch, 1), dtype=np.int64)
+        self._lengths = np.zeros(self.max_batch, dtype=np.int32)
+        self._kv_length = np.zeros((), dtype=np.int32)
+        self._gate = np.zeros(self.max_batch * self.num_layers, dtype=bool)
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
+    # -- static batch (StepBackend) ------------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        B, S = input_ids.shape
-        T = attention_mask.shape[1]
-        self._begin(B, T)
-        spec = self.prefill_spec
-        outs = self.sessions[spec.name].run(None, {C.INPUT_IDS: input_ids, C.POSITION_IDS: position_ids,
-                                                   C.ATTENTION_MASK: np.ascontiguousarray(attention_mask[:, :S])})
-        for layer in range(self.num_layers):
-            self.arena.write_prefix(layer, outs[1 + 2 * layer], outs[2 + 2 * layer])
-        return outs[0]
+        """Left-padded batch -> slots 0..B-1; each row's real K/V lands at columns [0, its length)."""
+        S = input_ids.shape[1]
+        return self._prefill(input_ids, position_ids, attention_mask[:, :S], range(input_ids.shape[0]))
 
     def decode(self, token_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                step: Step) -> np.ndarray:
-        """Run the bucket graph over column `step.column`. The returned logits view is valid until the next call."""
-        B, c = self._batch, step.column
-        ids, pos, mask = self._views()
-        ids[:, 0] = token_ids
-        pos[:, 0] = position_ids
-        mask[:, :c] = attention_mask[:, :c]  # past = written columns only; the graph adds the current token
-        binding = self._bindings.get(step.bucket) or self._bind_decode(step.bucket)
-        self.sessions[self.manifest.decode(step.bucket).name].run_with_iobinding(binding)
-        for layer in step.layers:
-            self.arena.write_column(layer, c)
-        return self._logits[: B * self.manifest.model["vocab_size"]].reshape(B, -1)
+        """Run `step.bucket` over slots 0..B-1. In the ragged layout a row's position is its token count, i.e.
+        its past length; `attention_mask` is not needed. The logits view is valid until the next call."""
+        n, b = len(token_ids), step.bucket
+        self._gate[: n * b] = True
+        return self._run(token_ids, position_ids.reshape(-1), b, None)
 
-    def _begin(self, batch: int, length: int) -> None:
-        self.arena.begin(batch, length)
-        self._batch, self._length = batch, length
-        self._bindings.clear()
-        self._views()[2][:] = 0
+    # -- slot API --------------------------------------------------------------------------------------------
+    def prefill_rows(self, prompts, slots) -> np.ndarray:
+        """Full-depth prefill of `prompts` into `slots` (columns [0, len)); -> last-token logits [n, V] (a copy)."""
+        if len(prompts) != len(slots) or len(set(slots)) != len(slots):
+            raise InputError(f"{len(prompts)} prompts need as many distinct slots, got {list(slots)}")
+        for s in slots:
+            check_int("slot", s, lo=0, hi=self.max_batch - 1)
+        for p in prompts:
+            check_int("prompt length", len(p), lo=1, hi=self.max_length - 1)
+        ids, mask = left_pad(prompts, self.manifest.model["pad_token_id"])
+        return self._prefill(ids, position_ids(mask), mask, slots).copy()
 
-    def _views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        B, T = self._batch, self._length
-        return self._ids[:B].reshape(B, 1), self._pos[:B].reshape(B, 1), self._mask[: B * T].reshape(B, T)
+    def decode_rows(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        """One pass of `bucket`'s graph over slots 0..n-1: row i's token sits at column/position lengths[i] and
+        runs the graph's j-th layer where gates[i, j]. -> logits [n, V], a view valid until the next call."""
+        n = len(token_ids)
+        check_int("rows", n, lo=1, hi=self.max_batch)
+        if bucket not in self.buckets:
+            raise InputError(f"bucket {bucket} is not exported (buckets: {list(self.buckets)})")
+        if gates.shape != (n, bucket):
+            raise InputError(f"gates have shape {gates.shape}; bucket {bucket} over {n} rows needs {(n, bucket)}")
+        if int(lengths.max()) >= self.max_length or int(lengths.min()) < 0:
+            raise InputError(f"a row has {int(lengths.max())} tokens; a new one needs a column below max_length "
+                             f"{self.max_length}")
+        self._gate[: n * bucket] = gates.reshape(-1)
+        return self._run(token_ids, lengths, bucket, gates)
 
-    def _bind_decode(self, bucket: int) -> ort.IOBinding:
-        """Bind a bucket graph to this call's buffers once; later steps only refresh the buffers' contents."""
+    # -- internals -------------------------------------------------------------------------------------------
+    def _run(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray | None) -> np.ndarray:
+        # gate buffer already filled; gates=None means every row runs every layer of the bucket
+        n = len(token_ids)
+        self._ids[:n, 0] = token_ids
+        self._lengths[:n] = lengths
+        self._kv_length[()] = int(lengths.max()) + 1
         spec = self.manifest.decode(bucket)
+        binding = self._bindings.get((bucket, n)) or self._bind_decode(spec, n)
+        self.sessions[spec.name].run_with_iobinding(binding)
+        if not self.in_place:
+            self._move_new_kv(spec.layers, gates, self._lengths[:n])
+        return self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
+
+    def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots) -> np.ndarray:
+        # ids, pos, mask: [B, S], prompts right-aligned (left padding)
+        B, S = ids.shape
+        check_int("batch size", B, lo=1, hi=self.max_batch)
+        outs = self.sessions[self.prefill_spec.name].run(
+            None, {C.INPUT_IDS: ids, C.POSITION_IDS: pos, C.ATTENTION_MASK: np.ascontiguousarray(mask)})
+        lengths = mask.sum(axis=1)
+        for row, slot in enumerate(slots):
+            start = S - int(lengths[row])
+            for layer in range(self.num_layers):
+                k, v = outs[1 + 2 * layer], outs[2 + 2 * layer]
+                self.arena.write_prompt(layer, slot, k[row, :, start:], v[row, :, start:])
+        return outs[0]
+
+    def _move_new_kv(self, layers, gates: np.ndarray | None, lengths: np.ndarray) -> None:
+        every = np.arange(len(lengths))
+        for j, layer in enumerate(layers):
+            rows = every if gates is None else np.flatnonzero(gates[:, j])  # a gated-off row writes no K/V
+            self.arena.write_new(layer, rows, lengths[rows])
+
+    def _bind_decode(self, spec: GraphSpec, n: int) -> ort.IOBinding:
+        """Bind a bucket graph over slots [0, n) once; later steps only refresh the buffers' contents."""
         binding = self.sessions[spec.name].io_binding()
-        ids, pos, mask = self._views()
-        B, V = self._batch, self.manifest.model["vocab_size"]
-        inputs = {C.INPUT_IDS: ids, C.POSITION_IDS: pos, C.ATTENTION_MASK: mask}
-        outputs = {C.LOGITS: self._logits[: B * V].reshape(B, V)}
+        k = len(spec.layers)
+        inputs = {C.INPUT_IDS: self._ids[:n], C.PAST_LENGTH: self._lengths[:n],
+                  C.GATE: self._gate[: n * k].reshape(n, k)}
+        if self.in_place:
+            inputs[C.KV_LENGTH] = self._kv_length
+        outputs = {C.LOGITS: self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)}
         for layer in spec.layers:
-            inputs[C.past_key(layer)], inputs[C.past_value(layer)] = self.arena.keys[layer], self.arena.values[layer]
-            outputs[C.new_key(layer)] = self.arena.new_keys[layer]
-            outputs[C.new_value(layer)] = self.arena.new_values[layer]
+            inputs[C.past_key(layer)], inputs[C.past_value(layer)] = self.arena.rows(layer, n)
+            if self.in_place:  # present = past: the op writes the new column into the buffer itself
+                outputs[C.present_key(layer)], outputs[C.present_value(layer)] = self.arena.rows(layer, n)
+            else:
+                outputs[C.new_key(layer)], outputs[C.new_value(layer)] = self.arena.staged(layer, n)
         for name, arr in inputs.items():
             binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         for name, arr in outputs.items():
             binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        self._bindings[bucket] = binding
+        self._bindings[(spec.budget, n)] = binding
         return binding

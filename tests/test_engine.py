@@ -15,7 +15,7 @@ from skipdecode.export.random_models import build_random_opt
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError, InputError
 from skipdecode.runtime.generation import GenerateOptions
-from skipdecode.runtime.manifest import WEIGHTS_FILE
+from skipdecode.runtime.manifest import FORMAT_VERSION, WEIGHTS_FILE
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import Schedule, make_plan
 
@@ -139,7 +139,7 @@ def copy_engine(src: Path, dst: Path) -> Path:
     (lambda d: (d / WEIGHTS_FILE).write_bytes(b"short"), "has 5 bytes"),
     (lambda d: (d / "decode_b006.onnx").unlink(), "decode_b006.onnx (decode_b006) is missing"),
     (lambda d: (d / "manifest.json").write_text(
-        (d / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 99')),
+        (d / "manifest.json").read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99')),
      "format_version=99"),
 ])
 def test_bad_engine_directories(engine_dir, tmp_path, breakage, message):

@@ -1,0 +1,102 @@
+"""The ragged slot KV layout and the slot API (`prefill_rows` / `decode_rows`) continuous batching relies on:
+rows of one call with different lengths and layer sets give exactly what each row gives alone, for both decode
+attention flavours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skipdecode.export.exporter import ExportConfig, export
+from skipdecode.export.generator import TorchGenerator
+from skipdecode.runtime.engine import Engine
+from skipdecode.runtime.errors import InputError
+from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.schedule import layers_for_budget
+
+from .conftest import PROMPTS
+
+
+@pytest.fixture(scope="module", params=["gqa", "matmul"])
+def flavour_engine(request, tmp_path_factory):
+    from skipdecode.export.random_models import build_random_opt
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(ckpt)
+    out = tmp_path_factory.mktemp("engines") / request.param
+    export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0, 3.0), max_batch=4, attention=request.param),
+           progress=False)
+    return request.param, ckpt, out
+
+
+def test_flavour_matches_reference(flavour_engine):
+    attention, ckpt, out = flavour_engine
+    engine = Engine.load(out)
+    assert engine.manifest.attention == attention
+    assert (engine.backend.arena.new_keys[0].size == 0) == (attention == "gqa")  # gqa stages nothing
+    opts = GenerateOptions(max_new_tokens=24, speedup=3.0)
+    got, want = engine.generate(PROMPTS, opts), TorchGenerator.load(str(ckpt)).generate(PROMPTS, opts)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert [r.budgets for r in got] == [r.budgets for r in want]
+
+
+def _solo_logits(out, prompt, bucket, tokens):
+    """Logits of `prompt` followed by `tokens`, alone in slot 0 of a fresh engine, every step in `bucket`."""
+    be = Engine.load(out).backend
+    first = be.prefill_rows([prompt], [0])
+    logits = [first[0]]
+    for i, tok in enumerate(tokens):
+        row = be.decode_rows(np.array([tok]), np.array([len(prompt) + i]), bucket, np.ones((1, bucket), bool))
+        logits.append(row[0].copy())
+    return logits
+
+
+def test_mixed_rows_equal_solo_runs(flavour_engine):
+    """Two sequences of different lengths share calls; the shallow one is gated to its own bucket's layers."""
+    attention, _, out = flavour_engine
+    be = Engine.load(out).backend
+    L, w = be.num_layers, be.warmup_layers
+    deep, shallow = L, min(be.buckets)
+    a, b = PROMPTS[0], PROMPTS[1]  # 7 and 3 tokens: different columns in every call
+    first = be.prefill_rows([b, a], [1, 0])  # slots out of order on purpose
+    graph_layers = layers_for_budget(L, deep, w)
+    gates = np.ones((2, deep), dtype=bool)
+    gates[1] = [layer in layers_for_budget(L, shallow, w) for layer in graph_layers]
+    toks_a, toks_b = [5, 9, 13, 17], [4, 8, 12, 16]
+    got_a, got_b = [first[1]], [first[0]]
+    for i in range(len(toks_a)):
+        logits = be.decode_rows(np.array([toks_a[i], toks_b[i]]), np.array([len(a) + i, len(b) + i]), deep, gates)
+        got_a.append(logits[0].copy())
+        got_b.append(logits[1].copy())
+    for got, want in ((got_a, _solo_logits(out, a, deep, toks_a)), (got_b, _solo_logits(out, b, shallow, toks_b))):
+        for g, s in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, s, atol=1e-5, rtol=0)
+    if attention == "matmul":  # gated-off layers wrote no K/V for the shallow row
+        skipped = [layer for layer, on in zip(graph_layers, gates[1], strict=True) if not on]
+        assert skipped and all(not be.arena.keys[layer][1, :, len(b):].any() for layer in skipped)
+
+
+def test_negative_control_wrong_gates_differ(flavour_engine):
+    """The comparison above can fail: running the shallow row at full depth changes its logits."""
+    _, _, out = flavour_engine
+    be = Engine.load(out).backend
+    L = be.num_layers
+    be.prefill_rows([PROMPTS[1]], [0])
+    full = be.decode_rows(np.array([4]), np.array([3]), L, np.ones((1, L), bool))[0].copy()
+    shallow = _solo_logits(out, PROMPTS[1], min(be.buckets), [4])[1]
+    assert np.abs(full - shallow).max() > 1e-3
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda be: be.prefill_rows([[2, 3], [2]], [0, 0]), "distinct slots"),
+    (lambda be: be.prefill_rows([[2, 3]], [4]), "slot=4 is above the maximum 3"),
+    (lambda be: be.prefill_rows([[2] * 200], [0]), "prompt length=200 is above the maximum"),
+    (lambda be: be.decode_rows(np.array([2]), np.array([3]), 9, np.ones((1, 9), bool)), "bucket 9 is not exported"),
+    (lambda be: be.decode_rows(np.array([2]), np.array([3]), 6, np.ones((1, 4), bool)), "gates have shape"),
+    (lambda be: be.decode_rows(np.array([2]), np.array([be.max_length]), 6, np.ones((1, 6), bool)),
+     "needs a column below max_length"),
+    (lambda be: be.decode_rows(np.array([2] * 5), np.array([3] * 5), 6, np.ones((5, 6), bool)),
+     "rows=5 is above the maximum 4"),
+])
+def test_slot_api_rejects_bad_input(flavour_engine, call, message):
+    be = Engine.load(flavour_engine[2]).backend
+    with pytest.raises(InputError, match=message):
+        call(be)
