@@ -114,7 +114,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
             module = DecodeGraph(model, layers, cfg.attention)
             args = _decode_args(len(layers), H, D, model.dtype, cfg.attention)
         path = tmp / f"{name}.onnx"
-        trace(module, args, ins, outs, path)
+        trace(module, args, ins, outs, path, contrib_ops=name != "prefill" and cfg.attention == "gqa")
         used = attach_weights(path, index, [s.name for s in (*ins, *outs)])
         graphs.append(GraphSpec(name, name.split("_")[0], path.name, budget, layers, tuple(ins), tuple(outs),
                                 tuple(used)))

@@ -134,8 +134,11 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, past_length, kv_length, heads):
-        return g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, past_length, kv_length,
-                    num_heads_i=heads, kv_num_heads_i=heads, scale_f=1.0, outputs=3)
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, past_length,
+                                         kv_length, num_heads_i=heads, kv_num_heads_i=heads, scale_f=1.0, outputs=3)
+        for value, like in ((out, q), (present_k, past_k), (present_v, past_v)):
+            value.setType(like.type())  # the exporter cannot infer a contrib op's outputs
+        return out, present_k, present_v
 
 
 class DecodeGraph(OPTGraphBase):

@@ -44,15 +44,15 @@ def write_weights(module: torch.nn.Module, path: Path) -> dict[str, WeightEntry]
 
 
 def trace(module: torch.nn.Module, args: Sequence[torch.Tensor], inputs: Sequence[TensorSpec],
-          outputs: Sequence[TensorSpec], path: Path) -> None:
+          outputs: Sequence[TensorSpec], path: Path, contrib_ops: bool = False) -> None:
     """Legacy (TorchScript) exporter: faster to run and gave faster ORT graphs than dynamo here (DESIGN §4).
-    Constant folding is off so parameter names survive."""
+    Constant folding is off so parameter names survive. `contrib_ops`: the graph uses com.microsoft ops."""
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about python ints in shapes are expected
         torch.onnx.export(module, tuple(args), str(path), input_names=[s.name for s in inputs],
                           output_names=[s.name for s in outputs], dynamic_axes=dynamic_axes([*inputs, *outputs]),
                           opset_version=OPSET, do_constant_folding=False, export_params=False, dynamo=False,
-                          custom_opsets={"com.microsoft": 1})
+                          custom_opsets={"com.microsoft": 1} if contrib_ops else None)
 
 
 def attach_weights(path: Path, index: dict[str, WeightEntry], io_names: Sequence[str]) -> list[str]:

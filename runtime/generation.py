@@ -24,6 +24,8 @@ class StepBackend(Protocol):
     `prefill` starts a new batch (any previous KV state is dropped) and returns logits of the last prompt column;
     `decode` runs the pass over `step.column` with exactly `step.layers` and returns its logits.
     `attention_mask` is always [B, T] (T = the call's max length); only columns <= the current one are meaningful.
+    `position_ids` of a decode step are each row's count of real tokens so far, which is also the row's KV length
+    in the ragged slot layout (runtime/kv.py), so the compiled backend needs nothing else.
     Returned logits [B, V] may be a view of a buffer the backend reuses: valid until its next call.
     """
 

@@ -1,0 +1,345 @@
+"""`skipdecode bench`: decode throughput of the onnxruntime engine at full depth and at SkipDecode speedups, next to
+the ideal speedup of a cost model measured in the same run, Hugging Face `generate`, prefill time, resident memory
+and the step's growth with past length. Engines for public OPT shapes are built locally with random weights (speed
+does not depend on weight values) and cached.
+
+Definitions (every figure is a median over repeats; compare ratios, not absolute times: these machines are noisy):
+* `tokens_per_s`: decode throughput, batch x (new tokens - 1) / (time from the first token to the last); the
+  first token comes from the prefill, timed separately as `prefill_ms`. HF `generate` gets the same split: the
+  time of `max_new_tokens=N` minus that of `max_new_tokens=1` on the same inputs.
+* `measured_speedup`: full-depth decode time / SkipDecode decode time, same backend, prompts and lengths.
+* `ideal_speedup`: what the cost model (export/bench_cost.py) predicts for the same steps.
+Repeats interleave the speedups (and the two HF lengths), so drift hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.generation import GenerateOptions, left_pad
+from ..runtime.manifest import load_manifest
+from . import bench_cost as cost
+from .bench_env import load_average, machine_info, memory_available, probe_load_rss
+from .random_models import OPT_SHAPES, TINY_SHAPES
+
+EMBEDDED = "embedded"
+EMBEDDED_CHECKPOINT = Path("models/tiny-opt-kjv/skip-tuned")
+BACKENDS = {"onnxruntime": False, "onnxruntime-prepack": True}  # label -> Engine.load(prepack=...)
+EXPORT_SPEEDUPS = (2.0, 3.0, 5.0)
+# Exporter sources whose change makes a cached engine stale (same format version, different graphs).
+_EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "exporter.py", "../runtime/contract.py")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. `quick()` and `full()` are the presets behind `--quick` and the default."""
+
+    models: tuple[str, ...]  # "embedded" or a shape of random_models (opt-125m, opt-350m, opt-1.3b, tiny-*)
+    batches: tuple[int, ...]
+    speedups: tuple[float, ...] = (2.0, 3.0, 5.0)  # full depth (1) is always measured too
+    max_new_tokens: int = 128
+    prompt_lengths: tuple[int, int] = (16, 64)  # each prompt's length is drawn uniformly from [lo, hi]
+    repeats: int = 3  # at least this many timed repeats per measurement ...
+    # ... and more (up to max_repeats) until each measurement has this many seconds of samples: a small model's run
+    # lasts milliseconds, about one scheduler time slice, so a few samples would measure the neighbours' load
+    min_time_s: float = 2.0
+    max_repeats: int = 30
+    cost_rounds: int = 7  # rounds of the bucket timings behind each cost model
+    threads: int | None = None  # onnxruntime intra-op threads = torch threads; None: every core
+    backends: tuple[str, ...] = ("onnxruntime", "onnxruntime-prepack")
+    hf: bool = True
+    memory: bool = True
+    scaling_lengths: tuple[int, ...] = (32, 64, 128, 192, 255)  # past lengths of the length-scaling section
+    max_length: int = 256  # engines' max total length: KV arena = max_batch x max_length per layer
+    max_batch: int = 32
+    cache_dir: Path = Path("engines/bench")
+    rebuild: bool = False
+    seed: int = 0
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m != EMBEDDED and m not in OPT_SHAPES and m not in TINY_SHAPES]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; known: {[EMBEDDED, *OPT_SHAPES, *TINY_SHAPES]}")
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad:
+            raise ValueError(f"unknown backend {bad[0]!r}; known: {list(BACKENDS)}")
+        if not self.batches or max(self.batches) > self.max_batch or min(self.batches) < 1:
+            raise ValueError(f"batches {self.batches} must lie in [1, max_batch={self.max_batch}]")
+        lo, hi = self.prompt_lengths
+        if not 1 <= lo <= hi or hi + self.max_new_tokens > self.max_length:
+            raise ValueError(f"prompt lengths {self.prompt_lengths} + max_new_tokens {self.max_new_tokens} must fit "
+                             f"in max_length {self.max_length}")
+        if self.max_new_tokens < 2 or self.repeats < 1 or min(self.speedups, default=2) < 1:
+            raise ValueError("max_new_tokens >= 2, repeats >= 1 and speedups >= 1 are required")
+
+    @property
+    def all_speedups(self) -> tuple[float, ...]:
+        return tuple(sorted({1.0, *map(float, self.speedups)}))
+
+    @classmethod
+    def quick_preset(cls, **kw) -> BenchConfig:
+        # Sized to finish in a few minutes on 2 cores once the opt-125m engine is cached.
+        base = dict(models=(EMBEDDED, "opt-125m"), batches=(1, 8), max_new_tokens=32, prompt_lengths=(8, 32),
+                    repeats=3, min_time_s=1.0, cost_rounds=5, scaling_lengths=(32, 96, 160, 255), quick=True)
+        return cls(**(base | kw))
+
+    @classmethod
+    def full_preset(cls, **kw) -> BenchConfig:
+        base = dict(models=(EMBEDDED, "opt-125m", "opt-350m", "opt-1.3b"), batches=(1, 8, 32))
+        return cls(**(base | kw))
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    checkpoint: Path  # HF checkpoint: the embedded model, or random weights saved by this module
+    engine: Path
+
+
+def make_prompts(batch: int, vocab_size: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
+    """Random token ids of mixed lengths, seeded per batch size (ids 4.. avoid the special tokens 0-3)."""
+    rng = np.random.default_rng([seed, batch])
+    return [rng.integers(4, vocab_size, size=int(n)).tolist() for n in rng.integers(lengths[0], lengths[1] + 1, batch)]
+
+
+def _exporter_hash() -> str:
+    h = hashlib.sha256()
+    for rel in _EXPORTER_SOURCES:
+        h.update((Path(__file__).parent / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> BenchModel:
+    """Checkpoint + engine for `name`, reused from `cfg.cache_dir` when built with the same settings and exporter."""
+    from .exporter import ExportConfig, export
+    from .random_models import save_random_opt
+
+    root = cfg.cache_dir / ("tiny-opt-kjv" if name == EMBEDDED else name)
+    checkpoint = EMBEDDED_CHECKPOINT if name == EMBEDDED else root / "checkpoint"
+    engine, marker = root / "engine", root / "bench-build.json"
+    want = {"checkpoint": str(checkpoint), "seed": cfg.seed, "speedups": list(EXPORT_SPEEDUPS),
+            "max_length": cfg.max_length, "max_batch": cfg.max_batch, "exporter": _exporter_hash()}
+    if name == EMBEDDED and not checkpoint.is_dir():
+        raise FileNotFoundError(f"the embedded model {checkpoint} is missing: run the bench from the repository root")
+    if not cfg.rebuild and marker.is_file() and json.loads(marker.read_text()) == want and _loads(engine):
+        return BenchModel(name, checkpoint, engine)
+    if name != EMBEDDED and (cfg.rebuild or not (checkpoint / "config.json").is_file()):
+        log(f"[{name}] saving a random-weight checkpoint (seed {cfg.seed})")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        save_random_opt(name, checkpoint, seed=cfg.seed)
+    from transformers import AutoConfig
+    positions = AutoConfig.from_pretrained(checkpoint, local_files_only=True).max_position_embeddings
+    log(f"[{name}] exporting {checkpoint} -> {engine}")
+    t0 = time.perf_counter()
+    export(ExportConfig(model=str(checkpoint), out=engine, speedups=EXPORT_SPEEDUPS, max_batch=cfg.max_batch,
+                        max_length=min(cfg.max_length, positions), force=True), progress=False)
+    log(f"[{name}] exported in {time.perf_counter() - t0:.0f} s")
+    marker.write_text(json.dumps(want))
+    return BenchModel(name, checkpoint, engine)
+
+
+def _loads(engine: Path) -> bool:
+    from ..runtime.errors import EngineError
+    try:
+        load_manifest(engine)
+    except EngineError:
+        return False
+    return True
+
+
+@dataclass
+class _Runs:
+    """Per-repeat timings of one (backend, batch, speedup)."""
+
+    prefill: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+
+
+def _repeats(cfg: BenchConfig, measurements: int) -> Iterator[int]:
+    """Rounds of interleaved repeats: at least `cfg.repeats`, then more while the rounds so far took less than
+    `min_time_s` per measurement (capped at `max_repeats`)."""
+    t0 = time.perf_counter()
+    for i in range(max(cfg.max_repeats, cfg.repeats)):
+        if i >= cfg.repeats and time.perf_counter() - t0 >= cfg.min_time_s * measurements:
+            return
+        yield i
+
+
+def _timed_generate(engine, prompts, opts: GenerateOptions, runs: _Runs) -> None:
+    t0 = time.perf_counter()
+    events = list(engine.stream(prompts, opts))
+    runs.total.append(time.perf_counter() - t0)
+    if len(events) != opts.max_new_tokens:
+        raise RuntimeError(f"generation stopped after {len(events)} of {opts.max_new_tokens} tokens")
+    runs.prefill.append(events[0].elapsed_s)  # prefill + sampling of the first token
+    runs.decode.append(events[-1].elapsed_s - events[0].elapsed_s)
+
+
+def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict:
+    """Throughput rows, cost models and (default backend) length scaling of one engine."""
+    from ..runtime.engine import Engine
+
+    max_length = min(cfg.max_length, load_manifest(model.engine).max_length)  # a model may have fewer positions
+    engine = Engine.load(model.engine, threads=cfg.threads, max_batch=max(cfg.batches), max_length=max_length,
+                         prepack=BACKENDS[backend])
+    out: dict = {"results": [], "cost_models": [], "length_scaling": []}
+    for batch in cfg.batches:
+        rows, cm = _bench_batch(engine, model.name, backend, batch, cfg, log)
+        out["results"] += rows
+        out["cost_models"].append(cm)
+    if backend == cfg.backends[0]:
+        be = engine.backend
+        lengths = tuple(n for n in cfg.scaling_lengths if n < be.max_length)
+        scaling = cost.length_scaling(be, max(cfg.batches), lengths, cfg.cost_rounds, cfg.threads)
+        out["length_scaling"].append({"model": model.name, "backend": backend, **scaling})
+    del engine
+    gc.collect()  # the sessions and the KV arena go before the next engine loads
+    return out
+
+
+def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, log) -> tuple[list[dict], dict]:
+    """Cost model, then every speedup's generation (interleaved repeats) at one batch size."""
+    be, N = engine.backend, cfg.max_new_tokens
+    prompts = make_prompts(batch, engine.vocab_size, cfg.prompt_lengths, cfg.seed)
+    p = max(map(len, prompts))
+    # cost model at the mid-generation past length of each row (the steps' average attention span)
+    buckets_s = cost.time_buckets(be, [len(x) + N // 2 for x in prompts], cfg.cost_rounds)
+    cm = cost.fit_cost_model(list(buckets_s), list(buckets_s.values()))
+    runs = {s: _Runs() for s in cfg.all_speedups}
+    options = {s: GenerateOptions(max_new_tokens=N, speedup=s) for s in runs}
+    for s in runs:  # warm-up: session caches, bindings per (bucket, rows)
+        _timed_generate(engine, prompts, options[s], _Runs())
+    for _ in _repeats(cfg, len(runs)):
+        for s in runs:
+            _timed_generate(engine, prompts, options[s], runs[s])
+    rows = []
+    for s, r in runs.items():
+        steps = cost.step_buckets(be.num_layers, be.warmup_layers, be.buckets, s, p, N)
+        row = _row(name, backend, batch, s, r, N, be.num_layers, steps)
+        # paired by round: a round's full-depth and skip runs were timed back to back, so drift cancels
+        paired = statistics.median(f / d for f, d in zip(runs[1.0].decode, r.decode, strict=True))
+        row |= {"ideal_speedup": cost.ideal_speedup(cm, be.num_layers, steps), "measured_speedup": paired}
+        if s == 1.0:  # what the generation loop adds to the graph's own step (sampling, masks, Python)
+            row["loop_overhead_ms"] = row["step_ms"] - cm.step_s(be.num_layers) * 1e3
+        rows.append(row)
+        log(f"[{name} {backend} b{batch}] {s:g}x: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} ms, "
+            f"speedup {row['measured_speedup']:.2f} (ideal {row['ideal_speedup']:.2f})")
+    entry = {"model": name, "backend": backend, "batch": batch, **cm.to_dict(),
+             "fixed_fraction": cm.fixed_s / cm.step_s(be.num_layers),
+             "mean_past_length": float(np.mean([len(x) for x in prompts])) + N // 2,
+             "bucket_ms": {str(b): t * 1e3 for b, t in buckets_s.items()}}
+    return rows, entry
+
+
+def _row(model: str, backend: str, batch: int, speedup: float, r: _Runs, N: int, L: int, steps) -> dict:
+    decode = statistics.median(r.decode)
+    return {"model": model, "backend": backend, "batch": batch, "speedup": speedup, "max_new_tokens": N,
+            "tokens_per_s": batch * (N - 1) / decode, "e2e_tokens_per_s": batch * N / statistics.median(r.total),
+            "step_ms": decode / (N - 1) * 1e3, "prefill_ms": statistics.median(r.prefill) * 1e3,
+            "mean_layers": sum(steps) / len(steps), "layer_speedup": L * len(steps) / sum(steps),
+            "repeats": len(r.decode)}
+
+
+def bench_hf(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    """Hugging Face `generate` (PyTorch eager, default attention, fp32, greedy) on the same prompts and lengths."""
+    import torch
+    from transformers import OPTForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    hf = OPTForCausalLM.from_pretrained(model.checkpoint, dtype=torch.float32, local_files_only=True).eval()
+    pad, N, rows = hf.config.pad_token_id, cfg.max_new_tokens, []
+    for batch in cfg.batches:
+        prompts = make_prompts(batch, hf.config.vocab_size, cfg.prompt_lengths, cfg.seed)
+        ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, pad))
+
+        def generate(n: int, ids=ids, mask=mask) -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=pad)
+            if out.shape[1] != ids.shape[1] + n:
+                raise RuntimeError(f"HF generate returned {out.shape[1] - ids.shape[1]} new tokens, not {n}")
+            return time.perf_counter() - t0
+
+        generate(N), generate(1)  # warm-up
+        runs = _Runs()
+        for _ in _repeats(cfg, 2):
+            runs.total.append(generate(N))
+            runs.prefill.append(generate(1))
+            runs.decode.append(runs.total[-1] - runs.prefill[-1])
+        row = _row(model.name, "hf-generate", batch, 1.0, runs, N, hf.config.num_hidden_layers,
+                   [hf.config.num_hidden_layers])
+        row["attn_implementation"] = hf.config._attn_implementation
+        rows.append(row)
+        log(f"[{model.name} hf-generate b{batch}] {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} ms")
+    return rows
+
+
+def bench_memory(model: BenchModel, backends: Sequence[str]) -> dict:
+    """Resident memory (fresh subprocesses): all bucket graphs per backend vs one plain copy of the weights."""
+    from ..runtime.memory import measure_memory
+
+    m = measure_memory(model.engine)
+    out = {"model": model.name, **m}
+    if "onnxruntime-prepack" in backends:
+        out["all_buckets_prepack_bytes"] = probe_load_rss(model.engine, prepack=True)
+    return out
+
+
+def prepack_bytes_estimate(engine: Path) -> int:
+    """Pre-packing gives every graph a private copy of the weights it uses."""
+    man = load_manifest(engine)
+    return sum(man.weights[w].nbytes for g in man.graphs for w in g.weights)
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+    """Run every measurement of `cfg`; -> the bench JSON object (targets added by bench_report.finish)."""
+    from .bench_report import finish
+
+    t_start = time.perf_counter()
+    cfg = replace(cfg, threads=cfg.threads or os.cpu_count())  # recorded, and the same for onnxruntime and torch
+    load_at_start = load_average()
+    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "memory_models": [], "skipped": []}
+    for name in cfg.models:
+        model = prepare_model(name, cfg, log)
+        backends = list(cfg.backends)
+        if "onnxruntime-prepack" in backends and prepack_bytes_estimate(model.engine) > 0.5 * memory_available():
+            backends.remove("onnxruntime-prepack")
+            out["skipped"].append({"model": name, "backend": "onnxruntime-prepack",
+                                   "reason": "pre-packed weights (one copy per graph) would exceed half of the "
+                                             "available memory"})
+        for backend in backends:
+            part = bench_engine(model, backend, cfg, log)
+            for key, rows in part.items():
+                out[key] += rows
+        if cfg.hf:
+            out["results"] += bench_hf(model, cfg, log)
+            gc.collect()  # the HF model goes before the next engine loads
+        if cfg.memory:
+            out["memory_models"].append(bench_memory(model, backends))
+    out["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    out["machine"] = machine_info(cfg.threads) | {"load_average_at_start": load_at_start}
+    out["duration_s"] = time.perf_counter() - t_start
+    return finish(out)
+
+
+def config_from(quick: bool, **overrides) -> BenchConfig:
+    """The preset, with the given (non-None) fields replaced."""
+    preset = BenchConfig.quick_preset() if quick else BenchConfig.full_preset()
+    return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
