@@ -146,6 +146,7 @@ def stream_generation(backend: StepBackend, prompts: Sequence[Sequence[int]], op
     mask = np.zeros((B, T), dtype=np.int64)
     mask[:, :p] = prompt_mask
     alive = np.ones(B, dtype=bool)
+    prompt_lengths = prompt_mask.sum(axis=1).astype(np.int64)
 
     start = time.perf_counter()
     logits = backend.prefill(ids, position_ids(prompt_mask), mask)
@@ -161,7 +162,7 @@ def stream_generation(backend: StepBackend, prompts: Sequence[Sequence[int]], op
         tokens = np.where(alive, tokens, pad_id).astype(np.int64)
         c = step.column
         mask[:, c] = 1
-        pos = (mask[:, : c + 1].sum(axis=1) - 1).astype(np.int64)
+        pos = prompt_lengths + (c - p)  # real tokens before column c: O(B), not a pass over the mask
         logits = backend.decode(tokens, pos, mask, step)
         budget, column = step.bucket, c + 1
 
