@@ -22,6 +22,8 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, help="max prompt + generated tokens (default: model max positions)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--attention", choices=("gqa", "matmul"), default="gqa",
+                   help="decode attention: gqa (onnxruntime, in-place KV) or matmul (standard ops, TensorRT)")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-progress", action="store_true")
 
@@ -30,7 +32,7 @@ def cmd_export(args) -> int:
     from skipdecode.export.exporter import ExportConfig, export
     cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
                        warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
-                       dtype=args.dtype, force=args.force)
+                       dtype=args.dtype, attention=args.attention, force=args.force)
     man = export(cfg, progress=not args.no_progress)
     print_summary(args.out, man)
     return 0
@@ -39,6 +41,7 @@ def cmd_export(args) -> int:
 def print_summary(out: Path, man) -> None:
     mib = 1 / 2**20
     print(f"engine {out}: {len(man.graphs)} graphs, buckets {list(man.buckets)}, dtype {man.dtype}, "
+          f"attention {man.attention}, "
           f"max batch {man.max_batch}, max length {man.max_length}")
     print(f"  {man.weights_file}: {man.weights_size * mib:.1f} MiB shared by every graph")
     for g in man.graphs:
