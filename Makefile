@@ -16,11 +16,11 @@ EXPORT_SPEEDUPS ?= 2,3,5
 # Targets of later features (training, evaluation) live in mk/*.mk.
 -include mk/*.mk
 
-# Create .venv/ and install the package with the export (torch CPU, transformers, onnx) and dev extras.
+# Create .venv/ and install the package with the export (torch CPU, transformers, onnx), dev and serve extras.
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve]'
 
 # Run the test suite (tiny OPT models built in-process; no downloads).
 test:
@@ -30,9 +30,10 @@ test:
 lint:
 	$(VENV)/bin/ruff check .
 
-# Export MODEL (local dir, hub id or short name like opt-1.3b) to engines/<name>/ with buckets for EXPORT_SPEEDUPS.
+# Export MODEL (local dir, hub id or short name like opt-1.3b) to engines/<name>/ with buckets for EXPORT_SPEEDUPS;
+# BACKEND=tensorrt also builds TensorRT plans (GPU machines, see docs/GPU.md).
 export:
-	$(SD) export --model $(MODEL) --out $(OUT) --speedups $(EXPORT_SPEEDUPS) --force
+	$(SD) export --model $(MODEL) --out $(OUT) --speedups $(EXPORT_SPEEDUPS) $(if $(BACKEND),--backend $(BACKEND)) --force
 
 # Resident memory of an engine: all bucket graphs vs one copy of the weights.
 memory:

@@ -41,6 +41,8 @@ class ExportConfig:
     # Decode attention flavour (runtime/contract.py): "gqa" for onnxruntime (in-place KV, attention over each row's
     # own length), "matmul" for standard-ops-only consumers such as TensorRT.
     attention: str = "gqa"
+    backend: str = "onnxruntime"  # "tensorrt" also builds one TensorRT plan per graph (needs attention="matmul")
+    trt: object | None = None  # export.tensorrt_build.TrtBuildConfig; None = its defaults
     force: bool = False  # replace an existing engine directory
 
     def __post_init__(self) -> None:
@@ -48,6 +50,10 @@ class ExportConfig:
             raise EngineError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.attention not in C.ATTENTIONS:
             raise EngineError(f"attention={self.attention!r} is not one of {list(C.ATTENTIONS)}")
+        if self.backend not in ("onnxruntime", "tensorrt"):
+            raise EngineError(f"backend={self.backend!r} is not one of ['onnxruntime', 'tensorrt']")
+        if self.backend == "tensorrt" and self.attention != "matmul":
+            raise EngineError("backend=tensorrt needs attention='matmul' (TensorRT runs standard ONNX ops only)")
         check_int("max_batch", self.max_batch, lo=1, hi=4096)
         check_int("warmup_layers", self.warmup_layers, lo=0, error=ScheduleError)
 
@@ -89,11 +95,25 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
         man = _build(model, codec, shape, buckets, dtype, max_length, cfg, tmp, progress)
         man = replace(man, parity=check_parity(tmp, model))
         man.write(tmp)
+        _backend_checks(cfg, man, tmp, progress)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return man
+
+
+def _backend_checks(cfg: ExportConfig, man: Manifest, tmp: Path, progress: bool) -> None:
+    """fp16 graphs are also compared with an fp32 export of the same model (per-output tolerances, fails hard);
+    TensorRT plans are built from the finished graphs and compared with onnxruntime CPU through polygraphy."""
+    if cfg.dtype == "fp16":
+        from .fp16_parity import check_fp16_export
+        check_fp16_export(replace(cfg, dtype="fp32", backend="onnxruntime"), tmp, progress)
+    if cfg.backend == "tensorrt":
+        from .polygraphy_check import check_backend_parity
+        from .tensorrt_build import TrtBuildConfig, build_plans
+        build_plans(tmp, man, cfg.trt or TrtBuildConfig(), progress)
+        check_backend_parity(tmp, "tensorrt")
 
 
 def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, cfg: ExportConfig,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import BackendError
 from .generation import Generator
 from .manifest import Manifest, load_manifest
 from .ort_backend import OrtBackend
@@ -22,18 +23,29 @@ class Engine(Generator):
     @classmethod
     def load(cls, directory: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
              threads: int | None = None, max_batch: int | None = None, max_length: int | None = None,
-             prepack: bool = False) -> Engine:
+             prepack: bool = False, backend: str = "onnxruntime", device: int = 0) -> Engine:
         """Validate the manifest and its files, open one session per graph, allocate the KV arena once.
 
         `max_batch`/`max_length` may lower the exported limits to save KV memory, never raise them.
         `prepack=True` lets onnxruntime pre-pack weights per session: faster steps, but one private copy of the
         weights per graph (see ort_backend.session_options).
+        `backend`: "onnxruntime" (with `providers`), "cuda" (onnxruntime CUDA, device-resident KV) or "tensorrt"
+        (the plans built by `skipdecode export --backend tensorrt`); GPU backends run on CUDA device `device`.
         """
         directory = Path(directory)
         man = load_manifest(directory)
-        backend = OrtBackend(directory, man, list(providers), threads, max_batch, max_length, prepack)
+        if backend == "onnxruntime":
+            step_backend = OrtBackend(directory, man, list(providers), threads, max_batch, max_length, prepack)
+        elif backend == "cuda":
+            from .cuda_backend import CudaBackend  # import-guarded: needs onnxruntime-gpu and cuda-python
+            step_backend = CudaBackend(directory, man, device, max_batch, max_length)
+        elif backend == "tensorrt":
+            from .trt_backend import TrtBackend  # import-guarded: needs tensorrt and cuda-python
+            step_backend = TrtBackend(directory, man, device, max_batch, max_length)
+        else:
+            raise BackendError(f"backend={backend!r} is not one of ['onnxruntime', 'cuda', 'tensorrt']")
         codec = TextCodec.from_file(directory / man.tokenizer) if man.tokenizer else None
         m = man.model
-        engine = cls(backend, codec, m["pad_token_id"], m["eos_token_id"], m["vocab_size"])
+        engine = cls(step_backend, codec, m["pad_token_id"], m["eos_token_id"], m["vocab_size"])
         engine.manifest = man
         return engine

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import InputError, check_int
+from .profiling import step_range
 from .sampling import Sampler, SamplingParams
 from .schedule import Schedule, Step, make_plan, schedule_for
 
@@ -149,7 +150,8 @@ def stream_generation(backend: StepBackend, prompts: Sequence[Sequence[int]], op
     prompt_lengths = prompt_mask.sum(axis=1).astype(np.int64)
 
     start = time.perf_counter()
-    logits = backend.prefill(ids, position_ids(prompt_mask), mask)
+    with step_range(p, backend.num_layers, B):
+        logits = backend.prefill(ids, position_ids(prompt_mask), mask)
     budget, column = backend.num_layers, p
     for step in plan.steps[: opts.max_new_tokens - 1] + (None,):
         tokens = sampler(logits)
@@ -163,7 +165,8 @@ def stream_generation(backend: StepBackend, prompts: Sequence[Sequence[int]], op
         c = step.column
         mask[:, c] = 1
         pos = prompt_lengths + (c - p)  # real tokens before column c: O(B), not a pass over the mask
-        logits = backend.decode(tokens, pos, mask, step)
+        with step_range(c + 1, step.bucket, B):  # the column this pass produces, as in StepEvent
+            logits = backend.decode(tokens, pos, mask, step)
         budget, column = step.bucket, c + 1
 
 

@@ -19,6 +19,7 @@ from .errors import BackendError, EngineError, InputError, check_int
 from .generation import left_pad, position_ids
 from .kv import KVArena
 from .manifest import GraphSpec, Manifest
+from .profiling import graph_range
 from .schedule import Step
 
 
@@ -158,7 +159,8 @@ class OrtBackend:
         self._kv_length[()] = int(lengths.max()) + 1
         spec = self.manifest.decode(bucket)
         binding = self._bindings.get((bucket, n)) or self._bind_decode(spec, n)
-        self.sessions[spec.name].run_with_iobinding(binding)
+        with graph_range(spec.name):
+            self.sessions[spec.name].run_with_iobinding(binding)
         if not self.in_place:
             self._move_new_kv(spec.layers, gates, self._lengths[:n])
         return self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
@@ -167,8 +169,9 @@ class OrtBackend:
         # ids, pos, mask: [B, S], prompts right-aligned (left padding)
         B, S = ids.shape
         check_int("batch size", B, lo=1, hi=self.max_batch)
-        outs = self.sessions[self.prefill_spec.name].run(
-            None, {C.INPUT_IDS: ids, C.POSITION_IDS: pos, C.ATTENTION_MASK: np.ascontiguousarray(mask)})
+        with graph_range(self.prefill_spec.name):
+            outs = self.sessions[self.prefill_spec.name].run(
+                None, {C.INPUT_IDS: ids, C.POSITION_IDS: pos, C.ATTENTION_MASK: np.ascontiguousarray(mask)})
         lengths = mask.sum(axis=1)
         for row, slot in enumerate(slots):
             start = S - int(lengths[row])

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("generate", help="generate with SkipDecode")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="onnxruntime")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "cuda", "tensorrt"), default="onnxruntime",
+                   help="torch: the PyTorch reference; onnxruntime (CPU), cuda, tensorrt: an engine directory")
     p.add_argument("--model", help="torch backend: local dir, hub id or short name (opt-1.3b)")
-    p.add_argument("--engine", help="onnxruntime backend: engine directory")
+    p.add_argument("--engine", help="engine directory (every backend but torch)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device of the cuda/tensorrt backends")
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="onnxruntime execution providers, comma-separated, in priority order")
     p.add_argument("--prepack", action="store_true",
@@ -139,9 +141,10 @@ def cmd_generate(args) -> int:
         gen = TorchGenerator.load(args.model)
     else:
         if not args.engine:
-            raise InputError("--backend onnxruntime needs --engine DIR (built by `skipdecode export`)")
+            raise InputError(f"--backend {args.backend} needs --engine DIR (built by `skipdecode export`)")
         from skipdecode.runtime.engine import Engine
-        gen = Engine.load(args.engine, providers=args.providers.split(","), prepack=args.prepack)
+        gen = Engine.load(args.engine, providers=args.providers.split(","), prepack=args.prepack,
+                          backend=args.backend, device=args.device)
     prompts = [gen.encode(t) for t in args.prompt] + [list(x) for x in args.prompt_ids]
     opts = options_from_args(args, gen.eos_token_id)
     t0 = time.perf_counter()

@@ -24,15 +24,28 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--attention", choices=("gqa", "matmul"), default="gqa",
                    help="decode attention: gqa (onnxruntime, in-place KV) or matmul (standard ops, TensorRT)")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="tensorrt: also build one TensorRT plan per graph (implies --attention matmul; GPU only)")
+    p.add_argument("--trt-weights", choices=("inputs", "embedded"), default="inputs",
+                   help="TensorRT weights: graph inputs bound to one device copy (default) or a copy per plan")
+    p.add_argument("--trt-timing-cache", type=Path, help="TensorRT timing cache file to start from and update")
+    p.add_argument("--trt-opt-batch", type=int, help="batch TensorRT tunes kernels for (default max batch)")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_export(args) -> int:
     from skipdecode.export.exporter import ExportConfig, export
+    trt = None
+    attention = args.attention
+    if args.backend == "tensorrt":
+        from skipdecode.export.tensorrt_build import TrtBuildConfig
+        trt = TrtBuildConfig(weights=args.trt_weights, opt_batch=args.trt_opt_batch,
+                             timing_cache=args.trt_timing_cache)
+        attention = "matmul"
     cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
                        warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
-                       dtype=args.dtype, attention=args.attention, force=args.force)
+                       dtype=args.dtype, attention=attention, backend=args.backend, trt=trt, force=args.force)
     man = export(cfg, progress=not args.no_progress)
     print_summary(args.out, man)
     return 0

@@ -112,3 +112,23 @@ def test_fp16_export_passes_parity(tiny_checkpoint, tmp_path, attention):
     assert 0 < max(v["max_abs_diff"] for v in man.parity.values()) < 2e-2
     res = Engine.load(tmp_path / "e").generate(PROMPTS, GenerateOptions(max_new_tokens=8, speedup=2.0))
     assert all(len(r.tokens) == 8 for r in res)
+
+
+def test_generation_emits_nvtx_ranges(flavour_engine):
+    """Each step is one `step` range (payload: produced column, bucket, batch) around one graph-call range."""
+    from skipdecode.runtime.profiling import use_domain
+
+    from .test_profiling import RecordingDomain
+    engine = Engine.load(flavour_engine[2])
+    rec = RecordingDomain()
+    with use_domain(rec):
+        res = engine.generate(PROMPTS, GenerateOptions(max_new_tokens=4, speedup=2.0))
+    pushes = [e[1] for e in rec.events if e[0] == "push"]
+    assert len(rec.events) == 2 * len(pushes) == 2 * 2 * 4  # 4 steps, each a step range around a graph range
+    steps, graphs = pushes[0::2], pushes[1::2]
+    assert [s["message"] for s in steps] == ["step"] * 4
+    assert graphs[0]["message"] == "prefill"
+    assert [g["message"] for g in graphs[1:]] == [f"decode_b{b:03d}" for b in res[0].budgets[1:]]
+    p = max(len(x) for x in PROMPTS)
+    assert [int(s["payload"]["column"]) for s in steps] == [p, p + 1, p + 2, p + 3]
+    assert [int(s["payload"]["batch"]) for s in steps] == [3] * 4
