@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     from skipdecode.train_cli import add_train_parsers
     add_export_parsers(sub)
     add_train_parsers(sub)
+    from skipdecode.serve_cli import add_serve_parser  # parser only: the server libraries load when it runs
+    add_serve_parser(sub)
     return parser
 
 
@@ -183,8 +185,9 @@ COMMANDS = {"plan": cmd_plan, "generate": cmd_generate, "memory": cmd_memory}
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from skipdecode.export_cli import EXPORT_COMMANDS
+    from skipdecode.serve_cli import run_serve
     from skipdecode.train_cli import TRAIN_COMMANDS
-    handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS}[args.command]
+    handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS, "serve": run_serve}[args.command]
     try:
         return handler(args)
     except SkipDecodeError as exc:

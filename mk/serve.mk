@@ -1,0 +1,19 @@
+# Serving: the HTTP server over engine OUT, the continuous-vs-static batching benchmark and a soak run.
+PORT ?= 8000
+SERVE_BENCH_JSON ?= build/serve_bench.json
+SOAK_JSON ?= build/soak.json
+SOAK_SECONDS ?= 600
+
+.PHONY: serve serve-bench soak
+
+# Serve OUT on http://127.0.0.1:$(PORT): OpenAI-style POST /v1/completions (SSE streaming), GET /health, GET /metrics.
+serve:
+	$(SD) serve --engine $(OUT) --host 127.0.0.1 --port $(PORT)
+
+# Continuous (gate, group) vs static batching under Poisson arrivals at 1x/2x/3x plus gate-vs-group step timings.
+serve-bench:
+	$(PY) -m skipdecode.serve_bench --engine $(OUT) --requests 64 --rate 40 --repeats 3 --json $(SERVE_BENCH_JSON)
+
+# Soak `skipdecode serve` for SOAK_SECONDS under mixed load (cancels, streams); reports server memory over time.
+soak:
+	$(PY) -m skipdecode.serve_soak --engine $(OUT) --duration $(SOAK_SECONDS) --json $(SOAK_JSON)

@@ -1,0 +1,350 @@
+"""Embeddable, thread-safe serving API over the continuous batcher.
+
+    service = Service(engine, ServiceConfig(max_queue=64))
+    handle = service.submit(engine.encode("Hello"), GenerateOptions(max_new_tokens=32, speedup=2), timeout_s=30)
+    for event in handle: print(event.token)        # streams as tokens are produced
+    handle.result().finish_reason                  # "eos" | "stop" | "length" | "cancelled" | "timeout"
+    service.shutdown(cancel=False)                 # finish in-flight requests (or cancel=True), then stop
+
+Ownership and threads:
+* One worker thread owns the `Batcher` (and through it the scheduler, the KV slots and the backend): it is the
+  only thread that runs graphs. Callers never touch it; they talk to the worker through an inbox and a set of
+  cancellations, both guarded by one condition variable.
+* A `RequestHandle` is written only by the worker and read by any thread. A `listener` given to `submit` is
+  called on the worker thread for every event: it must not block (the HTTP server hands events to its event
+  loop with `call_soon_threadsafe`).
+* Backpressure: at most `max_queue` requests wait for admission; beyond that `submit` raises `OverloadedError`
+  at once instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .batcher import Batcher, FinishEvent, Request, StepResult, TokenEvent, prepare_request
+from .errors import BackendError, InputError, SkipDecodeError
+from .generation import GenerateOptions
+from .scheduler import SchedulerConfig, check_fits
+
+
+class OverloadedError(SkipDecodeError):
+    """The admission queue is full: the caller should retry later (HTTP 503)."""
+
+
+class ServiceClosedError(SkipDecodeError):
+    """The service is shutting down or stopped and accepts no new requests."""
+
+
+class RequestFailedError(SkipDecodeError):
+    """The backend failed while this request was running."""
+
+
+Listener = Callable[[TokenEvent | FinishEvent], None]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    max_batch: int | None = None  # running rows; default: every KV slot of the backend
+    max_tokens_in_flight: int | None = None  # reserved KV columns; default: max_batch x max_length (no limit)
+    max_queue: int = 64  # requests waiting for admission before submit raises OverloadedError
+    max_prefill_tokens: int | None = None
+    strategy: str = "gate"
+    default_timeout_s: float | None = None
+    metrics_window_s: float = 10.0  # tokens/s is measured over this trailing window
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 1:
+            raise InputError(f"max_queue={self.max_queue!r} must be an integer >= 1")
+        for name in ("default_timeout_s", "metrics_window_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise InputError(f"{name}={v!r} must be > 0")
+
+    def scheduler_config(self, slots: int, max_length: int) -> SchedulerConfig:
+        batch = self.max_batch or slots
+        return SchedulerConfig(batch, self.max_tokens_in_flight or batch * max_length, self.max_prefill_tokens,
+                               self.strategy)
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: int
+    prompt: tuple[int, ...]
+    tokens: tuple[int, ...]
+    budgets: tuple[int, ...]  # layers each token ran (its own bucket; the prefill's token: all layers)
+    finish_reason: str  # "eos" | "stop" | "length" | "cancelled" | "timeout"
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    submitted: int
+    rejected_overloaded: int
+    finished: dict[str, int]  # by finish_reason, "error" included
+    generated_tokens: int
+    layers_executed: int  # sum over generated tokens of the layers each ran
+    decode_steps: int
+    decoded_rows: int
+    graph_row_layers: int  # sum of graph budget x rows covered per call: the compute handed to graphs
+    queue_depth: int
+    running: int
+    last_batch_size: int
+    tokens_per_s: float  # over the trailing metrics window
+
+    @property
+    def mean_layers_per_token(self) -> float:
+        return self.layers_executed / self.generated_tokens if self.generated_tokens else 0.0
+
+
+class RequestHandle:
+    """One request's token stream and outcome. Iterating blocks until the next token or the end."""
+
+    def __init__(self, request: Request, deadline: float | None, service: Service, listener: Listener | None):
+        self.request_id = request.request_id
+        self.prompt = request.prompt
+        self.deadline = deadline  # time.monotonic() value, or None
+        self._service, self._listener = service, listener
+        self._cv = threading.Condition()
+        self._events: list[TokenEvent] = []
+        self._reason: str | None = None
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        i = 0
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda i=i: len(self._events) > i or self._reason is not None)
+                batch, done, error = self._events[i:], self._reason is not None, self._error
+            yield from batch
+            i += len(batch)
+            if done and i == len(self._events):
+                if error is not None:
+                    raise RequestFailedError(f"request {self.request_id} failed: {error}") from error
+                return
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the worker to stop this request; it ends with finish_reason `reason` (no-op once done). "stop" is
+        for callers that detect a stop condition themselves (the HTTP server's stop strings)."""
+        if reason not in ("cancelled", "stop"):
+            raise InputError(f"cancel reason {reason!r} is not one of ['cancelled', 'stop']")
+        self._service._cancel(self.request_id, reason)
+
+    @property
+    def done(self) -> bool:
+        with self._cv:
+            return self._reason is not None
+
+    def result(self, timeout: float | None = None) -> Completion:
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._reason is not None, timeout):
+                raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+            if self._error is not None:
+                raise RequestFailedError(f"request {self.request_id} failed: {self._error}") from self._error
+            return Completion(self.request_id, self.prompt, tuple(e.token for e in self._events),
+                              tuple(e.budget for e in self._events), self._reason)
+
+    # -- worker thread only -------------------------------------------------------------------------------
+    def _push(self, event: TokenEvent) -> None:
+        with self._cv:
+            self._events.append(event)
+            self._cv.notify_all()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        with self._cv:
+            self._reason, self._error = reason, error
+            self._cv.notify_all()
+
+
+class Service:
+    """Thread-safe front of one backend: submit from any thread, one worker thread runs the batcher."""
+
+    def __init__(self, generator, config: ServiceConfig | None = None) -> None:
+        # generator: an Engine (or Generator) whose backend has the slot API (runtime/batcher.SlotBackend)
+        self.generator, self.config = generator, config or ServiceConfig()
+        be = generator.backend
+        if not callable(getattr(be, "decode_rows", None)) or not callable(getattr(be, "prefill_rows", None)):
+            raise BackendError(f"{type(be).__name__} has no slot API (prefill_rows/decode_rows): continuous "
+                               "batching needs an engine backend (runtime/ort_backend.py)")
+        self._sched_config = self.config.scheduler_config(be.max_batch, be.max_length)
+        self._batcher = Batcher(be, self._sched_config)  # worker thread only
+        self._cv = threading.Condition()  # guards everything below
+        self._ids = itertools.count()
+        self._inbox: deque[tuple[Request, RequestHandle]] = deque()
+        self._cancels: dict[int, str] = {}
+        self._handles: dict[int, RequestHandle] = {}  # submitted and not finished
+        self._closing = self._cancel_all = False
+        self._waiting = self._running = self._last_batch = 0
+        self._counts: Counter[str] = Counter()
+        self._window: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="skipdecode-batcher", daemon=True)
+        self._thread.start()
+
+    # -- any thread -----------------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None,
+               listener: Listener | None = None) -> RequestHandle:
+        """Validate and enqueue; raises InputError/ScheduleError (bad request), OverloadedError (queue full) or
+        ServiceClosedError (shutting down) without enqueueing anything."""
+        timeout_s = timeout_s if timeout_s is not None else self.config.default_timeout_s
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
+            raise InputError(f"timeout={timeout_s!r} must be a number of seconds > 0")
+        with self._cv:
+            rid = next(self._ids)
+        g = self.generator
+        request = prepare_request(rid, prompt, options, g.backend, g.vocab_size)
+        check_fits(request.spec, self._sched_config)
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        handle = RequestHandle(request, deadline, self, listener)
+        with self._cv:
+            if self._closing:
+                raise ServiceClosedError("the service is shutting down and accepts no new requests")
+            if len(self._inbox) + self._waiting >= self.config.max_queue:
+                self._counts["rejected_overloaded"] += 1
+                raise OverloadedError(f"overloaded: {len(self._inbox) + self._waiting} requests are waiting, "
+                                      f"the queue limit is {self.config.max_queue}; retry later")
+            self._counts["submitted"] += 1
+            self._inbox.append((request, handle))
+            self._handles[rid] = handle
+            self._cv.notify_all()
+        return handle
+
+    def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Completion:
+        return self.submit(prompt, options, timeout_s).result()
+
+    def stats(self) -> ServiceStats:
+        now = time.monotonic()
+        with self._cv:
+            c = self._counts
+            window = [n for t, n in self._window if t >= now - self.config.metrics_window_s]
+            span = max(min(self.config.metrics_window_s, now - self._started), 1e-3)
+            return ServiceStats(
+                submitted=c["submitted"], rejected_overloaded=c["rejected_overloaded"],
+                finished={k[9:]: v for k, v in c.items() if k.startswith("finished_")},
+                generated_tokens=c["tokens"], layers_executed=c["layers"], decode_steps=c["steps"],
+                decoded_rows=c["rows"], graph_row_layers=c["graph_row_layers"],
+                queue_depth=len(self._inbox) + self._waiting, running=self._running,
+                last_batch_size=self._last_batch, tokens_per_s=sum(window) / span)
+
+    def shutdown(self, cancel: bool = False, timeout_s: float | None = None) -> None:
+        """Stop accepting requests; then finish every in-flight one (cancel=False) or end each with
+        finish_reason "cancelled" (cancel=True). If finishing takes longer than `timeout_s`, the rest is
+        cancelled explicitly. Returns when the worker thread has exited."""
+        with self._cv:
+            self._closing = True
+            self._cancel_all |= cancel
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            with self._cv:
+                self._cancel_all = True
+                self._cv.notify_all()
+            self._thread.join()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(cancel=exc[0] is not None)
+
+    @property
+    def closing(self) -> bool:
+        with self._cv:
+            return self._closing
+
+    def _cancel(self, request_id: int, reason: str) -> None:
+        with self._cv:
+            if request_id in self._handles:
+                self._cancels.setdefault(request_id, reason)
+                self._cv.notify_all()
+
+    # -- worker thread ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._inbox or self._cancels or self._closing or not self._batcher.idle)
+                inbox, cancels = list(self._inbox), dict(self._cancels)
+                self._inbox.clear()
+                self._cancels.clear()
+                if self._cancel_all:
+                    cancels.update({rid: "cancelled" for rid in self._handles})
+                closing = self._closing
+            for request, _ in inbox:
+                self._batcher.add(request)
+            self._apply_cancels(cancels)
+            if self._batcher.idle:
+                if closing:
+                    return
+                continue
+            try:
+                result = self._batcher.step()
+            except Exception as exc:  # a backend failure ends the requests in flight, not the service
+                self._fail_all(exc)
+                continue
+            self._dispatch(result)
+
+    def _apply_cancels(self, cancels: dict[int, str]) -> None:
+        now = time.monotonic()
+        with self._cv:
+            expired = {rid: "timeout" for rid, h in self._handles.items()
+                       if h.deadline is not None and h.deadline <= now}
+        for rid, reason in {**expired, **cancels}.items():
+            if self._batcher.cancel(rid):
+                self._end(rid, reason)
+
+    def _dispatch(self, result: StepResult) -> None:
+        tokens = layers = 0
+        with self._cv:
+            handles = dict(self._handles)
+        for ev in result.events:
+            if ev.request_id not in handles:
+                continue  # ended earlier in this loop because its listener raised
+            if isinstance(ev, TokenEvent):
+                tokens, layers = tokens + 1, layers + ev.budget
+                handles[ev.request_id]._push(ev)
+                self._notify(handles[ev.request_id], ev)
+                if handles[ev.request_id].done:
+                    del handles[ev.request_id]
+            else:
+                self._end(ev.request_id, ev.reason)
+        with self._cv:
+            c = self._counts
+            c["tokens"] += tokens
+            c["layers"] += layers
+            c["steps"] += bool(result.decoded_rows)
+            c["rows"] += result.decoded_rows
+            c["graph_row_layers"] += result.graph_row_layers
+            self._last_batch = result.decoded_rows
+            self._window.append((time.monotonic(), tokens))
+            while self._window and self._window[0][0] < time.monotonic() - self.config.metrics_window_s:
+                self._window.popleft()
+            self._waiting = self._batcher.scheduler.num_waiting
+            self._running = self._batcher.scheduler.num_running
+
+    def _end(self, request_id: int, reason: str, error: BaseException | None = None) -> None:
+        with self._cv:
+            handle = self._handles.pop(request_id)
+            self._counts[f"finished_{reason}"] += 1
+            self._waiting = self._batcher.scheduler.num_waiting
+            self._running = self._batcher.scheduler.num_running
+        handle._finish(reason, error)
+        self._notify(handle, FinishEvent(request_id, reason))
+
+    def _notify(self, handle: RequestHandle, event: TokenEvent | FinishEvent) -> None:
+        """Call the handle's listener; one that raises ends its own request (reason "error"), not the worker."""
+        if handle._listener is None:
+            return
+        try:
+            handle._listener(event)
+        except Exception as exc:  # caller code: contain it to its request
+            with self._cv:
+                self._counts["listener_errors"] += 1
+            if isinstance(event, TokenEvent) and self._batcher.cancel(event.request_id):
+                self._end(event.request_id, "error", exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid in self._batcher.reset():
+            self._end(rid, "error", exc)

@@ -1,0 +1,133 @@
+"""A deterministic numpy stand-in for the onnxruntime backend's slot API, with a KV-invariant checker.
+
+`FakeSlotBackend` keeps, per layer, which token each (slot, column) K/V entry was computed from, or EMPTY /
+POISON (written by a gated-off layer: a pass-through value that must never be read). A row that runs a layer
+over a column that is not a real entry of its own sequence raises `KVInvariantError`. Logits are a seeded
+function of (the context tokens, the layers the row ran), so a row that runs a different layer set than its
+schedule gives different tokens. The same object implements the static `StepBackend` API for one sequence, so
+`Generator(fake, ...).generate([prompt], opts)` is the solo-run reference.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+from skipdecode.runtime.generation import Generator
+from skipdecode.runtime.schedule import Step, layers_for_budget
+
+EMPTY, POISON = -1, -2
+VOCAB = 50
+EOS = 2
+
+
+class KVInvariantError(AssertionError):
+    """A row read K/V that its own sequence never computed in that layer."""
+
+
+class FakeSlotBackend:
+    def __init__(self, num_layers: int = 6, buckets: tuple[int, ...] = (2, 3, 4, 6), warmup: int = 1,
+                 max_batch: int = 4, max_length: int = 64, vocab: int = VOCAB, delay_s: float = 0.0) -> None:
+        self.num_layers, self.buckets, self.warmup_layers = num_layers, buckets, warmup
+        self.max_batch, self.max_length, self.vocab, self.delay_s = max_batch, max_length, vocab, delay_s
+        self.kv = np.full((num_layers, max_batch, max_length), EMPTY, dtype=np.int64)
+        self._out = np.zeros((max_batch, vocab), dtype=np.float32)
+        self.calls: list[tuple[int, int, int]] = []  # (bucket, rows, rows with any gate on) per decode call
+
+    def logits(self, context, layers) -> np.ndarray:
+        key = np.asarray(list(context) + [-7] + list(layers), dtype=np.int64).tobytes()
+        return (np.random.default_rng(zlib.crc32(key)).standard_normal(self.vocab) * 3).astype(np.float32)
+
+    # -- slot API ---------------------------------------------------------------------------------------------
+    def prefill_rows(self, prompts, slots) -> np.ndarray:
+        assert len(prompts) == len(slots) == len(set(slots)) and len(prompts) <= self.max_batch
+        for prompt, slot in zip(prompts, slots, strict=True):
+            self.kv[:, slot, :] = EMPTY
+            self.kv[:, slot, : len(prompt)] = prompt
+        return np.stack([self.logits(p, range(self.num_layers)) for p in prompts])
+
+    def decode_rows(self, token_ids, lengths, bucket, gates) -> np.ndarray:
+        n = len(token_ids)
+        graph = layers_for_budget(self.num_layers, bucket, self.warmup_layers)
+        assert bucket in self.buckets and gates.shape == (n, bucket) and gates.dtype == bool, (bucket, gates.shape)
+        assert n <= self.max_batch and lengths.shape == (n,)
+        self.calls.append((bucket, n, int(gates.any(axis=1).sum())))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        for i in range(n):
+            c, tok = int(lengths[i]), int(token_ids[i])
+            assert 0 <= c < self.max_length, c
+            on = [layer for layer, g in zip(graph, gates[i], strict=True) if g]
+            if on:
+                self._out[i] = self.logits(self._context(i, c, on) + [tok], on)
+            else:
+                self._out[i] = 0.0
+            for layer, g in zip(graph, gates[i], strict=True):  # like the gqa graphs: every graph layer writes
+                self.kv[layer, i, c] = tok if g else POISON
+        return self._out[:n]
+
+    def _context(self, slot: int, c: int, layers) -> list[int]:
+        ctx = self.kv[layers[0], slot, :c]
+        for layer in layers:
+            row = self.kv[layer, slot, :c]
+            if (row < 0).any() or not (row == ctx).all():
+                bad = int(np.argmax((row < 0) | (row != ctx)))
+                raise KVInvariantError(f"slot {slot} layer {layer} column {bad} holds {int(row[bad])}: not "
+                                       "K/V of this sequence")
+        return [int(t) for t in ctx]
+
+    # -- static StepBackend API (one sequence, slot 0): the solo-run reference --------------------------------
+    def prefill(self, input_ids, position_ids, attention_mask) -> np.ndarray:
+        assert input_ids.shape[0] == 1, "the fake runs static batches of one only"
+        return self.prefill_rows([list(input_ids[0])], [0])
+
+    def decode(self, token_ids, position_ids, attention_mask, step: Step) -> np.ndarray:
+        assert int(position_ids[0]) == step.column  # one sequence, no padding: position = column
+        return self.decode_rows(np.asarray(token_ids), np.array([step.column]), step.bucket,
+                                np.ones((1, step.bucket), dtype=bool))
+
+
+def fake_generator(**kw) -> Generator:
+    """A `Generator` over a fresh fake backend (pad 1, eos 2): what the service and the solo runs take."""
+    return Generator(FakeSlotBackend(**kw), None, pad_token_id=1, eos_token_id=EOS, vocab_size=kw.get("vocab", VOCAB))
+
+
+class FailingBackend(FakeSlotBackend):
+    """Raises on the decode call number `fail_on` (counting from 1): a backend failure mid-generation."""
+
+    def __init__(self, fail_on: int, **kw) -> None:
+        super().__init__(**kw)
+        self.fail_on, self.decodes = fail_on, 0
+
+    def decode_rows(self, token_ids, lengths, bucket, gates):
+        self.decodes += 1
+        if self.decodes == self.fail_on:
+            raise RuntimeError("injected backend failure")
+        return super().decode_rows(token_ids, lengths, bucket, gates)
+
+
+@contextmanager
+def serve_in_thread(app, graceful_s: int = 5):
+    """Run a Starlette app under uvicorn on a free loopback port in a daemon thread -> (base url, server)."""
+    import uvicorn
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
