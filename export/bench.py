@@ -3,13 +3,15 @@ the ideal speedup of a cost model measured in the same run, Hugging Face `genera
 and the step's growth with past length. Engines for public OPT shapes are built locally with random weights (speed
 does not depend on weight values) and cached.
 
-Definitions (every figure is a median over repeats; compare ratios, not absolute times: these machines are noisy):
+Definitions (generation figures are medians over repeats; compare ratios, not absolute times: the machines are noisy):
 * `tokens_per_s`: decode throughput, batch x (new tokens - 1) / (time from the first token to the last); the
   first token comes from the prefill, timed separately as `prefill_ms`. HF `generate` gets the same split: the
   time of `max_new_tokens=N` minus that of `max_new_tokens=1` on the same inputs.
-* `measured_speedup`: full-depth decode time / SkipDecode decode time, same backend, prompts and lengths.
-* `ideal_speedup`: what the cost model (export/bench_cost.py) predicts for the same steps.
-Repeats interleave the speedups (and the two HF lengths), so drift hits all of them alike.
+* `measured_speedup`: full-depth decode time / SkipDecode decode time, same backend, prompts and lengths; the
+  median over rounds of that ratio within a round.
+* `ideal_speedup`: what the cost model (export/bench_cost.py) predicts for the same steps; its graph timings are
+  the fastest of rotated rounds (other processes only add time), the generation figures medians.
+Repeats interleave the speedups and the two HF lengths (HF with the first backend), so drift hits all alike.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.generation import GenerateOptions, left_pad
+from ..runtime.generation import GenerateOptions
 from ..runtime.manifest import load_manifest
 from . import bench_cost as cost
 from .bench_env import load_average, machine_info, memory_available, probe_load_rss
+from .bench_hf import HFBaseline
 from .random_models import OPT_SHAPES, TINY_SHAPES
 
 EMBEDDED = "embedded"
@@ -189,8 +192,10 @@ def _timed_generate(engine, prompts, opts: GenerateOptions, runs: _Runs) -> None
     runs.decode.append(events[-1].elapsed_s - events[0].elapsed_s)
 
 
-def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict:
-    """Throughput rows, cost models and (default backend) length scaling of one engine."""
+def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None],
+                 hf: HFBaseline | None = None) -> dict:
+    """Throughput rows, cost models and (default backend) length scaling of one engine; with `hf`, the HF
+    generate rows too, timed in the same rounds."""
     from ..runtime.engine import Engine
 
     max_length = min(cfg.max_length, load_manifest(model.engine).max_length)  # a model may have fewer positions
@@ -198,7 +203,7 @@ def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callabl
                          prepack=BACKENDS[backend])
     out: dict = {"results": [], "cost_models": [], "length_scaling": []}
     for batch in cfg.batches:
-        rows, cm = _bench_batch(engine, model.name, backend, batch, cfg, log)
+        rows, cm = _bench_batch(engine, model.name, backend, batch, cfg, log, hf)
         out["results"] += rows
         out["cost_models"].append(cm)
     if backend == cfg.backends[0]:
@@ -211,8 +216,9 @@ def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callabl
     return out
 
 
-def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, log) -> tuple[list[dict], dict]:
-    """Cost model, then every speedup's generation (interleaved repeats) at one batch size."""
+def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, log,
+                 hf: HFBaseline | None) -> tuple[list[dict], dict]:
+    """Cost model, then every speedup's generation (and HF generate) in interleaved rounds at one batch size."""
     be, N = engine.backend, cfg.max_new_tokens
     prompts = make_prompts(batch, engine.vocab_size, cfg.prompt_lengths, cfg.seed)
     p = max(map(len, prompts))
@@ -221,11 +227,19 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
     cm = cost.fit_cost_model(list(buckets_s), list(buckets_s.values()))
     runs = {s: _Runs() for s in cfg.all_speedups}
     options = {s: GenerateOptions(max_new_tokens=N, speedup=s) for s in runs}
+    hf_n, hf_1 = (hf.runner(prompts, N), hf.runner(prompts, 1)) if hf else (None, None)
+    hf_runs = _Runs()
     for s in runs:  # warm-up: session caches, bindings per (bucket, rows)
         _timed_generate(engine, prompts, options[s], _Runs())
-    for _ in _repeats(cfg, len(runs)):
+    if hf:
+        hf_n(), hf_1()
+    for _ in _repeats(cfg, len(runs) + (2 if hf else 0)):
         for s in runs:
             _timed_generate(engine, prompts, options[s], runs[s])
+        if hf:  # decode time = generate(N) - generate(1): prefill and setup cancel
+            hf_runs.total.append(hf_n())
+            hf_runs.prefill.append(hf_1())
+            hf_runs.decode.append(hf_runs.total[-1] - hf_runs.prefill[-1])
     rows = []
     for s, r in runs.items():
         steps = cost.step_buckets(be.num_layers, be.warmup_layers, be.buckets, s, p, N)
@@ -233,11 +247,16 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
         # paired by round: a round's full-depth and skip runs were timed back to back, so drift cancels
         paired = statistics.median(f / d for f, d in zip(runs[1.0].decode, r.decode, strict=True))
         row |= {"ideal_speedup": cost.ideal_speedup(cm, be.num_layers, steps), "measured_speedup": paired}
-        if s == 1.0:  # what the generation loop adds to the graph's own step (sampling, masks, Python)
-            row["loop_overhead_ms"] = row["step_ms"] - cm.step_s(be.num_layers) * 1e3
+        if s == 1.0:  # the loop's own cost (sampling, Python) plus other processes' interference: median step
+            # of the generation minus the fastest run of the full-depth graph alone
+            row["step_over_graph_ms"] = row["step_ms"] - cm.step_s(be.num_layers) * 1e3
         rows.append(row)
         log(f"[{name} {backend} b{batch}] {s:g}x: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} ms, "
             f"speedup {row['measured_speedup']:.2f} (ideal {row['ideal_speedup']:.2f})")
+    if hf:
+        rows.append(_row(name, "hf-generate", batch, 1.0, hf_runs, N, hf.num_layers, [hf.num_layers])
+                    | {"attn_implementation": hf.attn_implementation})
+        log(f"[{name} hf-generate b{batch}] {rows[-1]['tokens_per_s']:.1f} tok/s, step {rows[-1]['step_ms']:.2f} ms")
     entry = {"model": name, "backend": backend, "batch": batch, **cm.to_dict(),
              "fixed_fraction": cm.fixed_s / cm.step_s(be.num_layers),
              "mean_past_length": float(np.mean([len(x) for x in prompts])) + N // 2,
@@ -252,43 +271,6 @@ def _row(model: str, backend: str, batch: int, speedup: float, r: _Runs, N: int,
             "step_ms": decode / (N - 1) * 1e3, "prefill_ms": statistics.median(r.prefill) * 1e3,
             "mean_layers": sum(steps) / len(steps), "layer_speedup": L * len(steps) / sum(steps),
             "repeats": len(r.decode)}
-
-
-def bench_hf(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
-    """Hugging Face `generate` (PyTorch eager, default attention, fp32, greedy) on the same prompts and lengths."""
-    import torch
-    from transformers import OPTForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    hf = OPTForCausalLM.from_pretrained(model.checkpoint, dtype=torch.float32, local_files_only=True).eval()
-    pad, N, rows = hf.config.pad_token_id, cfg.max_new_tokens, []
-    for batch in cfg.batches:
-        prompts = make_prompts(batch, hf.config.vocab_size, cfg.prompt_lengths, cfg.seed)
-        ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, pad))
-
-        def generate(n: int, ids=ids, mask=mask) -> float:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=pad)
-            if out.shape[1] != ids.shape[1] + n:
-                raise RuntimeError(f"HF generate returned {out.shape[1] - ids.shape[1]} new tokens, not {n}")
-            return time.perf_counter() - t0
-
-        generate(N), generate(1)  # warm-up
-        runs = _Runs()
-        for _ in _repeats(cfg, 2):
-            runs.total.append(generate(N))
-            runs.prefill.append(generate(1))
-            runs.decode.append(runs.total[-1] - runs.prefill[-1])
-        row = _row(model.name, "hf-generate", batch, 1.0, runs, N, hf.config.num_hidden_layers,
-                   [hf.config.num_hidden_layers])
-        row["attn_implementation"] = hf.config._attn_implementation
-        rows.append(row)
-        log(f"[{model.name} hf-generate b{batch}] {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} ms")
-    return rows
 
 
 def bench_memory(model: BenchModel, backends: Sequence[str]) -> dict:
@@ -324,13 +306,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
             out["skipped"].append({"model": name, "backend": "onnxruntime-prepack",
                                    "reason": "pre-packed weights (one copy per graph) would exceed half of the "
                                              "available memory"})
+        # HF generate runs in the first backend's rounds; its model is freed before the next engine loads
+        hf = HFBaseline(model.checkpoint, cfg.threads) if cfg.hf else None
         for backend in backends:
-            part = bench_engine(model, backend, cfg, log)
+            part = bench_engine(model, backend, cfg, log, hf)
+            hf = None
             for key, rows in part.items():
                 out[key] += rows
-        if cfg.hf:
-            out["results"] += bench_hf(model, cfg, log)
-            gc.collect()  # the HF model goes before the next engine loads
         if cfg.memory:
             out["memory_models"].append(bench_memory(model, backends))
     out["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

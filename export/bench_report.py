@@ -104,10 +104,11 @@ def markdown(out: dict) -> str:
         f"({m['git']}), onnxruntime {v['onnxruntime']}, torch {v['torch']}, transformers {v['transformers']} | "
         f"{out['duration_s'] / 60:.1f} min | load average {m.get('load_average_at_start')} at start, "
         f"{m.get('load_average')} at end", "",
-        f"Command: `{out.get('command', 'skipdecode bench')}`. Medians over {out['config']['repeats']} repeats; "
+        f"Command: `{out.get('command', 'skipdecode bench')}`. Medians over >= {out['config']['repeats']} repeats; "
         f"{out['config']['max_new_tokens']} new tokens, prompts of {out['config']['prompt_lengths']} tokens. "
         "tokens/s = decode throughput (prefill excluded); speedups are decode-time ratios to full depth on the same "
         "backend; ideal = cost model (fixed + per-layer x layers) measured in this run.", "",
+        *readme_table(out), "", "## All rows", "",
         "| model | backend | batch | target | tokens/s | step ms | prefill ms | vs HF | speedup | ideal | "
         "speedup/ideal | L/mean layers |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -127,6 +128,26 @@ def markdown(out: dict) -> str:
                      f"{c['per_layer_s'] * 1e3:.3f} | {c['fixed_fraction']:.0%} | {c['r2']:.3f} |")
     lines += _memory_lines(out["memory"]) + _scaling_lines(out["length_scaling"]) + _target_lines(out)
     return "\n".join(lines) + "\n"
+
+
+def readme_table(out: dict) -> list[str]:
+    """The compact table for README.md: the first onnxruntime backend, each model and batch; speedup cells are
+    "measured (ideal)"."""
+    ours = [r for r in out["results"] if r["backend"] != "hf-generate"]
+    if not ours:
+        return []
+    backend, speedups = ours[0]["backend"], sorted({r["speedup"] for r in ours} - {1.0})
+    lines = [f"| model | batch | full depth tokens/s ({backend}) | vs HF generate | "
+             + " | ".join(f"{s:g}x speedup (ideal)" for s in speedups) + " | 3x tokens/s vs HF generate |",
+             "|---" * (5 + len(speedups)) + "|"]
+    for full in (r for r in ours if r["backend"] == backend and r["speedup"] == 1):
+        at = {r["speedup"]: r for r in ours if r["backend"] == backend and r["model"] == full["model"]
+              and r["batch"] == full["batch"]}
+        cells = [f"{at[s]['measured_speedup']:.2f} ({at[s]['ideal_speedup']:.2f})" if s in at else "-"
+                 for s in speedups]
+        lines.append(f"| {full['model']} | {full['batch']} | {full['tokens_per_s']:.1f} | {_fmt(full.get('vs_hf'))} | "
+                     + " | ".join(cells) + f" | {_fmt(at.get(3.0, {}).get('vs_hf'))} |")
+    return lines
 
 
 def _memory_lines(mem: dict) -> list[str]:

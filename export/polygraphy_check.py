@@ -119,7 +119,7 @@ class OrtRunners:
     def __call__(self, spec: GraphSpec):
         from polygraphy.backend.onnxrt import OnnxrtRunner
         session = open_session(self.directory, self.manifest.graphs[self._index(spec)], self.weights, self.providers,
-                               threads=None, prepack=False)
+                               prepack=False)
         return OnnxrtRunner(session, name=f"{self.label}:{spec.name}")
 
     def _index(self, spec: GraphSpec) -> int:

@@ -103,7 +103,7 @@ class CudaBackend:
         return out
 
     def _open(self, directory: Path, spec: GraphSpec, providers) -> ort.InferenceSession:
-        so = session_options(threads=None, prepack=False)
+        so = session_options(prepack=False)
         for name in spec.weights:
             so.add_initializer(name, self.weights[name])
         try:

@@ -33,7 +33,35 @@ def load_weights(directory: Path, man: Manifest) -> dict[str, ort.OrtValue]:
     return values
 
 
-def session_options(threads: int | None, prepack: bool) -> ort.SessionOptions:
+# Threads: one intra-op pool shared by every session of the process, when configured. With a pool per session the
+# workers of the graph that just ran keep spinning while the next bucket's graph runs; on 2 cores the first calls
+# after a bucket switch took 30-40 ms instead of 18-21 ms (opt-125m shape, batch 1), and a generation switches
+# buckets every few steps. Turning spinning off removes that but made every step 15-20% slower.
+_global_pool: dict = {}
+
+
+def use_global_thread_pool(threads: int | None = None) -> int:
+    """Opt in: every later session of this process (ours and any other) shares one pool of `threads` intra-op
+    threads (default: every core); returns its size. The CLI, the server and the benchmark call this first thing.
+    onnxruntime then requires `use_per_session_threads = False` in every session of the process (`session_options`
+    does that), which is why the library does not switch it on behind an embedding application's back. A later
+    call asking for another size raises BackendError instead of silently keeping the first."""
+    if threads is not None:
+        check_int("threads", threads, lo=1, hi=1024)
+    current = _global_pool.get("threads")
+    if current is not None:
+        if threads is not None and threads != current:
+            raise BackendError(f"threads={threads}: this process already runs onnxruntime with one shared pool of "
+                               f"{current} threads")
+        return current
+    size = threads or os.cpu_count() or 1
+    ort.set_global_thread_pool_sizes(size, 1)
+    _global_pool["threads"] = size
+    return size
+
+
+def session_options(prepack: bool, threads: int | None = None) -> ort.SessionOptions:
+    """Options for one graph's session: the shared pool when configured, else a pool of `threads` of its own."""
     so = ort.SessionOptions()
     if not prepack:
         # MLAS pre-packs Gemm weights into a private per-session copy, and the Python API cannot share the
@@ -41,15 +69,20 @@ def session_options(threads: int | None, prepack: bool) -> ort.SessionOptions:
         # pre-packing vs 0.53 GB without; decode steps were ~25% slower without (36 vs 45 ms at B=1).
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    if _global_pool:
+        so.use_per_session_threads = False
+        if threads is not None:
+            use_global_thread_pool(threads)  # raises if it asks for another size than the pool's
+    else:
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     return so
 
 
 def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtValue], providers: list[str],
-                 threads: int | None, prepack: bool) -> ort.InferenceSession:
-    so = session_options(threads, prepack)
+                 prepack: bool, threads: int | None = None) -> ort.InferenceSession:
+    so = session_options(prepack, threads)
     for name in spec.weights:
         so.add_initializer(name, weights[name])
     try:
@@ -92,7 +125,7 @@ class OrtBackend:
         self.max_length = check_int("max_length", max_length or man.max_length, lo=2, hi=man.max_length)
         self.weights = load_weights(directory, man)
         threads = threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or None
-        self.sessions = {g.name: open_session(directory, g, self.weights, providers, threads, prepack)
+        self.sessions = {g.name: open_session(directory, g, self.weights, providers, prepack, threads)
                          for g in man.graphs}
         self.prefill_spec = man.prefill()
         m = man.model

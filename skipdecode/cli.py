@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     from skipdecode.serve_cli import add_serve_parser  # parser only: the server libraries load when it runs
     add_serve_parser(sub)
+    from skipdecode.bench_cli import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 
@@ -182,13 +184,25 @@ def cmd_memory(args) -> int:
 COMMANDS = {"plan": cmd_plan, "generate": cmd_generate, "memory": cmd_memory}
 
 
+def configure_threads(threads: int | None) -> None:
+    """One onnxruntime thread pool for the whole process (runtime/ort_backend.use_global_thread_pool), sized
+    from --threads, else SKIPDECODE_THREADS, else every core, before any engine is loaded."""
+    import os
+
+    from skipdecode.runtime.ort_backend import use_global_thread_pool
+    use_global_thread_pool(threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or os.cpu_count() or 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from skipdecode.bench_cli import BENCH_COMMANDS
     from skipdecode.export_cli import EXPORT_COMMANDS
     from skipdecode.serve_cli import run_serve
     from skipdecode.train_cli import TRAIN_COMMANDS
-    handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS, "serve": run_serve}[args.command]
+    handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS, **BENCH_COMMANDS, "serve": run_serve}[args.command]
     try:
+        if args.command in ("generate", "serve", "bench"):
+            configure_threads(getattr(args, "threads", None))
         return handler(args)
     except SkipDecodeError as exc:
         print(f"skipdecode {args.command}: error: {exc}", file=sys.stderr)

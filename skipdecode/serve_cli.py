@@ -48,9 +48,10 @@ def run_serve(args) -> int:
     import uvicorn
 
     from skipdecode.runtime.engine import Engine
+    from skipdecode.runtime.ort_backend import use_global_thread_pool
     from skipdecode.runtime.service import Service, ServiceConfig
     from skipdecode.server import create_app
-
+    use_global_thread_pool(args.threads)  # one pool for every bucket graph (no stall when the bucket changes)
     engine = Engine.load(args.engine, providers=args.providers.split(","), threads=args.threads,
                          max_length=args.max_length, prepack=args.prepack)
     service = Service(engine, ServiceConfig(max_batch=args.max_batch, max_tokens_in_flight=args.max_tokens_in_flight,

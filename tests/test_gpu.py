@@ -23,7 +23,7 @@ from skipdecode.runtime.device import DEVICE_ALIGN, apply_copies, column_copies,
 from skipdecode.runtime.errors import BackendError, EngineError
 from skipdecode.runtime.kv import KVArena
 from skipdecode.runtime.manifest import load_manifest
-from skipdecode.runtime.ort_backend import load_weights, open_session
+from skipdecode.runtime.ort_backend import load_weights, open_session, session_options
 from skipdecode.runtime.trt_backend import TrtPlans, decode_bindings, prefill_bindings, weight_layout
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -67,7 +67,8 @@ def test_weights_as_inputs_graphs_match_the_exported_ones(matmul_engine, tmp_pat
     for spec in man.graphs:
         moved = weights_as_inputs(directory / spec.file, tmp_path / spec.file, spec.weights)
         assert sorted(moved) == sorted(spec.weights)
-        sess = ort.InferenceSession(str(tmp_path / spec.file), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(tmp_path / spec.file), session_options(prepack=False),
+                                    providers=["CPUExecutionProvider"])
         inputs = {i.name: i.shape for i in sess.get_inputs()}
         for name in spec.weights:
             assert inputs[name] == list(man.weights[name].shape)
@@ -75,7 +76,7 @@ def test_weights_as_inputs_graphs_match_the_exported_ones(matmul_engine, tmp_pat
         weights = {n: raw[man.weights[n].offset:][: man.weights[n].nbytes].view(man.weights[n].dtype)
                    .reshape(man.weights[n].shape) for n in spec.weights}
         got = sess.run(None, {**feed, **weights})
-        want = open_session(directory, spec, shared, ["CPUExecutionProvider"], None, False).run(None, feed)
+        want = open_session(directory, spec, shared, ["CPUExecutionProvider"], False).run(None, feed)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
