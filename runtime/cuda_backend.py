@@ -27,12 +27,11 @@ import onnxruntime as ort
 
 from . import contract as C
 from .device import CudaRuntime, HostRuntime, column_copies, prefill_copies
-from .errors import BackendError, EngineError, InputError, check_int
-from .generation import left_pad, position_ids
+from .errors import BackendError, EngineError, check_int
 from .manifest import GraphSpec, Manifest
 from .ort_backend import session_options
 from .profiling import graph_range
-from .schedule import Step
+from .slot_backend import SlotBackend
 
 CUDA_EP = "CUDAExecutionProvider"
 
@@ -57,7 +56,7 @@ def check_cuda_provider() -> None:
                            f"{available}): install onnxruntime-gpu in place of onnxruntime (docs/GPU.md)")
 
 
-class CudaBackend:
+class CudaBackend(SlotBackend):
     """`StepBackend` over one engine directory on CUDA device `device`. Static batches use slots 0..B-1."""
 
     def __init__(self, directory: str | Path, man: Manifest, device: int = 0, max_batch: int | None = None,
@@ -71,13 +70,7 @@ class CudaBackend:
                                "float16 only: export with --dtype fp16 (or use the matmul flavour)")
         directory = Path(directory)
         self.manifest, self.device = man, device
-        self.num_layers, self.warmup_layers, self.buckets = man.num_layers, man.warmup_layers, man.buckets
-        self.in_place = man.attention == "gqa"
-        self.max_batch = check_int("max_batch", max_batch or man.max_batch, lo=1, hi=man.max_batch)
-        self.max_length = check_int("max_length", max_length or man.max_length, lo=2, hi=man.max_length)
-        m = man.model
-        self.vocab_size, self.heads = m["vocab_size"], m["num_heads"]
-        self.head_dim = m["hidden_size"] // self.heads
+        self._setup(man, max_batch, max_length)
         self.itemsize = np.dtype(man.dtype).itemsize
         self.cuda = CudaRuntime(device) if placement == CUDA else HostRuntime()
         self.weights = self._load_weights(directory)
@@ -89,7 +82,6 @@ class CudaBackend:
         self._ids = np.zeros((self.max_batch, 1), dtype=np.int64)
         self._lengths = np.zeros(self.max_batch, dtype=np.int32)
         self._kv_length = np.zeros((), dtype=np.int32)
-        self._gate = np.zeros(self.max_batch * self.num_layers, dtype=bool)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -134,41 +126,6 @@ class CudaBackend:
         self.new_keys = [] if self.in_place else [buffer(staged) for _ in range(self.num_layers)]
         self.new_values = [] if self.in_place else [buffer(staged) for _ in range(self.num_layers)]
         self.cuda.synchronize()
-
-    # -- static batch (StepBackend) ------------------------------------------------------------------------
-    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        S = input_ids.shape[1]
-        return self._prefill(input_ids, position_ids, attention_mask[:, :S], list(range(input_ids.shape[0])))
-
-    def decode(self, token_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-               step: Step) -> np.ndarray:
-        n, b = len(token_ids), step.bucket
-        self._gate[: n * b] = True
-        return self._run(token_ids, position_ids.reshape(-1), b, None)
-
-    # -- slot API (as OrtBackend) ----------------------------------------------------------------------------
-    def prefill_rows(self, prompts, slots) -> np.ndarray:
-        if len(prompts) != len(slots) or len(set(slots)) != len(slots):
-            raise InputError(f"{len(prompts)} prompts need as many distinct slots, got {list(slots)}")
-        for s in slots:
-            check_int("slot", s, lo=0, hi=self.max_batch - 1)
-        for p in prompts:
-            check_int("prompt length", len(p), lo=1, hi=self.max_length - 1)
-        ids, mask = left_pad(prompts, self.manifest.model["pad_token_id"])
-        return self._prefill(ids, position_ids(mask), mask, list(slots)).copy()
-
-    def decode_rows(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
-        n = len(token_ids)
-        check_int("rows", n, lo=1, hi=self.max_batch)
-        if bucket not in self.buckets:
-            raise InputError(f"bucket {bucket} is not exported (buckets: {list(self.buckets)})")
-        if gates.shape != (n, bucket):
-            raise InputError(f"gates have shape {gates.shape}; bucket {bucket} over {n} rows needs {(n, bucket)}")
-        if int(lengths.max()) >= self.max_length or int(lengths.min()) < 0:
-            raise InputError(f"a row has {int(lengths.max())} tokens; a new one needs a column below max_length "
-                             f"{self.max_length}")
-        self._gate[: n * bucket] = gates.reshape(-1)
-        return self._run(token_ids, lengths, bucket, gates)
 
     # -- internals -------------------------------------------------------------------------------------------
     def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:

@@ -15,12 +15,11 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract as C
-from .errors import BackendError, EngineError, InputError, check_int
-from .generation import left_pad, position_ids
+from .errors import BackendError, EngineError, check_int
 from .kv import KVArena
 from .manifest import GraphSpec, Manifest
 from .profiling import graph_range
-from .schedule import Step
+from .slot_backend import SlotBackend
 
 
 def load_weights(directory: Path, man: Manifest) -> dict[str, ort.OrtValue]:
@@ -101,7 +100,7 @@ def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtVal
     return sess
 
 
-class OrtBackend:
+class OrtBackend(SlotBackend):
     """`StepBackend` over the graphs of one engine directory, plus the slot API continuous batching uses.
 
     Static batches (`prefill`/`decode`) use slots 0..B-1. The slot API (`prefill_rows`/`decode_rows`) lets the
@@ -116,22 +115,13 @@ class OrtBackend:
             if p not in available:
                 raise BackendError(f"execution provider {p!r} is not available in this onnxruntime "
                                    f"(available: {available})")
-        self.manifest = man
-        self.num_layers = man.num_layers
-        self.warmup_layers = man.warmup_layers
-        self.buckets = man.buckets
-        self.in_place = man.attention == "gqa"
-        self.max_batch = check_int("max_batch", max_batch or man.max_batch, lo=1, hi=man.max_batch)
-        self.max_length = check_int("max_length", max_length or man.max_length, lo=2, hi=man.max_length)
+        self._setup(man, max_batch, max_length)
         self.weights = load_weights(directory, man)
         threads = threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or None
         self.sessions = {g.name: open_session(directory, g, self.weights, providers, prepack, threads)
                          for g in man.graphs}
         self.prefill_spec = man.prefill()
-        m = man.model
-        self.vocab_size = m["vocab_size"]
-        heads, head_dim = m["num_heads"], m["hidden_size"] // m["num_heads"]
-        self.arena = KVArena(self.num_layers, heads, head_dim, self.max_batch, self.max_length, man.dtype,
+        self.arena = KVArena(self.num_layers, self.heads, self.head_dim, self.max_batch, self.max_length, man.dtype,
                              staging=not self.in_place)
         # Inputs and logits live in buffers allocated once; bindings point into them and are cached per
         # (bucket, rows), so a step only refreshes their contents.
@@ -139,49 +129,7 @@ class OrtBackend:
         self._ids = np.zeros((self.max_batch, 1), dtype=np.int64)
         self._lengths = np.zeros(self.max_batch, dtype=np.int32)
         self._kv_length = np.zeros((), dtype=np.int32)
-        self._gate = np.zeros(self.max_batch * self.num_layers, dtype=bool)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
-
-    # -- static batch (StepBackend) ------------------------------------------------------------------------
-    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Left-padded batch -> slots 0..B-1; each row's real K/V lands at columns [0, its length)."""
-        S = input_ids.shape[1]
-        return self._prefill(input_ids, position_ids, attention_mask[:, :S], range(input_ids.shape[0]))
-
-    def decode(self, token_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-               step: Step) -> np.ndarray:
-        """Run `step.bucket` over slots 0..B-1. In the ragged layout a row's position is its token count, i.e.
-        its past length; `attention_mask` is not needed. The logits view is valid until the next call."""
-        n, b = len(token_ids), step.bucket
-        self._gate[: n * b] = True
-        return self._run(token_ids, position_ids.reshape(-1), b, None)
-
-    # -- slot API --------------------------------------------------------------------------------------------
-    def prefill_rows(self, prompts, slots) -> np.ndarray:
-        """Full-depth prefill of `prompts` into `slots` (columns [0, len)); -> last-token logits [n, V] (a copy)."""
-        if len(prompts) != len(slots) or len(set(slots)) != len(slots):
-            raise InputError(f"{len(prompts)} prompts need as many distinct slots, got {list(slots)}")
-        for s in slots:
-            check_int("slot", s, lo=0, hi=self.max_batch - 1)
-        for p in prompts:
-            check_int("prompt length", len(p), lo=1, hi=self.max_length - 1)
-        ids, mask = left_pad(prompts, self.manifest.model["pad_token_id"])
-        return self._prefill(ids, position_ids(mask), mask, slots).copy()
-
-    def decode_rows(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
-        """One pass of `bucket`'s graph over slots 0..n-1: row i's token sits at column/position lengths[i] and
-        runs the graph's j-th layer where gates[i, j]. -> logits [n, V], a view valid until the next call."""
-        n = len(token_ids)
-        check_int("rows", n, lo=1, hi=self.max_batch)
-        if bucket not in self.buckets:
-            raise InputError(f"bucket {bucket} is not exported (buckets: {list(self.buckets)})")
-        if gates.shape != (n, bucket):
-            raise InputError(f"gates have shape {gates.shape}; bucket {bucket} over {n} rows needs {(n, bucket)}")
-        if int(lengths.max()) >= self.max_length or int(lengths.min()) < 0:
-            raise InputError(f"a row has {int(lengths.max())} tokens; a new one needs a column below max_length "
-                             f"{self.max_length}")
-        self._gate[: n * bucket] = gates.reshape(-1)
-        return self._run(token_ids, lengths, bucket, gates)
 
     # -- internals -------------------------------------------------------------------------------------------
     def _run(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray | None) -> np.ndarray:
