@@ -153,19 +153,6 @@ class CudaBackend(SlotBackend):
         binding.clear_binding_outputs()
         return logits
 
-    def _run(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray | None) -> np.ndarray:
-        n = len(token_ids)
-        self._ids[:n, 0] = token_ids
-        self._lengths[:n] = lengths
-        self._kv_length[()] = int(lengths.max()) + 1
-        spec = self.manifest.decode(bucket)
-        binding = self._bindings.get((bucket, n)) or self._bind_decode(spec, n)
-        with graph_range(spec.name):
-            self.sessions[spec.name].run_with_iobinding(binding)
-        if not self.in_place:
-            self._move_new_kv(spec.layers, gates, self._lengths[:n].copy())
-        return self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
-
     def _move_new_kv(self, layers, gates: np.ndarray | None, lengths: np.ndarray) -> None:
         every = range(len(lengths))
         for j, layer in enumerate(layers):

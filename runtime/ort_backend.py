@@ -132,20 +132,6 @@ class OrtBackend(SlotBackend):
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _run(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray | None) -> np.ndarray:
-        # gate buffer already filled; gates=None means every row runs every layer of the bucket
-        n = len(token_ids)
-        self._ids[:n, 0] = token_ids
-        self._lengths[:n] = lengths
-        self._kv_length[()] = int(lengths.max()) + 1
-        spec = self.manifest.decode(bucket)
-        binding = self._bindings.get((bucket, n)) or self._bind_decode(spec, n)
-        with graph_range(spec.name):
-            self.sessions[spec.name].run_with_iobinding(binding)
-        if not self.in_place:
-            self._move_new_kv(spec.layers, gates, self._lengths[:n])
-        return self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
-
     def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots) -> np.ndarray:
         # ids, pos, mask: [B, S], prompts right-aligned (left padding)
         B, S = ids.shape

@@ -2,8 +2,10 @@
 
 It owns the model facts a backend exposes, the host-side gate buffer, input checking at the slot API boundary and
 the mapping of static batches onto slots 0..B-1. A subclass (onnxruntime CPU, onnxruntime CUDA) implements two
-primitives: `_prefill(ids, pos, mask, slots)` (full-depth prompt pass, each row's real K/V into its slot) and
-`_run(token_ids, lengths, bucket, gates)` (one decode pass over slots 0..n-1 with `self._gate` already filled).
+primitives: `_prefill(ids, pos, mask, slots)` (full-depth prompt pass, each row's real K/V into its slot),
+`_bind_decode(spec, n)` (an IOBinding of a bucket graph over slots 0..n-1, cached in `self._bindings`) and, for the
+matmul flavour, `_move_new_kv(layers, gates, lengths)`; and the host buffers `_ids`, `_lengths`, `_kv_length`,
+`_logits` and the `sessions` dict.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from .errors import InputError, check_int
 from .generation import left_pad, position_ids
 from .manifest import Manifest
+from .profiling import graph_range
 from .schedule import Step
 
 
@@ -71,9 +74,26 @@ class SlotBackend:
         self._gate[: n * bucket] = gates.reshape(-1)
         return self._run(token_ids, lengths, bucket, gates)
 
+    def _run(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray | None) -> np.ndarray:
+        # the gate buffer is already filled; gates=None means every row runs every layer of the bucket
+        n = len(token_ids)
+        self._ids[:n, 0] = token_ids
+        self._lengths[:n] = lengths
+        self._kv_length[()] = int(lengths.max()) + 1
+        spec = self.manifest.decode(bucket)
+        binding = self._bindings.get((bucket, n)) or self._bind_decode(spec, n)
+        with graph_range(spec.name):
+            self.sessions[spec.name].run_with_iobinding(binding)
+        if not self.in_place:
+            self._move_new_kv(spec.layers, gates, self._lengths[:n].copy())
+        return self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
+
     # -- primitives ------------------------------------------------------------------------------------------
     def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
         raise NotImplementedError
 
-    def _run(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray | None) -> np.ndarray:
+    def _bind_decode(self, spec, n: int):
+        raise NotImplementedError
+
+    def _move_new_kv(self, layers, gates: np.ndarray | None, lengths: np.ndarray) -> None:
         raise NotImplementedError
