@@ -60,7 +60,7 @@ def use_global_thread_pool(threads: int | None = None) -> int:
 
 
 def session_options(prepack: bool, threads: int | None = None) -> ort.SessionOptions:
-    """Options for one graph's session: the shared pool when configured, else a pool of `threads` of its own."""
+    """Options for one graph's session: the shared pool when the process has one, else a pool of `threads`."""
     so = ort.SessionOptions()
     if not prepack:
         # MLAS pre-packs Gemm weights into a private per-session copy, and the Python API cannot share the
@@ -69,9 +69,9 @@ def session_options(prepack: bool, threads: int | None = None) -> ort.SessionOpt
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _global_pool:
+        # the process runs one shared pool (use_global_thread_pool): onnxruntime then requires every session to use
+        # it, so a per-engine `threads` no longer applies (OrtBackend.threads reports the pool's size)
         so.use_per_session_threads = False
-        if threads is not None:
-            use_global_thread_pool(threads)  # raises if it asks for another size than the pool's
     else:
         if threads:
             so.intra_op_num_threads = threads
@@ -118,6 +118,7 @@ class OrtBackend(SlotBackend):
         self._setup(man, max_batch, max_length)
         self.weights = load_weights(directory, man)
         threads = threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or None
+        self.threads = _global_pool.get("threads", threads)  # what the sessions really use (None: every core)
         self.sessions = {g.name: open_session(directory, g, self.weights, providers, prepack, threads)
                          for g in man.graphs}
         self.prefill_spec = man.prefill()

@@ -136,7 +136,8 @@ def test_generation_emits_nvtx_ranges(flavour_engine):
 
 def test_shared_thread_pool_mode_gives_the_same_tokens(flavour_engine):
     """`use_global_thread_pool` (what the CLI, server and bench use) in a fresh process: same tokens as the
-    per-session pools of this process, and a later request for another pool size is refused."""
+    per-session pools of this process; engines loaded later report the shared pool's size, and asking the pool
+    itself for another size is refused."""
     import json
     import subprocess
     import sys
@@ -149,11 +150,12 @@ def test_shared_thread_pool_mode_gives_the_same_tokens(flavour_engine):
         "use_global_thread_pool(2)\n"
         "res = Engine.load(sys.argv[1]).generate(json.loads(sys.argv[2]), GenerateOptions(max_new_tokens=12, "
         "speedup=2.0))\n"
-        "try:\n    Engine.load(sys.argv[1], threads=1)\n    refused = False\n"
+        "threads = Engine.load(sys.argv[1], threads=1).backend.threads\n"
+        "try:\n    use_global_thread_pool(1)\n    refused = False\n"
         "except BackendError:\n    refused = True\n"
-        "print(json.dumps({'tokens': [r.tokens for r in res], 'refused': refused}))\n")
+        "print(json.dumps({'tokens': [r.tokens for r in res], 'threads': threads, 'refused': refused}))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(flavour_engine[2]), json.dumps(PROMPTS)],
                           capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     want = Engine.load(flavour_engine[2]).generate(PROMPTS, GenerateOptions(max_new_tokens=12, speedup=2.0))
-    assert got == {"tokens": [r.tokens for r in want], "refused": True}
+    assert got == {"tokens": [r.tokens for r in want], "threads": 2, "refused": True}
