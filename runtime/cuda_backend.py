@@ -29,7 +29,7 @@ from . import contract as C
 from .device import CudaRuntime, HostRuntime, column_copies, prefill_copies
 from .errors import BackendError, EngineError, check_int
 from .manifest import GraphSpec, Manifest
-from .ort_backend import session_options
+from .ort_backend import check_session_io, session_options
 from .profiling import graph_range
 from .slot_backend import SlotBackend
 
@@ -105,10 +105,7 @@ class CudaBackend(SlotBackend):
         if sess.get_providers()[0] != self.placement.provider:  # CUDA silently drops to CPU without its libraries
             raise BackendError(f"graph {spec.name} did not get {self.placement.provider} (session providers "
                                f"{sess.get_providers()}): check the CUDA/cuDNN libraries onnxruntime-gpu needs")
-        names = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
-        want = ([s.name for s in spec.inputs], [s.name for s in spec.outputs])
-        if names != want:
-            raise EngineError(f"graph {spec.name} has I/O {names}; the manifest expects {want}")
+        check_session_io(sess, spec)
         return sess
 
     def _allocate_kv(self) -> None:

@@ -41,10 +41,11 @@ _global_pool: dict = {}
 
 def use_global_thread_pool(threads: int | None = None) -> int:
     """Opt in: every later session of this process (ours and any other) shares one pool of `threads` intra-op
-    threads (default: every core); returns its size. The CLI, the server and the benchmark call this first thing.
-    onnxruntime then requires `use_per_session_threads = False` in every session of the process (`session_options`
-    does that), which is why the library does not switch it on behind an embedding application's back. A later
-    call asking for another size raises BackendError instead of silently keeping the first."""
+    threads (default: SKIPDECODE_THREADS, else every core); returns its size. `skipdecode generate`, the server
+    and the benchmark call this before loading an engine. onnxruntime then requires `use_per_session_threads =
+    False` in every session of the process (`session_options` does that), which is why the library does not switch
+    it on behind an embedding application's back. A later call asking for another size raises BackendError instead
+    of silently keeping the first."""
     if threads is not None:
         check_int("threads", threads, lo=1, hi=1024)
     current = _global_pool.get("threads")
@@ -53,7 +54,7 @@ def use_global_thread_pool(threads: int | None = None) -> int:
             raise BackendError(f"threads={threads}: this process already runs onnxruntime with one shared pool of "
                                f"{current} threads")
         return current
-    size = threads or os.cpu_count() or 1
+    size = threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or os.cpu_count() or 1
     ort.set_global_thread_pool_sizes(size, 1)
     _global_pool["threads"] = size
     return size
@@ -93,11 +94,16 @@ def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtVal
     if missing:
         raise BackendError(f"execution provider {missing[0]} was requested but did not load "
                            f"(session has {sess.get_providers()}); install its runtime or request another")
+    check_session_io(sess, spec)
+    return sess
+
+
+def check_session_io(sess: ort.InferenceSession, spec: GraphSpec) -> None:
+    """The loaded graph's input and output names, in order, must be the manifest's (runtime/contract.py)."""
     names = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
     want = ([s.name for s in spec.inputs], [s.name for s in spec.outputs])
     if names != want:
         raise EngineError(f"graph {spec.name} has I/O {names}; the manifest expects {want}")
-    return sess
 
 
 class OrtBackend(SlotBackend):

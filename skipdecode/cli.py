@@ -147,6 +147,8 @@ def cmd_generate(args) -> int:
         if not args.engine:
             raise InputError(f"--backend {args.backend} needs --engine DIR (built by `skipdecode export`)")
         from skipdecode.runtime.engine import Engine
+        from skipdecode.runtime.ort_backend import use_global_thread_pool
+        use_global_thread_pool()  # one pool for every bucket graph (SKIPDECODE_THREADS, else every core)
         gen = Engine.load(args.engine, providers=args.providers.split(","), prepack=args.prepack,
                           backend=args.backend, device=args.device)
     prompts = [gen.encode(t) for t in args.prompt] + [list(x) for x in args.prompt_ids]
@@ -184,15 +186,6 @@ def cmd_memory(args) -> int:
 COMMANDS = {"plan": cmd_plan, "generate": cmd_generate, "memory": cmd_memory}
 
 
-def configure_threads(threads: int | None) -> None:
-    """One onnxruntime thread pool for the whole process (runtime/ort_backend.use_global_thread_pool), sized
-    from --threads, else SKIPDECODE_THREADS, else every core, before any engine is loaded."""
-    import os
-
-    from skipdecode.runtime.ort_backend import use_global_thread_pool
-    use_global_thread_pool(threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or os.cpu_count() or 1)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from skipdecode.bench_cli import BENCH_COMMANDS
@@ -201,8 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from skipdecode.train_cli import TRAIN_COMMANDS
     handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS, **BENCH_COMMANDS, "serve": run_serve}[args.command]
     try:
-        if args.command in ("generate", "serve", "bench"):
-            configure_threads(getattr(args, "threads", None))
         return handler(args)
     except SkipDecodeError as exc:
         print(f"skipdecode {args.command}: error: {exc}", file=sys.stderr)
