@@ -65,8 +65,9 @@ def session_options(prepack: bool, threads: int | None = None) -> ort.SessionOpt
     so = ort.SessionOptions()
     if not prepack:
         # MLAS pre-packs Gemm weights into a private per-session copy, and the Python API cannot share the
-        # pre-packed buffers across sessions. Measured on the opt-125m shape (11 graphs): 4.2 GB resident with
-        # pre-packing vs 0.53 GB without; decode steps were ~25% slower without (36 vs 45 ms at B=1).
+        # pre-packed buffers across sessions. Measured on the opt-125m shape (11 graphs, `skipdecode bench --quick`,
+        # 2026-11-22): 4011 MiB resident with pre-packing vs 529 MiB without; full depth 1.44x faster with it at
+        # batch 8, no faster at batch 1.
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _global_pool:
