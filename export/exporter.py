@@ -141,7 +141,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
     if codec is not None:
         codec.save(tmp / "tokenizer.json")
     man = Manifest(
-        model={"name": Path(cfg.out).name, "source": str(cfg.model), **shape.to_dict()}, dtype=dtype,
+        model=replace(shape, name=Path(cfg.out).name, source=str(cfg.model)), dtype=dtype,
         warmup_layers=cfg.warmup_layers, attention=cfg.attention, max_batch=cfg.max_batch, max_length=max_length,
         graphs=tuple(graphs),
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,

@@ -34,7 +34,7 @@ def _check_twins(fp16: Manifest, fp32: Manifest) -> None:
                           f"{fp32.dtype}")
     mine = [(g.name, g.layers) for g in fp16.graphs]
     theirs = [(g.name, g.layers) for g in fp32.graphs]
-    shape = [{k: v for k, v in m.model.items() if k not in ("name", "source")} for m in (fp16, fp32)]
+    shape = [replace(m.model, name="", source="") for m in (fp16, fp32)]
     if mine != theirs or fp16.attention != fp32.attention or shape[0] != shape[1]:
         raise EngineError("the fp16 and fp32 engines are not exports of the same model, attention and buckets: "
                           f"{mine} ({fp16.attention}) vs {theirs} ({fp32.attention})")

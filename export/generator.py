@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from ..runtime.generation import Generator
-from .models import OPTShape, load_model
+from ..runtime.generation import GenerateOptions
+from ..runtime.generator import Generator
+from ..runtime.manifest import OPTShape
+from .models import load_model
 from .reference import TorchReference
 
 
 class TorchGenerator(Generator):
+    backend: TorchReference
+
     @classmethod
     def load(cls, name: str, max_batch: int = 64) -> TorchGenerator:
         model, codec = load_model(name)
@@ -18,3 +22,9 @@ class TorchGenerator(Generator):
         shape = OPTShape.from_config(model.config)
         return cls(TorchReference(model, max_batch), codec, shape.pad_token_id, shape.eos_token_id,
                    shape.vocab_size)
+
+    def stream(self, prompts, opts: GenerateOptions):
+        # the reference runs any warm-up: its "graphs" follow the one asked for (engines have theirs built in)
+        if opts.warmup_layers is not None:
+            self.backend.use_warmup(opts.warmup_layers)
+        return super().stream(prompts, opts)

@@ -7,7 +7,6 @@ short name (`opt-1.3b` -> `facebook/opt-1.3b`).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,44 +14,10 @@ from transformers import AutoConfig, AutoTokenizer, OPTForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ..runtime.errors import ModelError
+from ..runtime.manifest import OPTShape
 from ..runtime.tokenizer import TextCodec
 
 OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")
-
-
-@dataclass(frozen=True)
-class OPTShape:
-    """The subset of an OPT config the exporter and runtime need (written into the manifest)."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    ffn_dim: int
-    vocab_size: int
-    word_embed_proj_dim: int
-    max_positions: int
-    pre_layer_norm: bool  # do_layer_norm_before: True for most sizes, False for opt-350m
-    pad_token_id: int
-    eos_token_id: int | None
-    bos_token_id: int | None
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_config(cls, cfg) -> OPTShape:
-        if getattr(cfg, "model_type", None) != "opt":
-            raise ModelError(f"model_type={getattr(cfg, 'model_type', None)!r} is not supported: only 'opt' models")
-        return cls(
-            num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-            ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size, word_embed_proj_dim=cfg.word_embed_proj_dim,
-            max_positions=cfg.max_position_embeddings, pre_layer_norm=bool(cfg.do_layer_norm_before),
-            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 1,
-            eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_model(name: str) -> str:

@@ -20,9 +20,9 @@ import numpy as np
 
 from ..runtime import contract as C
 from ..runtime.errors import EngineError
-from ..runtime.generation import position_ids
 from ..runtime.manifest import GraphSpec, Manifest, load_manifest
-from ..runtime.ort_backend import load_weights, open_session
+from ..runtime.ort_backend import load_weights, open_session, session_options
+from ..runtime.slot_backend import position_ids
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def graph_feeds(spec: GraphSpec, man: Manifest, iterations: int = 2, seed: int =
     one single-token row (the case where naive fp16 masking overflows), ragged decode lengths below max_length,
     and past K/V drawn in fp32 but representable exactly in fp16 so fp16 and fp32 runners see the same values."""
     rng = np.random.default_rng(seed)
-    vocab, pad = man.model["vocab_size"], man.model["pad_token_id"]
+    vocab, pad = man.model.vocab_size, man.model.pad_token_id
     batch = min(3, man.max_batch)
     feeds = []
     for it in range(iterations):
@@ -83,14 +83,14 @@ def graph_feeds(spec: GraphSpec, man: Manifest, iterations: int = 2, seed: int =
 
 
 def _decode_feed(spec: GraphSpec, man: Manifest, batch: int, rng, all_gates: bool) -> dict[str, np.ndarray]:
-    T, H = man.max_length, man.model["num_heads"]
-    D = man.model["hidden_size"] // H
+    T, H = man.max_length, man.model.num_heads
+    D = man.model.hidden_size // H
     lengths = rng.choice(np.arange(1, T - 1), size=batch, replace=False).astype(np.int32)
     gate = np.ones((batch, len(spec.layers)), dtype=bool)
     if not all_gates:  # rows of one call may run different layer sets (continuous batching): a fixed checkerboard
         rows, cols = np.meshgrid(np.arange(batch), np.arange(len(spec.layers)), indexing="ij")
         gate &= (rows == 0) | (cols == 0) | ((rows + cols) % 2 == 1)
-    feed = {C.INPUT_IDS: rng.integers(3, man.model["vocab_size"], size=(batch, 1)).astype(np.int64),
+    feed = {C.INPUT_IDS: rng.integers(3, man.model.vocab_size, size=(batch, 1)).astype(np.int64),
             C.PAST_LENGTH: lengths, C.GATE: gate}
     if man.attention == "gqa":
         feed[C.KV_LENGTH] = np.array(int(lengths.max()) + 1, dtype=np.int32)
@@ -119,7 +119,7 @@ class OrtRunners:
     def __call__(self, spec: GraphSpec):
         from polygraphy.backend.onnxrt import OnnxrtRunner
         session = open_session(self.directory, self.manifest.graphs[self._index(spec)], self.weights, self.providers,
-                               prepack=False)
+                               session_options(prepack=False))
         return OnnxrtRunner(session, name=f"{self.label}:{spec.name}")
 
     def _index(self, spec: GraphSpec) -> int:

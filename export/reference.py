@@ -2,8 +2,9 @@
 
 Two independent forms of the same semantics:
 
-* `TorchReference` (cached): a `StepBackend` for the shared generation loop. Its cache keeps, per layer, K/V
-  only for the columns where that layer ran, and each layer attends to exactly those columns.
+* `TorchReference` (cached): a `SlotBackend` (runtime/slot_backend.py), so the one generation loop drives it like
+  any compiled engine. Each slot keeps, per layer, K/V only for the columns where that layer ran, and each row is
+  computed alone (no padding, no masks beyond causality): the plainest statement of what a step computes.
 * `recompute_logits` (uncached): runs a whole sequence at once; at layer l only the positions whose layer set
   contains l are updated, the others pass through unchanged.
 
@@ -18,28 +19,24 @@ import numpy as np
 import torch
 from transformers import OPTForCausalLM
 
-from ..runtime.schedule import Step
+from ..runtime.errors import InputError
+from ..runtime.schedule import layers_for_budget
+from ..runtime.slot_backend import SlotBackend
 
 
-class LayerCache:
-    """Per-layer K/V entries and the columns they belong to. Passed to HF layers as `past_key_values`."""
+class SlotKV:
+    """One slot's K/V per layer ([1, H, n_l, D], the columns where layer l ran). Passed to HF layers as their
+    `past_key_values`: attention calls `update(k, v, layer_idx)` with the new columns and attends to the result."""
 
     def __init__(self, num_layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * num_layers  # [B, H, n_l, D]
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.columns: list[list[int]] = [[] for _ in range(num_layers)]
-        self._pending: list[int] = []
-
-    def expect(self, columns: list[int]) -> None:
-        """Columns of the next `update` calls (one pass over these columns)."""
-        self._pending = columns
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.keys[layer_idx] is not None:
             key = torch.cat([self.keys[layer_idx], key], dim=2)
             value = torch.cat([self.values[layer_idx], value], dim=2)
         self.keys[layer_idx], self.values[layer_idx] = key, value
-        self.columns[layer_idx] = self.columns[layer_idx] + self._pending
         return key, value
 
 
@@ -49,20 +46,33 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
-class TorchReference:
-    """Cached SkipDecode forward passes on an HF `OPTForCausalLM` (implements `StepBackend`)."""
+class TorchReference(SlotBackend):
+    """Cached SkipDecode forward passes on an HF `OPTForCausalLM`, one row at a time, behind the slot API.
 
-    def __init__(self, model: OPTForCausalLM, max_batch: int = 64) -> None:
+    Every budget is a "bucket" (schedules run exactly). A bucket's graph is layers_for_budget(L, bucket,
+    warmup_layers), like an engine exported with that warm-up; `use_warmup` switches it between generations."""
+
+    def __init__(self, model: OPTForCausalLM, max_batch: int = 64, warmup_layers: int = 1) -> None:
         self.model = model.eval()
         self.decoder = model.model.decoder
+        cfg = model.config
         self.num_layers = len(self.decoder.layers)
-        self.buckets = tuple(range(1, self.num_layers + 1))  # every budget: the schedule runs exactly
-        self.warmup_layers = None  # layer sets are built per step: any warm-up works
+        self.buckets = tuple(range(1, self.num_layers + 1))
+        self.warmup_layers = warmup_layers
         self.max_batch = max_batch
-        self.max_length = model.config.max_position_embeddings
+        self.max_length = cfg.max_position_embeddings
+        self.vocab_size = cfg.vocab_size
+        self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 1
         self.dtype = next(model.parameters()).dtype
-        self.cache = LayerCache(self.num_layers)
-        self.mask = None  # [B, T] padding mask of the current batch
+        self.cache: dict[int, SlotKV] = {}
+        self._init_slots()
+
+    def use_warmup(self, warmup: int) -> None:
+        """Run later generations with `warmup` warm-up layers (only while no generation holds a slot)."""
+        if warmup != self.warmup_layers:
+            if self.slots.num_free != self.max_batch:
+                raise InputError(f"warmup_layers={warmup}: generations with warm-up {self.warmup_layers} are running")
+            self.warmup_layers = warmup
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
@@ -80,31 +90,30 @@ class TorchReference:
         return self.model.lm_head(hidden)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(input_ids)
-        B, p = ids.shape
-        self.cache = LayerCache(self.num_layers)
-        self.cache.expect(list(range(p)))
-        pad = torch.from_numpy(attention_mask[:, :p]).bool()
-        causal = torch.ones(p, p, dtype=torch.bool).tril()
-        mask = additive_mask(causal[None] & pad[:, None, :], self.dtype)
-        h = self.embed(ids, torch.from_numpy(position_ids))
-        for layer in self.decoder.layers:
-            h = layer(h, attention_mask=mask, past_key_values=self.cache)
-        return self.head(h[:, -1]).float().numpy()
+    def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
+        out = []
+        for row, slot in enumerate(slots):  # each prompt alone, without its padding, at full depth
+            n = int(mask[row].sum())
+            kv = self.cache[slot] = SlotKV(self.num_layers)
+            causal = additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), self.dtype)
+            h = self.embed(torch.from_numpy(ids[row, -n:])[None], torch.arange(n)[None])
+            for layer in self.decoder.layers:
+                h = layer(h, attention_mask=causal, past_key_values=kv)
+            out.append(self.head(h[:, -1]).float())
+        return torch.cat(out).numpy()
 
     @torch.inference_mode()
-    def decode(self, token_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-               step: Step) -> np.ndarray:
-        c = step.column
-        pad = torch.from_numpy(attention_mask).bool()
-        h = self.embed(torch.from_numpy(token_ids)[:, None], torch.from_numpy(position_ids)[:, None])
-        self.cache.expect([c])
-        for idx in step.layers:
-            cols = self.cache.columns[idx] + [c]  # the entries this layer holds, plus the new one
-            mask = additive_mask(pad[:, cols][:, None, :], self.dtype)
-            h = self.decoder.layers[idx](h, attention_mask=mask, past_key_values=self.cache)
-        return self.head(h[:, -1]).float().numpy()
+    def _decode(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        graph = layers_for_budget(self.num_layers, bucket, self.warmup_layers)
+        out = np.zeros((len(ids), self.vocab_size), dtype=np.float32)
+        for row in np.flatnonzero(gates.any(axis=1)):  # rows with no layer on are not part of this call
+            kv = self.cache[int(row)]
+            h = self.embed(torch.tensor([[int(ids[row])]]), torch.tensor([[int(lengths[row])]]))
+            for layer, on in zip(graph, gates[row], strict=True):
+                if on:  # attends to this layer's own columns plus the new one: no mask needed
+                    h = self.decoder.layers[layer](h, attention_mask=None, past_key_values=kv)
+            out[row] = self.head(h[:, -1]).float().numpy()[0]
+        return out
 
 
 def recompute_logits(model: OPTForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -114,7 +123,7 @@ def recompute_logits(model: OPTForCausalLM, input_ids: torch.Tensor, attention_m
     input_ids, attention_mask: [B, S]; layer_sets[c] = layers of the pass over column c (len S).
     Returns logits [B, S, V]. Differentiable (used by fine-tuning with teacher forcing).
     """
-    ref = TorchReference(model)
+    ref = TorchReference(model, max_batch=1)
     B, S = input_ids.shape
     assert len(layer_sets) == S, (len(layer_sets), S)
     runs = torch.zeros(ref.num_layers, S, dtype=torch.bool)

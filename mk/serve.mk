@@ -12,8 +12,8 @@ serve:
 
 # Continuous (gate, group) vs static batching under Poisson arrivals at 1x/2x/3x plus gate-vs-group step timings.
 serve-bench:
-	$(PY) -m skipdecode.serve_bench --engine $(OUT) --requests 64 --rate 40 --repeats 3 --json $(SERVE_BENCH_JSON)
+	$(PY) -m skipdecode.bench.serve_bench --engine $(OUT) --requests 64 --rate 40 --repeats 3 --json $(SERVE_BENCH_JSON)
 
 # Soak `skipdecode serve` for SOAK_SECONDS under mixed load (cancels, streams); reports server memory over time.
 soak:
-	$(PY) -m skipdecode.serve_soak --engine $(OUT) --duration $(SOAK_SECONDS) --json $(SOAK_JSON)
+	$(PY) -m skipdecode.bench.serve_soak --engine $(OUT) --duration $(SOAK_SECONDS) --json $(SOAK_JSON)

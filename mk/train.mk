@@ -33,7 +33,7 @@ tiny-model: corpus
 	    cp $(addprefix $(TINY_BUILD)/$$m/,$(HF_FILES)) $(TINY)/$$m/; done
 	$(SD) eval --model $(TINY)/skip-tuned --base $(TINY)/pretrained --data $(TINY)/heldout.txt \
 	    --max-layers 12 --min-layers 6 --max-layers 8 --min-layers 4 --json $(TINY)/quality.json --out-dir $(TINY)
-	$(PY) -m skipdecode.export.model_card $(TINY)
+	$(PY) -m skipdecode.training.model_card $(TINY)
 
 # Skip-tune any OPT checkpoint: make finetune MODEL=opt-125m DATA="a.txt b.jsonl" [FT_STEPS=500 FT_OUT=dir].
 finetune:

@@ -1,14 +1,17 @@
-"""Continuous-batching runner: executes the scheduler's `StepPlan`s on a slot backend.
+"""The one generation loop: executes the scheduler's `StepPlan`s on a slot backend.
+
+Every generation runs here: a static `Engine.generate`/`stream` is a `Batcher` that admits all its prompts at once
+(runtime/generator.py), the `Service` one that admits requests as they come (runtime/service.py).
 
 Ownership:
 * `Batcher` owns each running request's generation state: its `Sampler` (one per request, seeded from its own
   options), the tokens emitted so far and the token to feed next. It never writes KV memory.
-* The `Scheduler` (runtime/scheduler.py) owns KV slots and decides what runs; the backend owns the KV buffers and
-  its graphs write them (runtime/kv.py).
+* The `Scheduler` (runtime/scheduler.py) decides what runs and takes slots from the backend's `SlotTable`; the
+  backend owns the KV buffers and its graphs write them (runtime/kv.py).
 
-Each request reproduces `stream_generation` (runtime/generation.py) for a batch of one: the first token from a
-full-depth prefill, then its own plan's steps in order, the same sampling, the same eos/stop handling and the
-same finish_reason. Rows sharing a decode call are gated to exactly their own bucket's layers.
+Each request runs as it would alone: the first token from a full-depth prefill, then its own plan's steps (its own
+prompt length and max length) in order, its own sampler, eos/stop handling and finish_reason. Rows sharing a
+decode call are gated to exactly their own bucket's layers.
 """
 
 from __future__ import annotations
@@ -16,30 +19,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
 
 import numpy as np
 
 from .generation import GenerateOptions, check_prompts, resolve_max_length
+from .profiling import step_range
 from .sampling import Sampler
 from .schedule import layers_for_budget, make_plan
-from .scheduler import DecodeCall, DecodeRow, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, StepPlan
-
-
-class SlotBackend(Protocol):
-    """The slot API of a backend (runtime/ort_backend.py): rows are KV slots, sequences are ragged."""
-
-    num_layers: int
-    buckets: tuple[int, ...]
-    warmup_layers: int | None
-    max_batch: int  # KV slots
-    max_length: int  # KV columns per slot
-
-    def prefill_rows(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> np.ndarray:
-        ...
-
-    def decode_rows(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
-        ...
+from .scheduler import DecodeCall, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, StepPlan
+from .slot_backend import SlotBackend
 
 
 @dataclass(frozen=True)
@@ -59,7 +47,7 @@ class Request:
 
 def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOptions, backend: SlotBackend,
                     vocab_size: int) -> Request:
-    """Check a request at the boundary and plan its schedule exactly as `stream_generation` does for it alone."""
+    """Check a request at the boundary and plan its own schedule (its prompt length, its max length)."""
     check_prompts([prompt], vocab_size, backend.max_batch)
     p = len(prompt)
     T = resolve_max_length(p, opts, backend.max_length)
@@ -81,7 +69,8 @@ class TokenEvent:
 @dataclass(frozen=True)
 class FinishEvent:
     request_id: int
-    reason: str  # "eos" | "stop" | "length"
+    reason: str  # "eos" | "stop" | "length" | "error"
+    error: str | None = None  # what went wrong, for reason "error"
 
 
 @dataclass(frozen=True)
@@ -123,9 +112,10 @@ class Batcher:
     def __init__(self, backend: SlotBackend, config: SchedulerConfig) -> None:
         self.backend = backend
         self.config = config
-        self.scheduler = Scheduler(config, backend.max_batch)
+        self.scheduler = Scheduler(config, backend.slots)
         self._warmup = backend.warmup_layers if backend.warmup_layers is not None else 1
         self._seqs: dict[int, _Sequence] = {}
+        self._steps = 0
 
     def add(self, request: Request) -> None:
         self.scheduler.submit(request.spec)
@@ -137,11 +127,9 @@ class Batcher:
         return self.scheduler.cancel(request_id)
 
     def reset(self) -> list[int]:
-        """Forget every request (after a backend failure): a fresh scheduler owns all slots again."""
-        dropped = list(self._seqs)
+        """Forget every request (after a backend failure, or when a generation is closed); their slots go back."""
         self._seqs.clear()
-        self.scheduler = Scheduler(self.config, self.backend.max_batch)
-        return dropped
+        return self.scheduler.release_all()
 
     @property
     def idle(self) -> bool:
@@ -152,11 +140,14 @@ class Batcher:
         events: list[TokenEvent | FinishEvent] = []
         finished: set[int] = set()
         work = 0
-        for call in plan.calls:  # decode first: a call writes a discarded column into every slot it covers
-            work += call.bucket * call.num_rows
-            self._decode(plan, call, events, finished)
-        if plan.admits:
-            self._prefill(plan, events, finished)
+        deepest = max((c.bucket for c in plan.calls), default=self.backend.num_layers)
+        with step_range(self._steps, deepest, len(plan.rows) + len(plan.admits)):  # NVTX (runtime/profiling.py)
+            for call in plan.calls:
+                work += call.bucket * call.num_rows
+                self._decode(call, events, finished)
+            if plan.admits:
+                self._prefill(plan, events, finished)
+        self._steps += 1
         self.scheduler.commit(plan, finished)
         for rid in finished:
             del self._seqs[rid]
@@ -168,40 +159,25 @@ class Batcher:
         for i, seq in enumerate(seqs):  # the first token comes from the prefill at full depth
             self._emit(seq, logits[i: i + 1], self.backend.num_layers, events, finished)
 
-    def _decode(self, plan: StepPlan, call: DecodeCall, events: list, finished: set[int]) -> None:
-        n, L = call.num_rows, self.backend.num_layers
-        ids = np.zeros(n, dtype=np.int64)
-        lengths = np.zeros(n, dtype=np.int64)  # free slots: token 0, length 0, all gates off
-        gates = np.zeros((n, call.bucket), dtype=bool)
-        mine = {row.request_id for row in call.rows}
-        for other in plan.rows:  # "group" strategy: rows advanced by another call of this step
-            if other.slot < n and other.request_id not in mine:
-                lengths[other.slot] = self._scratch_column(other)
-        for row in call.rows:
-            ids[row.slot] = self._seqs[row.request_id].next_token
-            lengths[row.slot] = row.column
-            gates[row.slot] = gate_row(L, self._warmup, call.bucket, row.bucket)
-        logits = self.backend.decode_rows(ids, lengths, call.bucket, gates)
+    def _decode(self, call: DecodeCall, events: list, finished: set[int]) -> None:
+        L = self.backend.num_layers
+        ids = np.array([self._seqs[row.request_id].next_token for row in call.rows], dtype=np.int64)
+        gates = np.array([gate_row(L, self._warmup, call.bucket, row.bucket) for row in call.rows], dtype=bool)
+        logits = self.backend.decode_rows([row.slot for row in call.rows], ids, call.bucket, gates)
         for row in call.rows:  # sample before the next call: the logits are a view the backend reuses
             self._emit(self._seqs[row.request_id], logits[row.slot: row.slot + 1], row.bucket, events, finished)
 
-    def _scratch_column(self, row: DecodeRow) -> int:
-        """Column a gated-off live row points at in a call that does not advance it.
-
-        The graph writes a (pass-through) K/V column at lengths[i] for every row; at `column` it would clobber the
-        row's real K/V if its own call ran first, at 0 its prompt. column + 1 is never read before the row's next
-        step overwrites it (or the row ends). It exists: column <= T - 2 <= max_length - 2."""
-        c = row.column + 1
-        if c >= self.backend.max_length:
-            raise SchedulerError(f"row of request {row.request_id} at column {row.column} has no scratch column "
-                                 f"below max_length {self.backend.max_length}")
-        return c
-
     def _emit(self, seq: _Sequence, logits: np.ndarray, budget: int, events: list, finished: set[int]) -> None:
-        # logits: [1, V]; the same Sampler call as stream_generation makes for a batch of one
+        # logits: [1, V]
+        rid, opts = seq.request.request_id, seq.request.options
+        if not np.isfinite(logits).all():  # NaN logits would make argmax pick token 0: an error, never a token
+            finished.add(rid)
+            events.append(FinishEvent(rid, "error", f"request {rid}: the logits of token {len(seq.tokens)} are not "
+                                                    "finite (NaN or inf): the engine's weights are corrupt or "
+                                                    "its arithmetic overflowed"))
+            return
         tok = int(seq.sampler(logits)[0])
         seq.tokens.append(tok)
-        rid, opts = seq.request.request_id, seq.request.options
         events.append(TokenEvent(rid, len(seq.tokens) - 1, tok, budget))
         if tok in seq.stops:
             reason = "eos" if tok == opts.eos_token_id else "stop"

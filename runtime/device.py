@@ -170,9 +170,9 @@ class CudaRuntime:
 
 
 class HostRuntime:
-    """`CudaRuntime`'s interface on host memory (ctypes copies between raw pointers). It lets the GPU backends'
-    plumbing (bindings, slot copies, staging) run on CPU under onnxruntime's CPU provider, so tests check it
-    against `OrtBackend` without a GPU."""
+    """`CudaRuntime`'s interface on host memory: the onnxruntime CPU backend's KV memory (runtime/kv.py), and what
+    lets the GPU backends' plumbing (bindings, slot copies, staging) run under onnxruntime's CPU provider, so tests
+    check it against the CPU backend without a GPU."""
 
     stream_handle = 0
 
@@ -199,12 +199,18 @@ class HostRuntime:
         ctypes.memmove(host.ctypes.data, src, host.nbytes)
 
     def copy2d(self, dst_base: int, src_base: int, copies: Iterable[Copy2D]) -> None:
-        for c in copies:
-            for r in range(c.height):
-                ctypes.memmove(dst_base + c.dst + r * c.dpitch, src_base + c.src + r * c.spitch, c.width)
+        for c in copies:  # one strided numpy copy per Copy2D (what cudaMemcpy2D does in one call)
+            _strided(dst_base + c.dst, c.dpitch, c.width, c.height)[...] = _strided(src_base + c.src, c.spitch,
+                                                                                     c.width, c.height)
 
     def synchronize(self) -> None:
         return None
 
     def close(self) -> None:
         self._owned.clear()
+
+
+def _strided(ptr: int, pitch: int, width: int, height: int) -> np.ndarray:
+    """[height, width] uint8 view of host memory at `ptr` whose rows are `pitch` bytes apart (no copy)."""
+    flat = np.frombuffer((ctypes.c_uint8 * (pitch * (height - 1) + width)).from_address(ptr), dtype=np.uint8)
+    return np.lib.stride_tricks.as_strided(flat, shape=(height, width), strides=(pitch, 1))

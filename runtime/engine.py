@@ -2,7 +2,8 @@
 
     engine = Engine.load("engines/opt-1.3b")
     results = engine.generate([engine.encode("Hello")], GenerateOptions(max_new_tokens=32, speedup=2))
-    for event in engine.stream(prompts, opts): ...   # one StepEvent per produced column
+    for event in engine.stream(prompts, opts): ...   # one StepEvent per step: each row's new token
+    engine.close()                                     # or `with Engine.load(...) as engine:`
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BackendError
-from .generation import Generator
+from .generator import Generator
 from .manifest import Manifest, load_manifest
 from .ort_backend import OrtBackend
 from .tokenizer import TextCodec
@@ -23,14 +24,15 @@ class Engine(Generator):
     @classmethod
     def load(cls, directory: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
              threads: int | None = None, max_batch: int | None = None, max_length: int | None = None,
-             prepack: bool = False, backend: str = "onnxruntime", device: int = 0) -> Engine:
+             prepack: str | None = None, backend: str = "onnxruntime", device: int = 0) -> Engine:
         """Validate the manifest and its files, open one session per graph, allocate the KV arena once.
 
         `max_batch`/`max_length` may lower the exported limits to save KV memory, never raise them.
-        `prepack=True` lets onnxruntime pre-pack weights per session: faster steps, but one private copy of the
-        weights per graph (see ort_backend.session_options).
+        `prepack` (onnxruntime CPU): "shared" (default where available) pre-packs each weight once for all graphs,
+        "private" once per graph (same speed, a packed copy per graph), "off" not at all (see ort_backend).
         `backend`: "onnxruntime" (with `providers`), "cuda" (onnxruntime CUDA, device-resident KV) or "tensorrt"
         (the plans built by `skipdecode export --backend tensorrt`); GPU backends run on CUDA device `device`.
+        All three offer the same slot API (runtime/slot_backend.py), so each can serve continuous batches.
         """
         directory = Path(directory)
         man = load_manifest(directory)
@@ -46,6 +48,16 @@ class Engine(Generator):
             raise BackendError(f"backend={backend!r} is not one of ['onnxruntime', 'cuda', 'tensorrt']")
         codec = TextCodec.from_file(directory / man.tokenizer) if man.tokenizer else None
         m = man.model
-        engine = cls(step_backend, codec, m["pad_token_id"], m["eos_token_id"], m["vocab_size"])
+        engine = cls(step_backend, codec, m.pad_token_id, m.eos_token_id, m.vocab_size)
         engine.manifest = man
         return engine
+
+    def close(self) -> None:
+        """Free the sessions and KV memory now (not at garbage collection); later calls raise EngineError."""
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

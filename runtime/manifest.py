@@ -11,13 +11,64 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .contract import ATTENTIONS, TensorSpec
-from .errors import EngineError
+from .errors import EngineError, ModelError
 
 FORMAT = "skipdecode-engine"
 FORMAT_VERSION = 2  # 2: ragged slot KV layout, past_length/gate inputs, `attention` flavour
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHTS_ALIGN = 64  # bytes; every tensor starts on a cache-line boundary of the shared weights file
+
+
+@dataclass(frozen=True)
+class OPTShape:
+    """The subset of an OPT config the exporter and runtime need: the manifest's typed `model` section."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_dim: int
+    vocab_size: int
+    word_embed_proj_dim: int
+    max_positions: int
+    pre_layer_norm: bool  # do_layer_norm_before: True for most sizes, False for opt-350m
+    pad_token_id: int
+    eos_token_id: int | None
+    bos_token_id: int | None
+    name: str = ""  # the engine's name (its directory when exported)
+    source: str = ""  # what it was exported from: a hub id or a checkpoint directory
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "hidden_size", "num_heads", "ffn_dim", "vocab_size", "word_embed_proj_dim",
+                  "max_positions"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"model.{f}={v!r} must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        for f in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
+                raise ValueError(f"model.{f}={v!r} must be a token id in [0, {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_config(cls, cfg, name: str = "", source: str = "") -> OPTShape:
+        """From a transformers `OPTConfig` (read by attribute: no transformers import here)."""
+        if getattr(cfg, "model_type", None) != "opt":
+            raise ModelError(f"model_type={getattr(cfg, 'model_type', None)!r} is not supported: only 'opt' models")
+        return cls(
+            num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+            ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size, word_embed_proj_dim=cfg.word_embed_proj_dim,
+            max_positions=cfg.max_position_embeddings, pre_layer_norm=bool(cfg.do_layer_norm_before),
+            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 1,
+            eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id, name=name, source=source)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -42,7 +93,7 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    model: dict  # OPTShape fields plus name/source
+    model: OPTShape
     dtype: str
     warmup_layers: int
     attention: str  # decode attention flavour, runtime/contract.py ("gqa" | "matmul")
@@ -61,7 +112,7 @@ class Manifest:
 
     @property
     def num_layers(self) -> int:
-        return int(self.model["num_layers"])
+        return self.model.num_layers
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -107,7 +158,7 @@ def load_manifest(directory: str | Path) -> Manifest:
                           f"{FORMAT_VERSION}: re-export the model with this version of skipdecode")
     try:
         man = Manifest(
-            model=raw["model"], dtype=raw["dtype"], warmup_layers=int(raw["warmup_layers"]),
+            model=OPTShape(**raw["model"]), dtype=raw["dtype"], warmup_layers=int(raw["warmup_layers"]),
             attention=raw["attention"], max_batch=int(raw["max_batch"]), max_length=int(raw["max_length"]),
             graphs=tuple(_graph_from_dict(g) for g in raw["graphs"]), weights_file=raw["weights_file"],
             weights_size=int(raw["weights_size"]),

@@ -1,35 +1,45 @@
-"""onnxruntime backend: one session per graph, one copy of the weights shared by all of them.
+"""onnxruntime CPU backend: one session per graph, one copy of the weights shared by all of them.
 
-Weights: `weights.bin` is read once into one numpy buffer; each tensor is an OrtValue over a view of it and is
-handed to every session that uses it with `SessionOptions.add_initializer`, so no session loads its own copy.
-KV: owned by `KVArena` (ragged slot layout, runtime/contract.py); decode graphs are bound (IOBinding) to the
-arena's slot rows, read the cache in place and (gqa flavour) write the new column in place too.
+Weights: `weights.bin` is read (or memory-mapped) once (runtime/weights.py); each tensor is an OrtValue over a view
+of it handed to every session that uses it as a shared initializer, so no session loads its own copy.
+
+Pre-packing (`prepack`): MLAS packs MatMul/Gemm weights into its own layout at session creation, which makes batched
+steps much faster, but by default each session packs a private copy. Modes:
+* "shared" (default where the C API library is present): sessions are created through onnxruntime's C API
+  (runtime/ort_capi.py) with one `PrepackedWeightsContainer`, so every bucket graph computes from ONE packed copy
+  of each weight; the unpacked weights are memory-mapped and their pages dropped once the sessions are built.
+  Measured on the opt-125m shape (11 graphs, 2 threads, 2026-11-30): resident 603 MiB vs 584 MiB without
+  pre-packing (1.03x) and 4068 MiB with private copies; full-depth steps at batch 8 as fast as private pre-packing
+  (1.4-1.8x faster than without), identical outputs.
+* "private": the Python API with pre-packing on: the same speed, one packed copy per session (4 GiB above).
+* "off": the Python API with pre-packing disabled (the smallest, slowest at batch > 1).
+KV: a `KVCache` in host memory (runtime/kv.py, ragged slot layout); decode graphs are bound (IOBinding) to the
+cache's slot rows by address, read the cache in place and (gqa flavour) write the new column in place too.
+Session options and opening (`session_options`, `open_session`) are shared with the CUDA backend.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from . import contract as C
+from . import ort_capi
+from .device import HostRuntime
 from .errors import BackendError, EngineError, check_int
-from .kv import KVArena
 from .manifest import GraphSpec, Manifest
 from .profiling import graph_range
-from .slot_backend import SlotBackend
+from .slot_backend import GraphBackend
+from .weights import read_weights
 
 
 def load_weights(directory: Path, man: Manifest) -> dict[str, ort.OrtValue]:
-    """Read the shared weights file once; return an OrtValue (a view, no copy) per tensor name."""
-    buf = np.fromfile(directory / man.weights_file, dtype=np.uint8)
-    values = {}
-    for name, w in man.weights.items():
-        arr = buf[w.offset: w.offset + w.nbytes].view(w.dtype).reshape(w.shape)
-        values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
-    return values
+    """The shared weights as host OrtValues (views of the one buffer read by runtime/weights.py, no copy)."""
+    return {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in read_weights(directory, man).items()}
 
 
 # Threads: one intra-op pool shared by every session of the process, when configured. With a pool per session the
@@ -60,14 +70,34 @@ def use_global_thread_pool(threads: int | None = None) -> int:
     return size
 
 
+PREPACK_MODES = ("shared", "private", "off")
+
+
+def resolve_prepack(prepack: str | None, providers: list, dtype: str = "float32") -> str:
+    """The pre-packing mode to use: None picks "shared" for fp32 engines on the CPU provider when the C API library
+    loads, else "off" (the mode is reported as `OrtBackend.prepack`). fp16 graphs cannot share: onnxruntime's fp16
+    LayerNormalization pre-packs its scale into a form it cannot put in a shared container and refuses to load."""
+    if prepack is None:
+        ok = list(providers) == ["CPUExecutionProvider"] and dtype == "float32" and ort_capi.available()
+        return "shared" if ok else "off"
+    if prepack not in PREPACK_MODES:
+        raise BackendError(f"prepack={prepack!r} is not one of {list(PREPACK_MODES)}")
+    if prepack == "shared" and dtype != "float32":
+        raise BackendError(f"prepack='shared' needs a float32 engine (this one is {dtype}): use 'private' or 'off'")
+    if prepack == "shared":
+        if list(providers) != ["CPUExecutionProvider"]:
+            raise BackendError(f"prepack='shared' runs on the CPU provider only, not {providers}")
+        if not ort_capi.available():
+            raise BackendError("prepack='shared' needs onnxruntime's C API library (libonnxruntime.so in the "
+                               "onnxruntime wheel), which did not load: use prepack='private' or 'off'")
+    return prepack
+
+
 def session_options(prepack: bool, threads: int | None = None) -> ort.SessionOptions:
-    """Options for one graph's session: the shared pool when the process has one, else a pool of `threads`."""
+    """Options for one graph's Python-API session: the shared pool when the process has one, else a pool of
+    `threads`. `prepack=False` disables MLAS pre-packing (each session would pack a private copy)."""
     so = ort.SessionOptions()
     if not prepack:
-        # MLAS pre-packs Gemm weights into a private per-session copy, and the Python API cannot share the
-        # pre-packed buffers across sessions. Measured on the opt-125m shape (11 graphs, `skipdecode bench --quick`,
-        # 2026-11-22): 4011 MiB resident with pre-packing vs 529 MiB without; full depth 1.44x faster with it at
-        # batch 8, no faster at batch 1.
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _global_pool:
@@ -81,9 +111,9 @@ def session_options(prepack: bool, threads: int | None = None) -> ort.SessionOpt
     return so
 
 
-def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtValue], providers: list[str],
-                 prepack: bool, threads: int | None = None) -> ort.InferenceSession:
-    so = session_options(prepack, threads)
+def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtValue], providers: list,
+                 so: ort.SessionOptions) -> ort.InferenceSession:
+    """One graph's session with the shared weights as initializers; the requested providers must really load."""
     for name in spec.weights:
         so.add_initializer(name, weights[name])
     try:
@@ -91,94 +121,151 @@ def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtVal
     except Exception as exc:  # onnxruntime raises its own non-ValueError types; report which graph failed
         raise EngineError(f"onnxruntime cannot load graph {spec.name} ({spec.file}): {exc}") from exc
     # A CUDA/TensorRT session silently falls back to CPU when its libraries are missing: refuse that.
-    missing = [p for p in providers if p not in sess.get_providers()]
-    if missing:
-        raise BackendError(f"execution provider {missing[0]} was requested but did not load "
-                           f"(session has {sess.get_providers()}); install its runtime or request another")
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    missing = [p for p in names if p not in sess.get_providers()]
+    if missing or sess.get_providers()[0] != names[0]:
+        raise BackendError(f"execution provider {(missing or names)[0]} was requested but did not load for graph "
+                           f"{spec.name} (session has {sess.get_providers()}); install its runtime or request another")
     check_session_io(sess, spec)
     return sess
 
 
 def check_session_io(sess: ort.InferenceSession, spec: GraphSpec) -> None:
+    check_io_names(spec, [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+
+
+def check_io_names(spec: GraphSpec, inputs: list[str], outputs: list[str]) -> None:
     """The loaded graph's input and output names, in order, must be the manifest's (runtime/contract.py)."""
-    names = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
     want = ([s.name for s in spec.inputs], [s.name for s in spec.outputs])
-    if names != want:
-        raise EngineError(f"graph {spec.name} has I/O {names}; the manifest expects {want}")
+    if (list(inputs), list(outputs)) != want:
+        raise EngineError(f"graph {spec.name} has I/O {(list(inputs), list(outputs))}; the manifest expects {want}")
 
 
-class OrtBackend(SlotBackend):
-    """`StepBackend` over the graphs of one engine directory, plus the slot API continuous batching uses.
-
-    Static batches (`prefill`/`decode`) use slots 0..B-1. The slot API (`prefill_rows`/`decode_rows`) lets the
-    caller place sequences in slots and run rows of different lengths and layer sets in one call.
-    """
+class OrtBackend(GraphBackend):
+    """The slot API over the graphs of one engine directory, on onnxruntime's CPU (or another host) provider."""
 
     def __init__(self, directory: str | Path, man: Manifest, providers: list[str], threads: int | None = None,
-                 max_batch: int | None = None, max_length: int | None = None, prepack: bool = False) -> None:
+                 max_batch: int | None = None, max_length: int | None = None, prepack: str | None = None) -> None:
         directory = Path(directory)
         available = ort.get_available_providers()
         for p in providers:
             if p not in available:
                 raise BackendError(f"execution provider {p!r} is not available in this onnxruntime "
                                    f"(available: {available})")
-        self._setup(man, max_batch, max_length)
-        self.weights = load_weights(directory, man)
+        self.prepack = resolve_prepack(prepack, providers, man.dtype)
+        self._setup(man, max_batch, max_length, HostRuntime())
         threads = threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or None
-        self.threads = _global_pool.get("threads", threads)  # what the sessions really use (None: every core)
-        self.sessions = {g.name: open_session(directory, g, self.weights, providers, prepack, threads)
-                         for g in man.graphs}
         self.prefill_spec = man.prefill()
-        self.arena = KVArena(self.num_layers, self.heads, self.head_dim, self.max_batch, self.max_length, man.dtype,
-                             staging=not self.in_place)
-        # Inputs and logits live in buffers allocated once; bindings point into them and are cached per
-        # (bucket, rows), so a step only refreshes their contents.
-        self._logits = np.zeros(self.max_batch * self.vocab_size, dtype=np.float32)
-        self._ids = np.zeros((self.max_batch, 1), dtype=np.int64)
-        self._lengths = np.zeros(self.max_batch, dtype=np.int32)
-        self._kv_length = np.zeros((), dtype=np.int32)
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._bindings: dict[tuple[int, int], object] = {}
+        if self.prepack == "shared":
+            self._open_shared(directory, threads)
+        else:
+            self.env = None
+            self.weights = load_weights(directory, man)
+            self.threads = _global_pool.get("threads", threads)  # what the sessions really use (None: every core)
+            self.sessions = {g.name: open_session(directory, g, self.weights, providers,
+                                                  session_options(self.prepack == "private", threads))
+                             for g in man.graphs}
 
-    # -- internals -------------------------------------------------------------------------------------------
-    def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots) -> np.ndarray:
-        # ids, pos, mask: [B, S], prompts right-aligned (left padding)
-        B, S = ids.shape
-        check_int("batch size", B, lo=1, hi=self.max_batch)
+    def _open_shared(self, directory: Path, threads: int | None) -> None:
+        """C API sessions over one pre-packed weights container (see the module docstring)."""
+        self.threads = _capi_threads(threads)
+        self.env = ort_capi.Env(self.threads)
+        # an engine dropped without close() still gives its sessions and packed weights back
+        self._finalizer = weakref.finalize(self, self.env.close)
+        try:
+            mapped = ort_capi.map_weights(directory / self.manifest.weights_file)
+            weights = {k: self.env.value(v) for k, v in read_weights(directory, self.manifest, mapped).items()}
+            self.sessions = {}
+            for g in self.manifest.graphs:
+                self.sessions[g.name] = self._capi_session(directory, g, weights)
+            ort_capi.drop_resident_pages(mapped)  # the sessions compute from the packed copies now
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _capi_session(self, directory: Path, spec: GraphSpec, weights: dict) -> ort_capi.Session:
+        try:
+            sess = self.env.session(directory / spec.file, {n: weights[n] for n in spec.weights})
+        except ort_capi.OrtCapiError as exc:
+            raise EngineError(f"onnxruntime cannot load graph {spec.name} ({spec.file}): {exc}") from exc
+        check_io_names(spec, sess.input_names, sess.output_names)
+        return sess
+
+    def _run_prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray):
+        # ids, pos, mask: [B, S], prompts right-aligned (left padding); K/V outputs [B, H, S, D] in host memory
+        feeds = {C.INPUT_IDS: ids, C.POSITION_IDS: pos, C.ATTENTION_MASK: mask}
         with graph_range(self.prefill_spec.name):
-            outs = self.sessions[self.prefill_spec.name].run(
-                None, {C.INPUT_IDS: ids, C.POSITION_IDS: pos, C.ATTENTION_MASK: np.ascontiguousarray(mask)})
-        lengths = mask.sum(axis=1)
-        for row, slot in enumerate(slots):
-            start = S - int(lengths[row])
-            for layer in range(self.num_layers):
-                k, v = outs[1 + 2 * layer], outs[2 + 2 * layer]
-                self.arena.write_prompt(layer, slot, k[row, :, start:], v[row, :, start:])
-        return outs[0]
+            sess = self.sessions[self.prefill_spec.name]
+            outs = sess.run(feeds) if self.env is not None else sess.run(None, feeds)
+        kv = [(np.ascontiguousarray(outs[1 + 2 * layer]), np.ascontiguousarray(outs[2 + 2 * layer]))
+              for layer in range(self.num_layers)]
+        return outs[0], [(k.ctypes.data, v.ctypes.data) for k, v in kv], kv
 
-    def _move_new_kv(self, layers, gates: np.ndarray | None, lengths: np.ndarray) -> None:
-        every = np.arange(len(lengths))
-        for j, layer in enumerate(layers):
-            rows = every if gates is None else np.flatnonzero(gates[:, j])  # a gated-off row writes no K/V
-            self.arena.write_new(layer, rows, lengths[rows])
-
-    def _bind_decode(self, spec: GraphSpec, n: int) -> ort.IOBinding:
-        """Bind a bucket graph over slots [0, n) once; later steps only refresh the buffers' contents."""
-        binding = self.sessions[spec.name].io_binding()
-        k = len(spec.layers)
-        inputs = {C.INPUT_IDS: self._ids[:n], C.PAST_LENGTH: self._lengths[:n],
-                  C.GATE: self._gate[: n * k].reshape(n, k)}
-        if self.in_place:
-            inputs[C.KV_LENGTH] = self._kv_length
-        outputs = {C.LOGITS: self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)}
-        for layer in spec.layers:
-            inputs[C.past_key(layer)], inputs[C.past_value(layer)] = self.arena.rows(layer, n)
-            if self.in_place:  # present = past: the op writes the new column into the buffer itself
-                outputs[C.present_key(layer)], outputs[C.present_value(layer)] = self.arena.rows(layer, n)
+    def _run_decode(self, spec: GraphSpec, n: int) -> None:
+        binding = self._bindings.get((spec.budget, n)) or self._bind_decode(spec, n)
+        with graph_range(spec.name):
+            if self.env is not None:
+                binding.run()
             else:
-                outputs[C.new_key(layer)], outputs[C.new_value(layer)] = self.arena.staged(layer, n)
-        for name, arr in inputs.items():
-            binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        for name, arr in outputs.items():
-            binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+                self.sessions[spec.name].run_with_iobinding(binding)
+
+    def _bind_decode(self, spec: GraphSpec, n: int):
+        """Bind a bucket graph over slots [0, n) once; later steps only refresh the buffers' contents. Rows [0, n) of
+        a [slots, ...] buffer start at its base address, so the addresses never change."""
+        k, kv_shape, dtype = len(spec.layers), [n, self.heads, self.max_length, self.head_dim], self.kv.dtype
+        inputs = [(C.INPUT_IDS, self._ids[:n]), (C.PAST_LENGTH, self._lengths[:n]),
+                  (C.GATE, self._gate[: n * k].reshape(n, k))]
+        if self.in_place:
+            inputs.append((C.KV_LENGTH, self._kv_length))
+        ins = [(name, a.dtype, list(a.shape), a.ctypes.data) for name, a in inputs]
+        outs = [(C.LOGITS, np.dtype(np.float32), [n, self.vocab_size], self._logits.ctypes.data)]
+        for layer in spec.layers:
+            k_ptr, v_ptr = self.kv.keys[layer], self.kv.values[layer]
+            ins += [(C.past_key(layer), dtype, kv_shape, k_ptr), (C.past_value(layer), dtype, kv_shape, v_ptr)]
+            if self.in_place:  # present = past: the op writes the new column into the buffer itself
+                outs += [(C.present_key(layer), dtype, kv_shape, k_ptr), (C.present_value(layer), dtype, kv_shape,
+                                                                          v_ptr)]
+            else:
+                new = [n, self.heads, 1, self.head_dim]
+                outs += [(C.new_key(layer), dtype, new, self.kv.new_keys[layer]),
+                         (C.new_value(layer), dtype, new, self.kv.new_values[layer])]
+        binding = self._binding(self.sessions[spec.name], ins, outs)
         self._bindings[(spec.budget, n)] = binding
         return binding
+
+    def _binding(self, sess, inputs: list, outputs: list):
+        """Bind (name, dtype, shape, host address) inputs and outputs with whichever API runs the session."""
+        if self.env is not None:
+            binding = sess.binding()
+            for name, dtype, shape, ptr in inputs:
+                binding.bind_input(name, ort_capi.Value(ptr, shape, dtype))
+            for name, dtype, shape, ptr in outputs:
+                binding.bind_output(name, ort_capi.Value(ptr, shape, dtype))
+            return binding
+        binding = sess.io_binding()
+        for name, dtype, shape, ptr in inputs:
+            binding.bind_input(name, "cpu", 0, dtype, shape, ptr)
+        for name, dtype, shape, ptr in outputs:
+            binding.bind_output(name, "cpu", 0, dtype, shape, ptr)
+        return binding
+
+    def _release(self) -> None:
+        self._bindings.clear()
+        self.sessions.clear()
+        if self.env is not None:
+            self._finalizer()  # Env.close, once: sessions, bindings, the packed weights, the OrtValues
+        else:
+            self.weights.clear()
+
+
+_capi_pool: dict = {}
+
+
+def _capi_threads(threads: int | None) -> int:
+    """Size of the C API sessions' one thread pool: the Python-side shared pool's size when the process has one,
+    else the first engine's `threads` (default every core). onnxruntime has one environment per process, so engines
+    loaded later share that pool whatever `threads` they ask for (as with `use_global_thread_pool`)."""
+    if "threads" not in _capi_pool:
+        _capi_pool["threads"] = _global_pool.get("threads") or threads or os.cpu_count() or 1
+    return _capi_pool["threads"]

@@ -117,7 +117,8 @@ def annotator() -> Annotator:
 
 
 def step_range(column: int, bucket: int, batch: int):
-    """Range around the generation step that produces `column` with `bucket` layers for `batch` rows."""
+    """Range around one generation step: step number `column` of its batcher, the deepest graph `bucket` it runs
+    (the full depth for a prefill-only step), over `batch` rows (decoded plus prefilled)."""
     return annotator().step(column, bucket, batch)
 
 

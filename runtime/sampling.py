@@ -1,8 +1,9 @@
 """Token selection from logits, in numpy, shared by every backend.
 
 Both the PyTorch reference and the compiled runtime call `Sampler`, so for equal logits and seed they pick
-equal tokens. Sampling uses one `numpy.random.Generator` per batch, seeded once; each step draws one uniform
-number per row and inverts the CDF, so the draw sequence does not depend on which tokens were kept.
+equal tokens. Every sequence owns one `Sampler` (one `numpy.random.Generator`, seeded once from its own
+`SamplingParams.seed`); each step draws one uniform number and inverts the CDF, so the draw sequence does not depend
+on which tokens were kept, nor on the other sequences of a batch.
 """
 
 from __future__ import annotations
@@ -14,10 +15,18 @@ import numpy as np
 
 from .errors import InputError
 
+# Temperatures below this are greedy. softmax(logits / t) already puts all mass on the argmax unless two logits are
+# within ~t of each other, and below ~1e-306 the division overflows float64 (inf - inf = NaN picked token 0).
+GREEDY_BELOW = 1e-6
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 (or below GREEDY_BELOW) means greedy (argmax); top_k 0 and top_p 1.0 disable those filters."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -26,11 +35,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not _number(t) or not math.isfinite(t) or t < 0:
             raise InputError(f"temperature={t!r} must be a finite number >= 0 (0 = greedy)")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise InputError(f"top_k={k!r} must be an integer >= 0 (0 = disabled)")
-        if not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 < p <= 1.0:
+        if not _number(p) or not math.isfinite(p) or not 0.0 < p <= 1.0:
             raise InputError(f"top_p={p!r} must be in (0, 1]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or self.seed < 0):
@@ -38,11 +47,11 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
-    """Picks one token per row. Owns the random generator of one generation call."""
+    """Picks one token per row. Owns the random generator of one sequence (or of the rows it is called with)."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
@@ -57,7 +66,7 @@ class Sampler:
 
     def _sample_row(self, row: np.ndarray, u: float) -> int:
         p = self.params
-        scores = row.astype(np.float64) / p.temperature
+        scores = (row.astype(np.float64) - float(row.max())) / p.temperature  # <= 0: exp cannot overflow
         order = np.argsort(-scores, kind="stable")
         if p.top_k:
             order = order[: p.top_k]

@@ -6,14 +6,19 @@ Column convention (used everywhere in this package):
 * The token at column ``t`` (``p <= t < T``) is *produced* by the forward pass over column ``t - 1``.
   That pass runs ``layers(budget(t))`` and writes K/V for column ``t - 1`` in exactly those layers.
 * The token at column ``p`` is produced by the prefill, which runs all ``L`` layers (prompt at full depth).
-  Decode steps therefore produce columns ``p + 1 .. T - 1``; their budgets decay linearly from ``M`` towards
-  ``m`` and the last possible token (column ``T - 1``) gets exactly ``m``.
+  Decode steps therefore produce columns ``p + 1 .. T - 1`` (``n = T - 1 - p`` of them); their budgets decay
+  linearly from ``M`` (the first decoded token) to ``m`` (the last possible one, column ``T - 1``).
 
-Budget formula (DESIGN.md §1)::
+Budget formula (docs/DESIGN.md §1)::
 
-    frac(t)   = clamp((t - p) / max(T - 1 - p, 1), 0, 1)
+    frac(t)   = clamp((t - p - 1) / (n - 1), 0, 1)      for n >= 2;  frac = 1/2 when n == 1
     budget(t) = round_half_up((1 - frac(t)) * M + frac(t) * m)
     layers(b) = [0, w) ∪ [L - (b - w), L)
+
+Both ends of the decay are decoded positions, so the mean budget over the decode steps is (M + m) / 2 up to
+rounding for every generation length; the single step of a two-token generation gets that mean. (Indexing the
+decay from the prefill column instead never ran M layers and overshot the target on short generations: 3
+decode steps at 2x on 12 layers realised 2.4x.)
 
 Rounding is half-up (``floor(x + 0.5)``), not Python's banker's rounding, so a budget never depends on
 whether an intermediate value is an even integer. Budgets are non-increasing in ``t``, hence every layer
@@ -70,8 +75,8 @@ class Schedule:
 
     def budget(self, t: int, prompt_length: int, max_length: int) -> int:
         """Layers executed for the token at column `t` (see module docstring)."""
-        p, T = prompt_length, max_length
-        frac = min(max((t - p) / max(T - 1 - p, 1), 0.0), 1.0)
+        n = max_length - 1 - prompt_length  # decode steps
+        frac = 0.5 if n == 1 else min(max((t - prompt_length - 1) / max(n - 1, 1), 0.0), 1.0)
         return round_half_up((1.0 - frac) * self.max_budget + frac * self.min_budget)
 
     def decode_budgets(self, prompt_length: int, max_length: int) -> list[int]:
@@ -121,7 +126,9 @@ def solve_budgets(num_layers: int, speedup: float, warmup: int = 1) -> tuple[int
     decay starts at full depth (M* = L, m* = 2B - L); if m* is below the floor max(w, 1) it is raised to the
     floor and M* = 2B - floor. Among integer pairs floor <= m <= M <= L the solver picks the one whose mean
     (M + m) / 2 is closest to B, breaking ties by distance to (M*, m*). The result is independent of prompt and
-    generation lengths, so the budgets an engine exports are exactly the ones the runtime schedules.
+    generation lengths, so the budgets an engine exports are exactly the ones the runtime schedules; because the
+    decay runs from the first to the last decoded token, the realised mean is (M + m) / 2 up to rounding for any
+    length (property-tested).
     """
     L = check_int("num_layers", num_layers, lo=1, error=ScheduleError)
     w = check_int("warmup_layers", warmup, lo=0, hi=L, error=ScheduleError)

@@ -1,14 +1,14 @@
-"""Continuous-batching scheduler: planning only (no backend, no numpy). It decides and records what runs; the
+"""Continuous-batching scheduler: planning only (no backend, no graphs). It decides and records what runs; the
 runner executes it.
 
 Ownership:
-* `SlotAllocator` is the one owner of KV slots (row i of every layer's K/V buffer, runtime/kv.py). Only the
-  scheduler calls it; a slot is handed to one request at admission and taken back when that request finishes
-  or is cancelled.
+* The backend's `SlotTable` (runtime/kv.py) is the one owner of KV slots (row i of every layer's K/V buffer); it
+  is shared by every generation on the backend. A scheduler takes a slot from it for a request at admission and
+  gives it back when that request finishes or is cancelled.
 * `Scheduler` owns admission and per-step plans. The runner (runtime/batcher.py) executes a `StepPlan`, then
   reports back with `commit` which requests finished. Nothing here reads logits or tokens.
 
-Exactness (DESIGN.md §1, the KV invariant): a request's layer set at each step is fixed in advance by its own
+Exactness (docs/DESIGN.md §2, the KV invariant): a request's layer set at each step is fixed in advance by its own
 schedule (`SeqSpec.buckets`, from `make_plan` with its own prompt length and max length). A step plan gives every
 row exactly its own bucket; rows that share a graph call are gated to their own layers, never more, never fewer.
 
@@ -29,43 +29,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import InputError, SkipDecodeError, check_int
+from .kv import SlotTable
 
 STRATEGIES = ("gate", "group")
 
 
 class SchedulerError(SkipDecodeError):
     """A broken contract between scheduler and runner (a bug, never bad user input)."""
-
-
-class SlotAllocator:
-    """Owner of the KV slots 0..slots-1. Hands out the lowest free slot so used rows stay packed at the front:
-    a decode call runs rows 0..n-1, so a compact prefix keeps n (and the wasted free rows inside it) small."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = check_int("slots", slots, lo=1)
-        self._free = set(range(slots))
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise SchedulerError(f"all {self.slots} KV slots are in use")
-        slot = min(self._free)
-        self._free.remove(slot)
-        return slot
-
-    def free(self, slot: int) -> None:
-        if slot in self._free or not 0 <= slot < self.slots:
-            raise SchedulerError(f"slot {slot} is not allocated (slots 0..{self.slots - 1})")
-        self._free.add(slot)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def high_water(self) -> int:
-        """1 + the highest slot in use (0 when none is): the rows a decode call must cover."""
-        used = set(range(self.slots)) - self._free
-        return max(used) + 1 if used else 0
 
 
 @dataclass(frozen=True)
@@ -149,8 +119,8 @@ class DecodeCall:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One scheduler step as plain data. Run `calls` first, then `admits`: a decode call writes a (discarded)
-    K/V column into every slot it covers, including free ones, so a prompt must land in its slot afterwards."""
+    """One scheduler step as plain data: `calls` then `admits`. (Either order is exact: a call points every slot it
+    covers but does not advance at that slot's next free column, runtime/slot_backend.py.)"""
 
     calls: tuple[DecodeCall, ...]
     admits: tuple[Admit, ...]
@@ -175,10 +145,10 @@ class _Running:
 class Scheduler:
     """Plans steps for a set of requests. Single-threaded: the service's worker thread is its only caller."""
 
-    def __init__(self, config: SchedulerConfig, slots: int) -> None:
-        check_int("max_batch", config.max_batch, hi=slots)
+    def __init__(self, config: SchedulerConfig, slots: SlotTable) -> None:
+        check_int("max_batch", config.max_batch, hi=slots.slots)
         self.config = config
-        self._allocator = SlotAllocator(slots)  # the one owner of KV slots
+        self._slots = slots  # the backend's one slot table, shared with other generations
         self._waiting: deque[SeqSpec] = deque()
         self._running: dict[int, _Running] = {}
 
@@ -198,8 +168,18 @@ class Scheduler:
         run = self._running.pop(request_id, None)
         if run is None:
             return False
-        self._allocator.free(run.slot)
+        self._slots.free([run.slot])
         return True
+
+    def release_all(self) -> list[int]:
+        """Forget every request (after a backend failure, or when a generation is closed); their slots go back to
+        the table. -> the ids of the requests dropped."""
+        dropped = [s.request_id for s in self._waiting] + list(self._running)
+        self._waiting.clear()
+        if self._running:
+            self._slots.free([r.slot for r in self._running.values()])
+        self._running.clear()
+        return dropped
 
     @property
     def num_waiting(self) -> int:
@@ -241,7 +221,7 @@ class Scheduler:
     def _admit(self) -> tuple[Admit, ...]:
         cfg, admits = self.config, []
         in_flight, prefill_tokens = self.tokens_in_flight, 0
-        while self._waiting and len(self._running) < cfg.max_batch and self._allocator.num_free:
+        while self._waiting and len(self._running) < cfg.max_batch and self._slots.num_free:
             head = self._waiting[0]
             if in_flight + head.reserved_tokens > cfg.max_tokens_in_flight:
                 break  # head-of-line blocking: nobody overtakes the head (no starvation)
@@ -249,7 +229,7 @@ class Scheduler:
             if budget is not None and admits and prefill_tokens + head.prompt_length > budget:
                 break
             self._waiting.popleft()
-            slot = self._allocator.allocate()
+            slot = self._slots.allocate(1)[0]
             self._running[head.request_id] = _Running(head, slot)
             admits.append(Admit(head.request_id, slot, head.prompt_length))
             in_flight += head.reserved_tokens
@@ -274,7 +254,7 @@ class Scheduler:
         for rid in done:
             run = self._running.pop(rid, None)
             if run is not None:
-                self._allocator.free(run.slot)
+                self._slots.free([run.slot])
         for run in self._running.values():
             if run.prefilled and run.step >= len(run.spec.buckets):
                 raise SchedulerError(f"request {run.spec.request_id} used all {run.spec.max_new_tokens} tokens "

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from .batcher import Batcher, FinishEvent, Request, StepResult, TokenEvent, prepare_request
 from .errors import BackendError, InputError, SkipDecodeError
 from .generation import GenerateOptions
+from .generator import NonFiniteLogitsError
 from .scheduler import SchedulerConfig, check_fits
+from .slot_backend import SlotBackend
 
 
 class OverloadedError(SkipDecodeError):
@@ -163,12 +165,12 @@ class Service:
     """Thread-safe front of one backend: submit from any thread, one worker thread runs the batcher."""
 
     def __init__(self, generator, config: ServiceConfig | None = None) -> None:
-        # generator: an Engine (or Generator) whose backend has the slot API (runtime/batcher.SlotBackend)
+        # generator: an Engine (or any Generator); its backend's slot table is shared with other generations on it
         self.generator, self.config = generator, config or ServiceConfig()
         be = generator.backend
-        if not callable(getattr(be, "decode_rows", None)) or not callable(getattr(be, "prefill_rows", None)):
-            raise BackendError(f"{type(be).__name__} has no slot API (prefill_rows/decode_rows): continuous "
-                               "batching needs an engine backend (runtime/ort_backend.py)")
+        if not isinstance(be, SlotBackend):
+            raise BackendError(f"{type(be).__name__} is not a SlotBackend (runtime/slot_backend.py): continuous "
+                               "batching needs the slot API")
         self._sched_config = self.config.scheduler_config(be.max_batch, be.max_length)
         self._batcher = Batcher(be, self._sched_config)  # worker thread only
         self._cv = threading.Condition()  # guards everything below
@@ -309,7 +311,8 @@ class Service:
                 if handles[ev.request_id].done:
                     del handles[ev.request_id]
             else:
-                self._end(ev.request_id, ev.reason)
+                error = NonFiniteLogitsError(ev.error) if ev.reason == "error" else None
+                self._end(ev.request_id, ev.reason, error)
         with self._cv:
             c = self._counts
             c["tokens"] += tokens

@@ -1,99 +1,191 @@
-"""`SlotBackend`: the part of a compiled backend that does not depend on where graphs run.
+"""The backend base: the slot API every backend offers, and the part of a compiled backend that does not depend on
+where graphs run.
 
-It owns the model facts a backend exposes, the host-side gate buffer, input checking at the slot API boundary and
-the mapping of static batches onto slots 0..B-1. A subclass (onnxruntime CPU, onnxruntime CUDA) implements two
-primitives: `_prefill(ids, pos, mask, slots)` (full-depth prompt pass, each row's real K/V into its slot),
-`_bind_decode(spec, n)` (an IOBinding of a bucket graph over slots 0..n-1, cached in `self._bindings`) and, for the
-matmul flavour, `_move_new_kv(layers, gates, lengths)`; and the host buffers `_ids`, `_lengths`, `_kv_length`,
-`_logits` and the `sessions` dict.
+`SlotBackend` (every backend: onnxruntime CPU and CUDA, TensorRT, the PyTorch reference, test fakes) owns the model
+facts the generation loop needs, the `SlotTable` (runtime/kv.py: the one owner of KV slots and their lengths), input
+checking at the slot API boundary and one lock, so graph calls from several threads never interleave. Its two calls:
+
+* `prefill_rows(prompts, slots)`: full-depth prefill of each prompt into its slot (columns [0, len)).
+* `decode_rows(slots, tokens, bucket, gates)`: one pass of `bucket`'s graph in which slot s feeds its next token at
+  column lengths[s] and runs the graph's j-th layer where gates[i, j]. The call covers slots 0..max(slots); slots of
+  the window that are not in the call are gated off and point at their own length, a column that holds nothing yet
+  and that their owner's next step overwrites before anything reads it (so two generations, or the two calls of a
+  "group" step, never clobber each other's K/V).
+
+A subclass implements `_prefill(ids, pos, mask, slots)` (left-padded prompts) and `_decode(ids, lengths, bucket,
+gates)` over rows 0..n-1 (= slots). `GraphBackend` does that for compiled engines over a `KVCache` and leaves
+`_run_prefill` and `_run_decode` to the onnxruntime CPU/CUDA and TensorRT backends.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InputError, check_int
-from .generation import left_pad, position_ids
-from .manifest import Manifest
-from .profiling import graph_range
-from .schedule import Step
+from .errors import EngineError, InputError, check_int
+from .kv import KVCache, SlotTable
+from .manifest import GraphSpec, Manifest
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> input_ids [B, p] int64 and attention_mask [B, p] int64, prompts right-aligned (left padding)."""
+    p = max(len(x) for x in prompts)
+    ids = np.full((len(prompts), p), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), p), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, p - len(prompt):] = prompt
+        mask[row, p - len(prompt):] = 1
+    return ids, mask
+
+
+def position_ids(mask: np.ndarray) -> np.ndarray:
+    """OPT position ids from the mask: running count of real tokens minus one; padding gets -1 (as HF)."""
+    return (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)
 
 
 class SlotBackend:
-    def _setup(self, man: Manifest, max_batch: int | None, max_length: int | None) -> None:
+    num_layers: int
+    buckets: tuple[int, ...]  # decode budgets this backend can run (the full depth is always one)
+    warmup_layers: int | None  # warm-up the graphs were built for; None = any
+    max_batch: int  # KV slots
+    max_length: int  # KV columns per slot
+    vocab_size: int
+    pad_token_id: int
+
+    def _init_slots(self) -> None:
+        """Call once the attributes above are set."""
+        self.slots = SlotTable(self.max_batch, self.max_length)
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # -- slot API --------------------------------------------------------------------------------------------
+    def prefill_rows(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> np.ndarray:
+        """Full-depth prefill of `prompts` into `slots` (taken from `self.slots`); -> last-token logits [n, V]."""
+        if len(prompts) != len(slots) or len(set(slots)) != len(slots) or not slots:
+            raise InputError(f"{len(prompts)} prompts need as many distinct slots, got {list(slots)}")
+        for p in prompts:
+            check_int("prompt length", len(p), lo=1, hi=self.max_length - 1)
+        with self._lock:
+            self._check_open()
+            self.slots.check_taken(slots)
+            ids, mask = left_pad(prompts, self.pad_token_id)
+            logits = self._prefill(ids, position_ids(mask), mask, list(slots)).copy()
+            self.slots.lengths[list(slots)] = [len(p) for p in prompts]
+            return logits
+
+    def decode_rows(self, slots: Sequence[int], token_ids: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        """One pass of `bucket`'s graph advancing `slots` by one token each. -> logits [max(slots) + 1, V]: row s is
+        slot s (rows of slots not in the call hold no meaning); a view valid until the next call."""
+        k = len(slots)
+        if k == 0 or len(set(slots)) != k or len(token_ids) != k:
+            raise InputError(f"{len(token_ids)} tokens need as many distinct slots, got {list(slots)}")
+        if bucket not in self.buckets:
+            raise InputError(f"bucket {bucket} is not exported (buckets: {list(self.buckets)})")
+        if gates.shape != (k, bucket):
+            raise InputError(f"gates have shape {gates.shape}; bucket {bucket} over {k} rows needs {(k, bucket)}")
+        with self._lock:
+            self._check_open()
+            self.slots.check_taken(slots)
+            rows = np.asarray(slots, dtype=np.int64)
+            n = int(rows.max()) + 1
+            lengths = self.slots.lengths[:n].copy()  # slots outside the call: their own next column (see above)
+            if int(lengths[rows].max()) >= self.max_length:
+                raise InputError(f"slot {int(rows[np.argmax(lengths[rows])])} holds {int(lengths[rows].max())} "
+                                 f"tokens; a new one needs a column below max_length {self.max_length}")
+            ids = np.zeros(n, dtype=np.int64)
+            ids[rows] = token_ids
+            window = np.zeros((n, bucket), dtype=bool)
+            window[rows] = gates
+            logits = self._decode(ids, lengths, bucket, window)
+            self.slots.lengths[rows] += 1
+            return logits
+
+    def close(self) -> None:
+        """Release what the backend holds (sessions, buffers); later calls raise EngineError. Idempotent."""
+        with self._lock:
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("this engine is closed")
+
+    # -- primitives ------------------------------------------------------------------------------------------
+    def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
+        """ids, pos, mask: [B, S] left-padded; write row b's real K/V into slots[b]; -> logits [B, V]."""
+        raise NotImplementedError
+
+    def _decode(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        """Rows 0..n-1 are slots 0..n-1; row i's token sits at column/position lengths[i]. -> logits [n, V]."""
+        raise NotImplementedError
+
+
+class GraphBackend(SlotBackend):
+    """A compiled engine: the manifest's graphs over one `KVCache`, host buffers for the small inputs and logits.
+
+    Subclasses implement `_run_prefill(ids, pos, mask) -> (logits [B, V], [(key_ptr, value_ptr)] per layer of the
+    left-padded [B, H, S, D] prefill K/V in the cache's memory, keep-alive)` and `_run_decode(spec, n)`, which runs a
+    decode graph over rows 0..n-1 of the host buffers `_ids`, `_lengths`, `_kv_length`, `_gate` into `_logits`.
+    """
+
+    def _setup(self, man: Manifest, max_batch: int | None, max_length: int | None, memory) -> None:
         self.manifest = man
         self.num_layers, self.warmup_layers, self.buckets = man.num_layers, man.warmup_layers, man.buckets
         self.in_place = man.attention == "gqa"
         self.max_batch = check_int("max_batch", max_batch or man.max_batch, lo=1, hi=man.max_batch)
         self.max_length = check_int("max_length", max_length or man.max_length, lo=2, hi=man.max_length)
         m = man.model
-        self.vocab_size, self.heads = m["vocab_size"], m["num_heads"]
-        self.head_dim = m["hidden_size"] // self.heads
+        self.vocab_size, self.pad_token_id, self.heads, self.head_dim = m.vocab_size, m.pad_token_id, m.num_heads, \
+            m.head_dim
+        self._init_slots()
+        self.kv = KVCache(memory, self.num_layers, self.heads, self.head_dim, self.max_batch, self.max_length,
+                          man.dtype, staging=not self.in_place)
+        # Inputs and logits live in host buffers allocated once; bindings point into them and are cached per
+        # (bucket, rows), so a step only refreshes their contents.
+        self._logits = np.zeros(self.max_batch * self.vocab_size, dtype=np.float32)
+        self._ids = np.zeros((self.max_batch, 1), dtype=np.int64)
+        self._lengths = np.zeros(self.max_batch, dtype=np.int32)
+        self._kv_length = np.zeros((), dtype=np.int32)
         self._gate = np.zeros(self.max_batch * self.num_layers, dtype=bool)  # row-major [n, bucket] per call
 
-    # -- static batch (StepBackend) ------------------------------------------------------------------------
-    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Left-padded batch -> slots 0..B-1; each row's real K/V lands at columns [0, its length)."""
-        S = input_ids.shape[1]
-        return self._prefill(input_ids, position_ids, attention_mask[:, :S], list(range(input_ids.shape[0])))
+    def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
+        B, S = ids.shape
+        logits, kv, _keep = self._run_prefill(ids, pos, np.ascontiguousarray(mask))
+        lengths = mask.sum(axis=1)
+        for layer, (k_ptr, v_ptr) in enumerate(kv):
+            self.kv.write_prompts(layer, k_ptr, v_ptr, lengths, slots, S)
+        self.kv.memory.synchronize()  # the prefill outputs go with `_keep`
+        return logits
 
-    def decode(self, token_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-               step: Step) -> np.ndarray:
-        """Run `step.bucket` over slots 0..B-1. In the ragged layout a row's position is its token count, i.e.
-        its past length; `attention_mask` is not needed. The logits view is valid until the next call."""
-        n, b = len(token_ids), step.bucket
-        self._gate[: n * b] = True
-        return self._run(token_ids, position_ids.reshape(-1), b, None)
-
-    # -- slot API --------------------------------------------------------------------------------------------
-    def prefill_rows(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> np.ndarray:
-        """Full-depth prefill of `prompts` into `slots` (columns [0, len)); -> last-token logits [n, V] (a copy)."""
-        if len(prompts) != len(slots) or len(set(slots)) != len(slots):
-            raise InputError(f"{len(prompts)} prompts need as many distinct slots, got {list(slots)}")
-        for s in slots:
-            check_int("slot", s, lo=0, hi=self.max_batch - 1)
-        for p in prompts:
-            check_int("prompt length", len(p), lo=1, hi=self.max_length - 1)
-        ids, mask = left_pad(prompts, self.manifest.model["pad_token_id"])
-        return self._prefill(ids, position_ids(mask), mask, list(slots)).copy()
-
-    def decode_rows(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
-        """One pass of `bucket`'s graph over slots 0..n-1: row i's token sits at column/position lengths[i] and
-        runs the graph's j-th layer where gates[i, j]. -> logits [n, V], a view valid until the next call."""
-        n = len(token_ids)
-        check_int("rows", n, lo=1, hi=self.max_batch)
-        if bucket not in self.buckets:
-            raise InputError(f"bucket {bucket} is not exported (buckets: {list(self.buckets)})")
-        if gates.shape != (n, bucket):
-            raise InputError(f"gates have shape {gates.shape}; bucket {bucket} over {n} rows needs {(n, bucket)}")
-        if int(lengths.max()) >= self.max_length or int(lengths.min()) < 0:
-            raise InputError(f"a row has {int(lengths.max())} tokens; a new one needs a column below max_length "
-                             f"{self.max_length}")
-        self._gate[: n * bucket] = gates.reshape(-1)
-        return self._run(token_ids, lengths, bucket, gates)
-
-    def _run(self, token_ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray | None) -> np.ndarray:
-        # the gate buffer is already filled; gates=None means every row runs every layer of the bucket
-        n = len(token_ids)
-        self._ids[:n, 0] = token_ids
+    def _decode(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        n = len(ids)
+        self._ids[:n, 0] = ids
         self._lengths[:n] = lengths
         self._kv_length[()] = int(lengths.max()) + 1
+        self._gate[: n * bucket] = gates.reshape(-1)
         spec = self.manifest.decode(bucket)
-        binding = self._bindings.get((bucket, n)) or self._bind_decode(spec, n)
-        with graph_range(spec.name):
-            self.sessions[spec.name].run_with_iobinding(binding)
+        self._run_decode(spec, n)
         if not self.in_place:
-            self._move_new_kv(spec.layers, gates, self._lengths[:n].copy())
+            for j, layer in enumerate(spec.layers):  # a gated-off row writes no K/V
+                self.kv.write_new(layer, np.flatnonzero(gates[:, j]), lengths)
+            self.kv.memory.synchronize()
         return self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
 
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._release()
+                self.kv.close()
+            super().close()
+
     # -- primitives ------------------------------------------------------------------------------------------
-    def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
+    def _run_prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray):
         raise NotImplementedError
 
-    def _bind_decode(self, spec, n: int):
+    def _run_decode(self, spec: GraphSpec, n: int) -> None:
         raise NotImplementedError
 
-    def _move_new_kv(self, layers, gates: np.ndarray | None, lengths: np.ndarray) -> None:
+    def _release(self) -> None:
+        """Drop sessions/contexts and bindings (the KV cache is freed by `close`)."""
         raise NotImplementedError

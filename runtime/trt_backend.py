@@ -7,10 +7,11 @@ Memory, all allocated once with cudaMalloc (runtime/device.py) and bound by addr
 * Weights ("inputs" strategy): the plans take every weight as an input tensor; one device copy of weights.bin,
   laid out on 256-byte boundaries (TensorRT's address alignment), is bound to every context. With the
   "embedded" strategy each plan owns its own copy and nothing is bound.
-* KV: per layer K and V [slots, heads, max_length, head_dim]; a decode context binds rows [0, n) of them (same
-  base address for every n) and its new K/V [n, heads, 1, head_dim] to staging buffers, which are moved into
-  column past_length[i] of row i with cudaMemcpy2DAsync. Prefill K/V land in staging buffers grown on demand to
-  the largest prefill seen, then each row's real columns are copied into its slot.
+* KV: the `KVCache` of runtime/kv.py in device memory (the same owner as the onnxruntime backends); a decode
+  context binds rows [0, n) of its buffers (same base address for every n) and its new K/V [n, heads, 1, head_dim]
+  to the cache's staging buffers, which `GraphBackend` moves into column past_length[i] of row i. Prefill K/V land
+  in staging buffers grown on demand to the largest prefill seen, then each row's real columns are copied into its
+  slot. The slot API is the base's, so TensorRT engines serve continuous batches too.
 * Activations: every context is created with USER_MANAGED allocation and given the same buffer, sized for the
   largest engine: contexts run one at a time on one stream, so they can share it.
 
@@ -27,11 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from .device import CudaRuntime, aligned_offsets, column_copies, prefill_copies
-from .errors import BackendError, EngineError, InputError, check_int
+from .device import CudaRuntime, aligned_offsets
+from .errors import BackendError, EngineError
 from .manifest import GraphSpec, Manifest
 from .profiling import graph_range
-from .schedule import Step
+from .slot_backend import GraphBackend
+from .weights import read_weights
 
 TRT_FILE = "tensorrt.json"
 TRT_FORMAT = "skipdecode-tensorrt"
@@ -126,8 +128,8 @@ def import_tensorrt():
     return trt
 
 
-class TrtBackend:
-    """`StepBackend` over the TensorRT plans of one engine directory on CUDA device `device` (slots 0..B-1)."""
+class TrtBackend(GraphBackend):
+    """The slot API over the TensorRT plans of one engine directory on CUDA device `device`."""
 
     def __init__(self, directory: str | Path, man: Manifest, device: int = 0, max_batch: int | None = None,
                  max_length: int | None = None) -> None:
@@ -140,15 +142,10 @@ class TrtBackend:
         if self.plans.tensorrt_version != trt.__version__:  # a plan only loads in the TensorRT that built it
             raise BackendError(f"the plans were built by TensorRT {self.plans.tensorrt_version}; this is "
                                f"{trt.__version__}: rebuild them with `skipdecode export --backend tensorrt`")
-        self.trt, self.manifest = trt, man
-        self.num_layers, self.warmup_layers, self.buckets = man.num_layers, man.warmup_layers, man.buckets
-        self.max_batch = check_int("max_batch", max_batch or man.max_batch, lo=1, hi=man.max_batch)
-        self.max_length = check_int("max_length", max_length or man.max_length, lo=2, hi=man.max_length)
-        m = man.model
-        self.vocab_size, self.heads = m["vocab_size"], m["num_heads"]
-        self.head_dim = m["hidden_size"] // self.heads
-        self.itemsize = np.dtype(man.dtype).itemsize
+        self.trt = trt
         self.cuda = CudaRuntime(device)
+        self._setup(man, max_batch, max_length, self.cuda)
+        self.itemsize = self.kv.itemsize
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engines = {g.name: self._load_engine(directory, g) for g in man.graphs}
@@ -156,7 +153,6 @@ class TrtBackend:
         self.contexts = {name: self._context(name) for name in self.engines}
         self._shapes: dict[str, tuple] = {}  # graph -> input shapes last set on its context
         self._addressed: set[str] = set()  # contexts whose tensor addresses are set
-        self._logits = np.zeros(self.max_batch * self.vocab_size, dtype=np.float32)
 
     # -- loading ---------------------------------------------------------------------------------------------
     def _load_engine(self, directory: Path, spec: GraphSpec):
@@ -187,16 +183,14 @@ class TrtBackend:
         if self.plans.weights == "inputs":
             self.weight_offsets, total = weight_layout(man)
             self.ptr["weights"] = cuda.malloc(total, zero=False)
-            host = np.fromfile(directory / man.weights_file, dtype=np.uint8)
-            for name, w in man.weights.items():
-                cuda.h2d(self.ptr["weights"] + self.weight_offsets[name], host[w.offset: w.offset + w.nbytes])
+            for name, arr in read_weights(directory, man).items():
+                cuda.h2d(self.ptr["weights"] + self.weight_offsets[name], arr)
         else:
             self.weight_offsets = {}
-        kv = self.max_batch * self.heads * self.max_length * self.head_dim * self.itemsize
-        new = self.max_batch * self.heads * self.head_dim * self.itemsize
-        for layer in range(self.num_layers):
-            for part, nbytes in (("key", kv), ("value", kv), ("new_key", new), ("new_value", new)):
-                self.ptr[f"{part}.{layer}"] = cuda.malloc(nbytes)
+        for layer in range(self.num_layers):  # the KV cache's buffers, bound by name
+            self.ptr[f"key.{layer}"], self.ptr[f"value.{layer}"] = self.kv.keys[layer], self.kv.values[layer]
+            self.ptr[f"new_key.{layer}"] = self.kv.new_keys[layer]
+            self.ptr[f"new_value.{layer}"] = self.kv.new_values[layer]
         S = self.max_length - 1  # longest prompt: one column must remain for the first generated token
         for name in ("prefill_ids", "prefill_pos", "prefill_mask"):
             self.ptr[name] = cuda.malloc(self.max_batch * S * 8)
@@ -218,44 +212,26 @@ class TrtBackend:
         ctx.set_device_memory(self.ptr["activations"], self.activation_bytes)
         return ctx
 
-    # -- StepBackend -----------------------------------------------------------------------------------------
-    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        B, S = input_ids.shape
-        check_int("batch size", B, lo=1, hi=self.max_batch)
-        check_int("prompt length", S, lo=1, hi=self.max_length - 1)
-        mask = np.ascontiguousarray(attention_mask[:, :S])
+    # -- GraphBackend primitives ----------------------------------------------------------------------------
+    def _run_prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray):
+        B, S = ids.shape
         spec = self.manifest.prefill()
-        for name, arr in (("prefill_ids", input_ids), ("prefill_pos", position_ids), ("prefill_mask", mask)):
+        for name, arr in (("prefill_ids", ids), ("prefill_pos", pos), ("prefill_mask", mask)):
             self.cuda.h2d(self.ptr[name], arr.astype(np.int64))
         self._ensure_present(B, S)
         self._execute(spec, prefill_bindings(spec, self.plans.weight_inputs.get(spec.name, []), self.weight_offsets,
                                              B, S))
-        plan = prefill_copies(mask.sum(axis=1), range(B), S, self.heads, self.head_dim, self.max_length,
-                              self.itemsize)
-        for layer in range(self.num_layers):
-            for part in ("key", "value"):
-                self.cuda.copy2d(self.ptr[f"{part}.{layer}"], self.ptr[f"present_{part}.{layer}"], plan)
-        return self._read_logits(B)
+        kv = [(self.ptr[f"present_key.{layer}"], self.ptr[f"present_value.{layer}"])
+              for layer in range(self.num_layers)]
+        return self._read_logits(B), kv, None
 
-    def decode(self, token_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-               step: Step) -> np.ndarray:
-        """Run `step.bucket` over slots 0..B-1; a row's past length is its position (ragged slot layout)."""
-        n = len(token_ids)
-        lengths = position_ids.reshape(-1).astype(np.int32)
-        if int(lengths.max()) >= self.max_length:
-            raise InputError(f"a row has {int(lengths.max())} tokens; a new one needs a column below max_length "
-                             f"{self.max_length}")
-        spec = self.manifest.decode(step.bucket)
-        self.cuda.h2d(self.ptr["ids"], np.asarray(token_ids, dtype=np.int64).reshape(n, 1))
-        self.cuda.h2d(self.ptr["lengths"], lengths)
-        self.cuda.h2d(self.ptr["gate"], np.ones((n, len(spec.layers)), dtype=bool))
+    def _run_decode(self, spec: GraphSpec, n: int) -> None:
+        self.cuda.h2d(self.ptr["ids"], self._ids[:n])
+        self.cuda.h2d(self.ptr["lengths"], self._lengths[:n])
+        self.cuda.h2d(self.ptr["gate"], self._gate[: n * len(spec.layers)])
         self._execute(spec, decode_bindings(spec, self.plans.weight_inputs.get(spec.name, []), self.weight_offsets,
                                             n, self.heads, self.head_dim, self.max_length))
-        for layer in spec.layers:
-            plan = column_copies(range(n), lengths, self.heads, self.head_dim, self.max_length, self.itemsize)
-            for part in ("key", "value"):
-                self.cuda.copy2d(self.ptr[f"{part}.{layer}"], self.ptr[f"new_{part}.{layer}"], plan)
-        return self._read_logits(n)
+        self._read_logits(n)
 
     # -- internals -------------------------------------------------------------------------------------------
     def _ensure_present(self, batch: int, seq: int) -> None:
@@ -298,16 +274,13 @@ class TrtBackend:
         self.cuda.synchronize()
         return logits.reshape(n, self.vocab_size)
 
-    def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of one layer's K and V buffers (tests and parity checks; not on the generation path)."""
-        shape = (self.max_batch, self.heads, self.max_length, self.head_dim)
-        out = tuple(np.empty(shape, dtype=self.manifest.dtype) for _ in range(2))
-        for arr, part in zip(out, ("key", "value"), strict=True):
-            self.cuda.d2h(arr, self.ptr[f"{part}.{layer}"])
-        self.cuda.synchronize()
-        return out
-
-    def close(self) -> None:
+    def _release(self) -> None:
         self.contexts.clear()
         self.engines.clear()
-        self.cuda.close()
+
+    def close(self) -> None:
+        with self._lock:
+            closed = self._closed
+            super().close()
+            if not closed:
+                self.cuda.close()

@@ -1,4 +1,4 @@
-"""`skipdecode bench`: the benchmark of issue 5 (export/bench.py). The parser imports neither torch nor onnx; the
+"""`skipdecode bench`: the throughput benchmark (bench/run.py). The parser imports neither torch nor onnx; the
 handler does when it runs. Options left out take the preset's value (`--quick` or the full run)."""
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=float,
                    help="seconds of samples per measurement; repeats grow until reached (default 2, quick 1)")
     p.add_argument("--threads", type=int, help="onnxruntime and torch threads (default: every core)")
-    p.add_argument("--backends", type=_names, help="onnxruntime,onnxruntime-prepack (default both)")
+    p.add_argument("--backends", type=_names,
+                   help="onnxruntime (default pre-packing: shared), onnxruntime-private, onnxruntime-noprepack "
+                        "(default: the first two)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
     p.add_argument("--cache-dir", type=Path, help="random checkpoints and engines (default engines/bench)")
@@ -41,7 +43,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args):
-    from skipdecode.export.bench import config_from
+    from skipdecode.bench.run import config_from
     from skipdecode.runtime.errors import InputError
 
     if args.prompt_lengths is not None and len(args.prompt_lengths) != 2:
@@ -57,8 +59,8 @@ def config_from_args(args):
 
 
 def run_bench(args) -> int:
-    from skipdecode.export.bench import run_bench as bench
-    from skipdecode.export.bench_report import write_outputs
+    from skipdecode.bench.report import write_outputs
+    from skipdecode.bench.run import run_bench as bench
     from skipdecode.runtime.ort_backend import use_global_thread_pool
 
     cfg = config_from_args(args)

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=int, default=0, help="CUDA device of the cuda/tensorrt backends")
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="onnxruntime execution providers, comma-separated, in priority order")
-    p.add_argument("--prepack", action="store_true",
-                   help="let onnxruntime pre-pack weights per graph: faster, but one weights copy per graph")
+    p.add_argument("--prepack", choices=("shared", "private", "off"),
+                   help="weight pre-packing: shared (default: one packed copy for all graphs), private (one per "
+                        "graph), off")
     add_generate_args(p)
 
     p = sub.add_parser("memory", help="resident memory: all bucket graphs loaded vs one copy of the weights")

@@ -32,7 +32,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, help="positions per sequence (default: the engine's)")
     g.add_argument("--providers", default="CPUExecutionProvider")
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
-    g.add_argument("--prepack", action="store_true", help="onnxruntime weight pre-packing (faster, more memory)")
+    g.add_argument("--prepack", choices=("shared", "private", "off"),
+                   help="weight pre-packing: shared (default), private (one packed copy per graph), off")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
 
 

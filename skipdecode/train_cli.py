@@ -16,7 +16,7 @@ from pathlib import Path
 from skipdecode.cliargs import floats as _floats
 from skipdecode.runtime.errors import InputError, SkipDecodeError
 
-TUNE_SPEEDUPS = "2,3,5"  # drawn per batch; full depth is trained on the prompt positions (export/finetune.py)
+TUNE_SPEEDUPS = "2,3,5"  # drawn per batch; full depth is trained on the prompt positions (training/finetune.py)
 EVAL_SPEEDUPS = "1,2,3,5"
 
 
@@ -85,7 +85,7 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_corpus(args) -> int:
-    from skipdecode.export.corpus import read_documents, write_kjv_corpus, write_sample
+    from skipdecode.training.corpus import read_documents, write_kjv_corpus, write_sample
     files = write_kjv_corpus(args.out)
     print(f"wrote {files.train} ({files.train_docs} chapters) and {files.heldout} ({files.heldout_docs} chapters)")
     if args.sample:
@@ -94,15 +94,15 @@ def cmd_corpus(args) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
-    from skipdecode.export.corpus import read_documents
-    from skipdecode.export.tokenizer_train import train_tokenizer_file
+    from skipdecode.training.corpus import read_documents
+    from skipdecode.training.tokenizer_train import train_tokenizer_file
     out = train_tokenizer_file(read_documents(args.data), args.out, args.vocab_size)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from skipdecode.export.finetune import FinetuneJob, TrainConfig, run_job
+    from skipdecode.training.finetune import FinetuneJob, TrainConfig, run_job
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -132,7 +132,7 @@ def default_heldout(model_dir: str) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from skipdecode.export.quality import EvalConfig, run_report
+    from skipdecode.training.quality import EvalConfig, run_report
     cfg = EvalConfig(speedups=args.speedups, budgets=tuple(_budgets(args)), chunks=args.chunks,
                      gen_prompts=args.gen_prompts, prompt_length=args.prompt_length, seq_len=args.seq_len,
                      seed=args.seed, threads=args.threads)

@@ -4,8 +4,8 @@
 POISON (written by a gated-off layer: a pass-through value that must never be read). A row that runs a layer
 over a column that is not a real entry of its own sequence raises `KVInvariantError`. Logits are a seeded
 function of (the context tokens, the layers the row ran), so a row that runs a different layer set than its
-schedule gives different tokens. The same object implements the static `StepBackend` API for one sequence, so
-`Generator(fake, ...).generate([prompt], opts)` is the solo-run reference.
+schedule gives different tokens. It is a `SlotBackend`, so `Generator(fake, ...).generate([prompt], opts)` (the
+static path) is the solo-run reference.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import zlib
 from contextlib import contextmanager
 
 import numpy as np
-from skipdecode.runtime.generation import Generator
-from skipdecode.runtime.schedule import Step, layers_for_budget
+from skipdecode.runtime.generator import Generator
+from skipdecode.runtime.schedule import layers_for_budget
+from skipdecode.runtime.slot_backend import SlotBackend
 
 EMPTY, POISON = -1, -2
 VOCAB = 50
@@ -29,11 +30,13 @@ class KVInvariantError(AssertionError):
     """A row read K/V that its own sequence never computed in that layer."""
 
 
-class FakeSlotBackend:
+class FakeSlotBackend(SlotBackend):
     def __init__(self, num_layers: int = 6, buckets: tuple[int, ...] = (2, 3, 4, 6), warmup: int = 1,
                  max_batch: int = 4, max_length: int = 64, vocab: int = VOCAB, delay_s: float = 0.0) -> None:
         self.num_layers, self.buckets, self.warmup_layers = num_layers, buckets, warmup
         self.max_batch, self.max_length, self.vocab, self.delay_s = max_batch, max_length, vocab, delay_s
+        self.vocab_size, self.pad_token_id = vocab, 1
+        self._init_slots()
         self.kv = np.full((num_layers, max_batch, max_length), EMPTY, dtype=np.int64)
         self._out = np.zeros((max_batch, vocab), dtype=np.float32)
         self.calls: list[tuple[int, int, int]] = []  # (bucket, rows, rows with any gate on) per decode call
@@ -42,15 +45,16 @@ class FakeSlotBackend:
         key = np.asarray(list(context) + [-7] + list(layers), dtype=np.int64).tobytes()
         return (np.random.default_rng(zlib.crc32(key)).standard_normal(self.vocab) * 3).astype(np.float32)
 
-    # -- slot API ---------------------------------------------------------------------------------------------
-    def prefill_rows(self, prompts, slots) -> np.ndarray:
-        assert len(prompts) == len(slots) == len(set(slots)) and len(prompts) <= self.max_batch
+    # -- SlotBackend primitives -----------------------------------------------------------------------------
+    def _prefill(self, ids, pos, mask, slots) -> np.ndarray:
+        assert len(ids) == len(slots) == len(set(slots)) and len(ids) <= self.max_batch
+        prompts = [[int(t) for t in row[m.astype(bool)]] for row, m in zip(ids, mask, strict=True)]
         for prompt, slot in zip(prompts, slots, strict=True):
             self.kv[:, slot, :] = EMPTY
             self.kv[:, slot, : len(prompt)] = prompt
         return np.stack([self.logits(p, range(self.num_layers)) for p in prompts])
 
-    def decode_rows(self, token_ids, lengths, bucket, gates) -> np.ndarray:
+    def _decode(self, token_ids, lengths, bucket, gates) -> np.ndarray:
         n = len(token_ids)
         graph = layers_for_budget(self.num_layers, bucket, self.warmup_layers)
         assert bucket in self.buckets and gates.shape == (n, bucket) and gates.dtype == bool, (bucket, gates.shape)
@@ -80,16 +84,6 @@ class FakeSlotBackend:
                                        "K/V of this sequence")
         return [int(t) for t in ctx]
 
-    # -- static StepBackend API (one sequence, slot 0): the solo-run reference --------------------------------
-    def prefill(self, input_ids, position_ids, attention_mask) -> np.ndarray:
-        assert input_ids.shape[0] == 1, "the fake runs static batches of one only"
-        return self.prefill_rows([list(input_ids[0])], [0])
-
-    def decode(self, token_ids, position_ids, attention_mask, step: Step) -> np.ndarray:
-        assert int(position_ids[0]) == step.column  # one sequence, no padding: position = column
-        return self.decode_rows(np.asarray(token_ids), np.array([step.column]), step.bucket,
-                                np.ones((1, step.bucket), dtype=bool))
-
 
 def fake_generator(**kw) -> Generator:
     """A `Generator` over a fresh fake backend (pad 1, eos 2): what the service and the solo runs take."""
@@ -103,11 +97,11 @@ class FailingBackend(FakeSlotBackend):
         super().__init__(**kw)
         self.fail_on, self.decodes = fail_on, 0
 
-    def decode_rows(self, token_ids, lengths, bucket, gates):
+    def _decode(self, token_ids, lengths, bucket, gates):
         self.decodes += 1
         if self.decodes == self.fail_on:
             raise RuntimeError("injected backend failure")
-        return super().decode_rows(token_ids, lengths, bucket, gates)
+        return super()._decode(token_ids, lengths, bucket, gates)
 
 
 @contextmanager

@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from skipdecode.export import bench_cost as cost  # noqa: E402
-from skipdecode.export.bench import prepare_model  # noqa: E402
-from skipdecode.export.bench_report import add_hf_ratios, evaluate_targets, markdown  # noqa: E402
+from skipdecode.bench import cost  # noqa: E402
+from skipdecode.bench.report import add_hf_ratios, evaluate_targets, markdown  # noqa: E402
+from skipdecode.bench.run import prepare_model  # noqa: E402
 from skipdecode.runtime.errors import InputError  # noqa: E402
 from skipdecode.runtime.schedule import Schedule, make_plan  # noqa: E402
 
@@ -50,14 +50,14 @@ def bench_run(tmp_path_factory):
 def test_json_interface(bench_run):
     _, _, out = bench_run
     rows = out["results"]
-    assert {r["backend"] for r in rows} == {"onnxruntime", "onnxruntime-prepack", "hf-generate"}
+    assert {r["backend"] for r in rows} == {"onnxruntime", "onnxruntime-private", "hf-generate"}
     for r in rows:
         assert {"model", "backend", "batch", "speedup", "tokens_per_s"} <= r.keys()
         assert r["model"] == "tiny-preln" and r["tokens_per_s"] > 0
         if r["backend"] != "hf-generate":
             assert r["ideal_speedup"] > 0 and r["measured_speedup"] > 0 and "vs_hf" in r
     ours = {(r["backend"], r["batch"], r["speedup"]) for r in rows if r["backend"] != "hf-generate"}
-    assert ours == {(b, n, s) for b in ("onnxruntime", "onnxruntime-prepack") for n in (1, 2) for s in (1, 2, 3, 5)}
+    assert ours == {(b, n, s) for b in ("onnxruntime", "onnxruntime-private") for n in (1, 2) for s in (1, 2, 3, 5)}
     full = [r for r in rows if r["backend"] == "onnxruntime" and r["speedup"] == 1]
     assert all(r["measured_speedup"] == 1 and r["ideal_speedup"] == 1 for r in full)
     assert out["memory"]["all_buckets_bytes"] > 0 and out["memory"]["one_copy_bytes"] > 0

@@ -20,7 +20,7 @@ from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import Schedule, make_plan
 
 from .conftest import PROMPTS
-from .test_reference import Recorder
+from .test_reference import record
 
 
 @pytest.fixture(scope="session")
@@ -31,24 +31,20 @@ def engine_dir(tiny_checkpoint, tmp_path_factory):
     return style, ckpt, out
 
 
-def recorded(gen):
-    rec = Recorder(gen.backend)
-    gen.backend = rec
-    return rec
-
-
 @pytest.mark.parametrize("speedup", [1.0, 2.0, 3.0, 5.0])
 def test_runtime_matches_reference(engine_dir, speedup):
     _, ckpt, out = engine_dir
     opts = GenerateOptions(max_new_tokens=32, speedup=speedup)
     engine, torch_gen = Engine.load(out), TorchGenerator.load(str(ckpt))
-    rec_e, rec_t = recorded(engine), recorded(torch_gen)
+    rec_e, rec_t = record(engine.backend), record(torch_gen.backend)
     got, want = engine.generate(PROMPTS, opts), torch_gen.generate(PROMPTS, opts)
     assert [r.tokens for r in got] == [r.tokens for r in want]
     assert [r.budgets for r in got] == [r.budgets for r in want]
     assert all(len(r.tokens) == 32 for r in got)
-    for a, b in zip(rec_e.logits, rec_t.logits, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    assert sorted(rec_e) == sorted(rec_t) == [0, 1, 2]
+    for slot in rec_e:
+        for a, b in zip(rec_e[slot], rec_t[slot], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     if speedup > 1:
         assert min(got[0].budgets) < engine.manifest.num_layers
 
@@ -61,12 +57,13 @@ def test_sampling_matches_reference(engine_dir):
     assert [r.tokens for r in got] == [r.tokens for r in want]
 
 
-def test_stream_yields_every_column(engine_dir):
+def test_stream_yields_every_step(engine_dir):
     engine = Engine.load(engine_dir[2])
     events = list(engine.stream(PROMPTS, GenerateOptions(max_new_tokens=5, speedup=2.0)))
-    p = max(map(len, PROMPTS))
-    assert [e.column for e in events] == list(range(p, p + 5))
-    assert all(len(e.tokens) == 3 for e in events)
+    assert [e.step for e in events] == list(range(5))
+    assert all(len(e.tokens) == 3 and None not in e.tokens for e in events)
+    assert events[-1].finished == ("length",) * 3 and all(f == (None,) * 3 for e in events[:-1] for f in [e.finished])
+    assert events[0].budgets == (engine.manifest.num_layers,) * 3  # the first token comes from the prefill
 
 
 def test_graphs_share_one_weights_file(engine_dir):
@@ -94,7 +91,7 @@ def test_sparse_buckets_never_run_fewer_layers(tiny_checkpoint, tmp_path):
     engine = Engine.load(out)
     assert engine.manifest.buckets == (2, 4, 6)
     res = engine.generate(PROMPTS, GenerateOptions(max_new_tokens=20, speedup=3.0))
-    p = max(map(len, PROMPTS))
+    p = len(PROMPTS[0])  # row 0's own schedule
     plan = make_plan(Schedule.for_speedup(6, 3.0), p, p + 20)
     scheduled = [s.scheduled for s in plan.steps]
     assert all(run >= want for run, want in zip(res[0].budgets[1:], scheduled, strict=True))

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from skipdecode.export.corpus import make_chunks, read_documents, token_stream
-from skipdecode.export.finetune import (
+from skipdecode.export.generator import TorchGenerator
+from skipdecode.export.random_models import build_random_opt
+from skipdecode.export.reference import TorchReference
+from skipdecode.runtime.errors import InputError, ModelError, ScheduleError
+from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.schedule import Schedule, make_plan
+from skipdecode.runtime.tokenizer import TextCodec
+from skipdecode.training.corpus import make_chunks, read_documents, token_stream
+from skipdecode.training.finetune import (
     FinetuneJob,
     TrainConfig,
     batch_plan,
@@ -16,14 +23,7 @@ from skipdecode.export.finetune import (
     run_job,
     train,
 )
-from skipdecode.export.generator import TorchGenerator
-from skipdecode.export.random_models import build_random_opt
-from skipdecode.export.reference import TorchReference
-from skipdecode.export.tokenizer_train import train_bpe, train_tokenizer_file
-from skipdecode.runtime.errors import InputError, ModelError, ScheduleError
-from skipdecode.runtime.generation import GenerateOptions, position_ids
-from skipdecode.runtime.schedule import Schedule, make_plan
-from skipdecode.runtime.tokenizer import TextCodec
+from skipdecode.training.tokenizer_train import train_bpe, train_tokenizer_file
 
 from .train_helpers import VOCAB, synthetic_docs, write_config, write_corpus
 
@@ -45,14 +45,12 @@ def pattern_chunks(n: int = 32, vocab: int = 211, seq: int = SEQ) -> np.ndarray:
 def cached_generated_loss(model, chunk: np.ndarray, schedule: Schedule, p: int) -> float:
     """Teacher-forced loss of the generated part through the *cached* inference path (TorchReference)."""
     B, T = chunk.shape
-    ref = TorchReference(model)
-    mask = np.zeros((B, T), dtype=np.int64)
-    mask[:, :p] = 1
-    logits = [ref.prefill(chunk[:, :p], position_ids(mask[:, :p]), mask)]
+    ref = TorchReference(model, warmup_layers=schedule.warmup)
+    slots = ref.slots.allocate(B)
+    logits = [ref.prefill_rows(chunk[:, :p].tolist(), slots)]
     for step in make_plan(schedule, p, T).steps:
-        mask[:, step.column] = 1
-        pos = np.full(B, step.column, dtype=np.int64)
-        logits.append(ref.decode(chunk[:, step.column], pos, mask, step))
+        gates = np.ones((B, step.bucket), dtype=bool)
+        logits.append(ref.decode_rows(slots, chunk[:, step.column], step.bucket, gates)[slots].copy())
     lg = torch.from_numpy(np.stack(logits, 1))  # [B, T - p, V]: columns p-1 .. T-2
     return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), torch.from_numpy(chunk[:, p:]).reshape(-1))
 

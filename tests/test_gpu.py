@@ -19,9 +19,9 @@ from skipdecode.export.tensorrt_build import (
     weights_as_inputs,
 )
 from skipdecode.runtime import contract as C
-from skipdecode.runtime.device import DEVICE_ALIGN, apply_copies, column_copies, prefill_copies
+from skipdecode.runtime.device import DEVICE_ALIGN, HostRuntime, apply_copies, column_copies, prefill_copies
 from skipdecode.runtime.errors import BackendError, EngineError
-from skipdecode.runtime.kv import KVArena
+from skipdecode.runtime.kv import KVCache
 from skipdecode.runtime.manifest import load_manifest
 from skipdecode.runtime.ort_backend import load_weights, open_session, session_options
 from skipdecode.runtime.trt_backend import TrtPlans, decode_bindings, prefill_bindings, weight_layout
@@ -48,7 +48,7 @@ def matmul_engine(tmp_path_factory):
 # -- TensorRT build: profiles, weights as inputs, memory -------------------------------------------------------
 def test_profiles_come_from_the_manifest(matmul_engine):
     _, man = matmul_engine
-    H, D = man.model["num_heads"], man.model["hidden_size"] // man.model["num_heads"]
+    H, D = man.model.num_heads, man.model.head_dim
     p = profile_shapes(man.prefill(), man, TrtBuildConfig(opt_batch=2, opt_prompt=16))
     assert p[C.INPUT_IDS] == [[1, 1], [2, 16], [4, 31]]  # longest prompt = max_length - 1
     assert set(p) == {C.INPUT_IDS, C.POSITION_IDS, C.ATTENTION_MASK}
@@ -76,7 +76,7 @@ def test_weights_as_inputs_graphs_match_the_exported_ones(matmul_engine, tmp_pat
         weights = {n: raw[man.weights[n].offset:][: man.weights[n].nbytes].view(man.weights[n].dtype)
                    .reshape(man.weights[n].shape) for n in spec.weights}
         got = sess.run(None, {**feed, **weights})
-        want = open_session(directory, spec, shared, ["CPUExecutionProvider"], False).run(None, feed)
+        want = open_session(directory, spec, shared, ["CPUExecutionProvider"], session_options(False)).run(None, feed)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
@@ -104,7 +104,7 @@ def test_device_weight_layout_is_aligned_and_disjoint(matmul_engine):
 def test_bindings_cover_every_tensor_once(matmul_engine):
     _, man = matmul_engine
     offsets, _ = weight_layout(man)
-    H, D, T = man.model["num_heads"], man.model["hidden_size"] // man.model["num_heads"], man.max_length
+    H, D, T = man.model.num_heads, man.model.head_dim, man.max_length
     spec = man.decode(4)
     binds = decode_bindings(spec, list(spec.weights), offsets, 3, H, D, T)
     names = [b.name for b in binds]
@@ -119,31 +119,41 @@ def test_bindings_cover_every_tensor_once(matmul_engine):
     assert {b.shape for b in pre if b.shape} == {(2, 5)}
 
 
-# -- K/V copy plans against the CPU arena ----------------------------------------------------------------------
-def test_prefill_copy_plan_matches_arena():
+# -- K/V copy plans against the layout written out by hand ---------------------------------------------------
+def test_prefill_copy_plan_matches_the_layout():
     H, D, T, S, slots = 2, 3, 10, 6, 4
     rng = np.random.default_rng(0)
     present = rng.normal(size=(3, H, S, D)).astype(np.float16)
     lengths, rows_to_slots = [6, 1, 4], [2, 0, 3]
-    arena = KVArena(1, H, D, slots, T, "float16", staging=False)
+    cache = KVCache(HostRuntime(), 1, H, D, slots, T, "float16", staging=False)
+    cache.write_prompts(0, present.ctypes.data, present.ctypes.data, lengths, rows_to_slots, S)
+    want = np.zeros((slots, H, T, D), dtype=np.float16)  # the layout written out by hand
     for b, (n, slot) in enumerate(zip(lengths, rows_to_slots, strict=True)):
-        arena.write_prompt(0, slot, present[b, :, S - n:], present[b, :, S - n:])
+        want[slot, :, :n] = present[b, :, S - n:]
     dst = np.zeros((slots, H, T, D), dtype=np.float16)
     apply_copies(dst, present, prefill_copies(lengths, rows_to_slots, S, H, D, T, 2))
-    np.testing.assert_array_equal(dst, arena.keys[0])
+    np.testing.assert_array_equal(dst, want)
+    np.testing.assert_array_equal(cache.read(0)[0], want)
 
 
-def test_column_copy_plan_matches_arena():
-    H, D, T, n = 2, 3, 10, 3
+def test_column_copy_plan_matches_the_layout():
+    H, D, T, slots = 2, 3, 10, 4
     rng = np.random.default_rng(1)
-    arena = KVArena(1, H, D, 4, T, "float32", staging=True)
-    arena.keys[0][:] = rng.normal(size=arena.keys[0].shape)
-    arena.new_keys[0][:] = rng.normal(size=arena.new_keys[0].shape)
-    dst = arena.keys[0].copy()
+    memory = HostRuntime()
+    cache = KVCache(memory, 1, H, D, slots, T, "float32", staging=True)
+    keys = rng.normal(size=(slots, H, T, D)).astype(np.float32)
+    new = rng.normal(size=(slots, H, 1, D)).astype(np.float32)
+    memory.h2d(cache.keys[0], keys)
+    memory.h2d(cache.new_keys[0], new)
     lengths, rows = np.array([4, 0, 9]), np.array([0, 2])  # row 1 gated off: writes nothing
-    apply_copies(dst, arena.new_keys[0][:n], column_copies(rows, lengths, H, D, T, 4))
-    arena.write_new(0, rows, lengths[rows])
-    np.testing.assert_array_equal(dst, arena.keys[0])
+    cache.write_new(0, rows, lengths)
+    want = keys.copy()
+    for r in rows:
+        want[r, :, lengths[r]] = new[r, :, 0]
+    np.testing.assert_array_equal(cache.read(0)[0], want)
+    dst = keys.copy()
+    apply_copies(dst, new[:3], column_copies(rows, lengths, H, D, T, 4))
+    np.testing.assert_array_equal(dst, want)
     with pytest.raises(ValueError, match="outside"):
         column_copies([0], [T], H, D, T, 4)
 
@@ -202,23 +212,26 @@ def test_cuda_backend_plumbing_matches_ort_backend(flavour, gqa_engine, matmul_e
     reference = OrtBackend(directory, man, ["CPUExecutionProvider"])
     got, want = _generate(emulated, man, PROMPTS, 3.0), _generate(reference, man, PROMPTS, 3.0)
     assert [r.tokens for r in got] == [r.tokens for r in want]
+    prompts, slots = [[2, 9, 8, 7], [2, 5], [2, 3, 4, 5, 6]], [2, 0, 1]
+    first = []
     for backend in (emulated, reference):
-        logits = backend.prefill_rows([[2, 9, 8, 7], [2, 5]], [2, 0])
-        np.testing.assert_array_equal(logits, reference.prefill_rows([[2, 9, 8, 7], [2, 5]], [2, 0]))
+        assert backend.slots.allocate(3) == [0, 1, 2]
+        first.append(backend.prefill_rows(prompts, slots))
+    np.testing.assert_array_equal(first[0], first[1])
     gates = np.array([[True, True, True, True], [True, False, True, False], [True, True, False, True]])
-    step = [b.decode_rows(np.array([11, 12, 13]), np.array([2, 5, 4]), 4, gates).copy()
-            for b in (emulated, reference)]
+    step = [b.decode_rows([0, 1, 2], np.array([11, 12, 13]), 4, gates).copy() for b in (emulated, reference)]
     np.testing.assert_allclose(step[0], step[1], rtol=0, atol=1e-6)
     for layer in range(man.num_layers):
-        np.testing.assert_array_equal(emulated.read_kv(layer)[0], reference.arena.keys[layer])
-        np.testing.assert_array_equal(emulated.read_kv(layer)[1], reference.arena.values[layer])
+        for got, want in zip(emulated.kv.read(layer), reference.kv.read(layer), strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 # -- on a GPU ----------------------------------------------------------------------------------------------------
 def _generate(backend, man, prompts, speedup=2.0):
-    from skipdecode.runtime.generation import GenerateOptions, Generator
+    from skipdecode.runtime.generation import GenerateOptions
+    from skipdecode.runtime.generator import Generator
     m = man.model
-    gen = Generator(backend, None, m["pad_token_id"], m["eos_token_id"], m["vocab_size"])
+    gen = Generator(backend, None, m.pad_token_id, m.eos_token_id, m.vocab_size)
     return gen.generate(prompts, GenerateOptions(max_new_tokens=12, speedup=speedup))
 
 

@@ -67,7 +67,7 @@ def test_feeds_are_realistic(engines):
     mask = prefill[C.ATTENTION_MASK]
     assert (mask.sum(axis=1) == 1).any(), "a single-token row exercises fp16 masking with left padding"
     assert (np.diff(mask, axis=1) >= 0).all(), "left padding: zeros then ones"
-    assert (prefill[C.INPUT_IDS][mask == 1] < man.model["vocab_size"]).all()
+    assert (prefill[C.INPUT_IDS][mask == 1] < man.model.vocab_size).all()
     decode = graph_feeds(man.decode(2), man, iterations=2)
     for feed in decode:
         lengths = feed[C.PAST_LENGTH]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from skipdecode.export.generator import TorchGenerator
-from skipdecode.export.quality import EvalConfig, evaluate_model, rouge_l, run_report, token_overlap
 from skipdecode.export.random_models import build_random_opt
-from skipdecode.export.tokenizer_train import train_tokenizer_file
 from skipdecode.runtime.errors import InputError
 from skipdecode.runtime.generation import GenerateOptions, Generation
+from skipdecode.training.quality import EvalConfig, evaluate_model, rouge_l, run_report, token_overlap
+from skipdecode.training.tokenizer_train import train_tokenizer_file
 
 from .train_helpers import VOCAB, synthetic_docs, write_corpus
 
@@ -145,9 +145,9 @@ def test_committed_model_loads_offline_and_generates():
 
 def test_committed_model_is_trained():
     """Held-out perplexity far below chance (vocabulary 8192): the weights are the trained ones."""
-    from skipdecode.export.corpus import read_documents
     from skipdecode.export.models import load_model
-    from skipdecode.export.quality import eval_chunks
+    from skipdecode.training.corpus import read_documents
+    from skipdecode.training.quality import eval_chunks
     model, codec = load_model(str(TINY_KJV / "skip-tuned"))
     cfg = EvalConfig(speedups=(1.0, 2.0), chunks=8, gen_prompts=1, threads=1)
     chunks = eval_chunks(codec.tokenizer, read_documents([TINY_KJV / "heldout.txt"]), cfg)
@@ -158,11 +158,11 @@ def test_committed_model_is_trained():
 def test_onnxruntime_engine_plugs_into_the_continuation_metrics(checkpoint, tmp_path):
     """The `Generator` seam with the real compiled runtime: same greedy continuations as the torch reference."""
     pytest.importorskip("onnxruntime")
-    from skipdecode.export.corpus import read_documents
     from skipdecode.export.exporter import ExportConfig, export
     from skipdecode.export.models import load_model
-    from skipdecode.export.quality import eval_chunks
     from skipdecode.runtime.engine import Engine
+    from skipdecode.training.corpus import read_documents
+    from skipdecode.training.quality import eval_chunks
     export(ExportConfig(model=str(checkpoint / "model"), out=tmp_path / "engine", speedups=(2.0,), max_batch=4),
            progress=False)
     model, codec = load_model(str(checkpoint / "model"))

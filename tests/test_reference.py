@@ -7,32 +7,34 @@ import pytest
 import torch
 from skipdecode.export.generator import TorchGenerator
 from skipdecode.export.reference import TorchReference, recompute_logits
-from skipdecode.runtime.generation import GenerateOptions, left_pad
+from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.sampling import SamplingParams
-from skipdecode.runtime.schedule import Schedule, Step, make_plan
+from skipdecode.runtime.schedule import Schedule, make_plan
+from skipdecode.runtime.slot_backend import left_pad
 
 from .conftest import PROMPTS
 
 
-class Recorder:
-    """Wraps a backend and keeps every step's logits and plan step."""
+def record(backend) -> dict[int, list[np.ndarray]]:
+    """Wrap a backend's slot API; -> {slot: logits of every call that advanced it} (copies: a backend's logits
+    buffer is only valid until its next call)."""
+    rec: dict[int, list[np.ndarray]] = {}
+    prefill_rows, decode_rows = backend.prefill_rows, backend.decode_rows
 
-    def __init__(self, backend):
-        self.backend = backend
-        self.logits, self.steps = [], []
-        for name in ("num_layers", "buckets", "max_batch", "max_length", "warmup_layers"):
-            setattr(self, name, getattr(backend, name))
+    def prefill(prompts, slots):
+        out = prefill_rows(prompts, slots)
+        for i, slot in enumerate(slots):
+            rec.setdefault(slot, []).append(out[i].copy())
+        return out
 
-    def prefill(self, *args):
-        logits = self.backend.prefill(*args)
-        self.logits.append(logits.copy())  # a backend's logits buffer is only valid until its next call
-        return logits
+    def decode(slots, tokens, bucket, gates):
+        out = decode_rows(slots, tokens, bucket, gates)
+        for slot in slots:
+            rec[slot].append(out[slot].copy())
+        return out
 
-    def decode(self, *args):
-        self.steps.append(args[-1])
-        logits = self.backend.decode(*args)
-        self.logits.append(logits.copy())
-        return logits
+    backend.prefill_rows, backend.decode_rows = prefill, decode
+    return rec
 
 
 def generator(model):
@@ -53,18 +55,15 @@ def test_full_depth_equals_hf_generate(tiny_model):
 
 def run_recorded(model, opts):
     gen = generator(model)
-    rec = Recorder(gen.backend)
-    gen.backend = rec
+    rec = record(gen.backend)
     return gen.generate(PROMPTS, opts), rec
 
 
-def uncached(model, results, layer_sets):
-    """Recompute whole sequences (prompt + generated) with the given per-column layer sets."""
-    seqs = [p + r.tokens[:-1] for p, r in zip(PROMPTS, results, strict=True)]
-    ids, mask = left_pad(seqs, pad_id=1)
-    # left_pad right-aligns; all rows have the same number of generated tokens, so columns line up
+def uncached(model, sequence, layer_sets):
+    """Recompute one whole sequence (prompt + generated) with the given per-column layer sets -> logits [S, V]."""
+    ids = torch.tensor([sequence])
     with torch.inference_mode():
-        return recompute_logits(model, torch.from_numpy(ids), torch.from_numpy(mask), layer_sets).numpy()
+        return recompute_logits(model, ids, torch.ones_like(ids), layer_sets).numpy()[0]
 
 
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
@@ -73,14 +72,16 @@ def test_cached_skipping_equals_uncached_recomputation(tiny_model, speedup):
     n = 32
     opts = GenerateOptions(max_new_tokens=n, speedup=speedup)
     results, rec = run_recorded(model, opts)
-    p = max(map(len, PROMPTS))
-    plan = make_plan(Schedule.for_speedup(model.config.num_hidden_layers, speedup), p, p + n)
-    assert min(s.bucket for s in plan.steps) < model.config.num_hidden_layers  # layers really skipped
-    logits = uncached(model, results, plan.pass_layers())
-    for i, cached in enumerate(rec.logits):
-        np.testing.assert_allclose(cached, logits[:, p - 1 + i], atol=1e-5, rtol=0)
-        assert (np.argmax(logits[:, p - 1 + i], -1) == [r.tokens[i] for r in results]).all()
-    assert [r.budgets[1:] for r in results] == [[s.bucket for s in plan.steps]] * 3
+    for row, (prompt, r) in enumerate(zip(PROMPTS, results, strict=True)):
+        p = len(prompt)  # every row has its own schedule: its own prompt length
+        plan = make_plan(Schedule.for_speedup(model.config.num_hidden_layers, speedup), p, p + n)
+        assert min(s.bucket for s in plan.steps) < model.config.num_hidden_layers  # layers really skipped
+        assert r.budgets[1:] == [s.bucket for s in plan.steps]
+        logits = uncached(model, prompt + r.tokens[:-1], plan.pass_layers())
+        assert len(rec[row]) == n
+        for i, cached in enumerate(rec[row]):
+            np.testing.assert_allclose(cached, logits[p - 1 + i], atol=1e-5, rtol=0)
+            assert np.argmax(logits[p - 1 + i]) == r.tokens[i]
 
 
 def test_negative_control_non_monotone_layer_sets_disagree(tiny_model):
@@ -88,25 +89,18 @@ def test_negative_control_non_monotone_layer_sets_disagree(tiny_model):
     _, model = tiny_model
     L = model.config.num_hidden_layers
     ref = TorchReference(model)
-    ids, mask = left_pad(PROMPTS, pad_id=1)
-    B, p = ids.shape
-    T = p + 8
-    full = np.zeros((B, T), dtype=np.int64)
-    full[:, :p] = mask
-    logits = ref.prefill(ids, np.cumsum(mask, 1) * mask - 1, full)
+    prompt = PROMPTS[0]
+    slots = ref.slots.allocate(1)
+    logits = [ref.prefill_rows([prompt], slots)[0]]
     budgets = [2, L, 2, L, 2, L, 2]  # violates monotonicity
-    tokens, seq_logits, sets = [np.argmax(logits, -1)], [logits], [tuple(range(L))] * p
-    for i, b in enumerate(budgets):
-        c = p + i
-        full[:, c] = 1
-        step = Step(column=c, scheduled=b, bucket=b, layers=Schedule(L, L, 1).layers(b))
-        sets.append(step.layers)
-        seq_logits.append(ref.decode(tokens[-1], full[:, : c + 1].sum(1) - 1, full, step))
-        tokens.append(np.argmax(seq_logits[-1], -1))
-    seqs = np.concatenate([ids, np.stack(tokens[:-1], 1)], 1)
-    with torch.inference_mode():
-        rec = recompute_logits(model, torch.from_numpy(seqs), torch.from_numpy(full[:, :-1]), sets).numpy()
-    worst = max(np.abs(seq_logits[i] - rec[:, p - 1 + i]).max() for i in range(len(seq_logits)))
+    tokens, sets = [int(np.argmax(logits[0]))], [tuple(range(L))] * len(prompt)
+    for b in budgets:
+        sets.append(Schedule(L, L, 1).layers(b))
+        logits.append(ref.decode_rows(slots, np.array([tokens[-1]]), b, np.ones((1, b), bool))[0].copy())
+        tokens.append(int(np.argmax(logits[-1])))
+    rec = uncached(model, prompt + tokens[:-1], sets)
+    p = len(prompt)
+    worst = max(np.abs(logits[i] - rec[p - 1 + i]).max() for i in range(len(logits)))
     assert worst > 1e-3, f"non-monotone layer sets should break cached == uncached, worst diff {worst}"
 
 

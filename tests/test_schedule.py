@@ -11,6 +11,7 @@ from skipdecode.runtime.schedule import (
     layers_for_budget,
     make_plan,
     round_half_up,
+    schedule_for,
     select_bucket,
     solve_budgets,
 )
@@ -48,11 +49,32 @@ def test_budgets_decay_and_layer_sets_nest(case):
 
 @given(schedules())
 @settings(max_examples=200, deadline=None)
-def test_last_column_gets_min_budget_and_first_gets_max(case):
+def test_first_decoded_column_gets_max_and_last_gets_min(case):
     sched, p, T = case
-    assert sched.budget(p, p, T) == sched.max_budget
-    if T - 1 > p:  # with a single generated column there is no decay to reach
+    if T - 1 - p >= 2:  # the first and the last decoded token are different columns
+        assert sched.budget(p + 1, p, T) == sched.max_budget
         assert sched.budget(T - 1, p, T) == sched.min_budget
+
+
+@given(schedules())
+@settings(max_examples=300, deadline=None)
+def test_realised_mean_is_the_target_for_any_length(case):
+    # both ends of the decay are decoded tokens: the mean budget is (M + m) / 2 up to half-up rounding
+    sched, p, T = case
+    budgets = sched.decode_budgets(p, T)
+    if budgets:
+        assert abs(sum(budgets) / len(budgets) - (sched.max_budget + sched.min_budget) / 2) <= 0.5
+
+
+def test_short_generations_realise_the_requested_speedup():
+    # 3 decode steps at 2x on 12 layers: (9, 6, 3), not (7, 5, 3) = 2.4x
+    plan = make_plan(schedule_for(12, speedup=2), 8, 12)
+    assert [s.bucket for s in plan.steps] == [9, 6, 3]
+    assert plan.realised_speedup == pytest.approx(2.0)
+    # 2 new tokens at 3x: one decode step, which gets the mean budget (4 of 12), not M or m
+    plan = make_plan(schedule_for(12, speedup=3), 8, 10)
+    assert [s.bucket for s in plan.steps] == [4]
+    assert plan.realised_speedup == pytest.approx(3.0)
 
 
 @given(st.integers(1, 96), st.floats(1.0, 12.0), st.integers(0, 3))

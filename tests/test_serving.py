@@ -24,7 +24,8 @@ import httpx  # noqa: E402
 from skipdecode.runtime.batcher import Batcher, FinishEvent, TokenEvent, prepare_request  # noqa: E402
 from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.errors import InputError  # noqa: E402
-from skipdecode.runtime.generation import GenerateOptions, Generator  # noqa: E402
+from skipdecode.runtime.generation import GenerateOptions  # noqa: E402
+from skipdecode.runtime.generator import Generator  # noqa: E402
 from skipdecode.runtime.sampling import SamplingParams  # noqa: E402
 from skipdecode.runtime.scheduler import SchedulerConfig  # noqa: E402
 from skipdecode.runtime.service import (  # noqa: E402
@@ -407,7 +408,8 @@ def test_graceful_shutdown_finishes_an_open_stream():
 def test_serve_bench_and_serve_parser_smoke(engine_dir, tmp_path, capsys):
     import argparse
 
-    from skipdecode import serve_bench
+    from skipdecode.bench import serve_bench
+
     from skipdecode.serve_cli import add_serve_parser
     out = tmp_path / "bench.json"
     assert serve_bench.main(["--engine", str(engine_dir), "--requests", "6", "--rate", "200", "--speedups", "1,3",

@@ -31,7 +31,7 @@ def test_flavour_matches_reference(flavour_engine):
     attention, ckpt, out = flavour_engine
     engine = Engine.load(out)
     assert engine.manifest.attention == attention
-    assert (engine.backend.arena.new_keys[0].size == 0) == (attention == "gqa")  # gqa stages nothing
+    assert (len(engine.backend.kv.new_keys) == 0) == (attention == "gqa")  # gqa stages nothing
     opts = GenerateOptions(max_new_tokens=24, speedup=3.0)
     got, want = engine.generate(PROMPTS, opts), TorchGenerator.load(str(ckpt)).generate(PROMPTS, opts)
     assert [r.tokens for r in got] == [r.tokens for r in want]
@@ -41,10 +41,11 @@ def test_flavour_matches_reference(flavour_engine):
 def _solo_logits(out, prompt, bucket, tokens):
     """Logits of `prompt` followed by `tokens`, alone in slot 0 of a fresh engine, every step in `bucket`."""
     be = Engine.load(out).backend
-    first = be.prefill_rows([prompt], [0])
+    slots = be.slots.allocate(1)
+    first = be.prefill_rows([prompt], slots)
     logits = [first[0]]
-    for i, tok in enumerate(tokens):
-        row = be.decode_rows(np.array([tok]), np.array([len(prompt) + i]), bucket, np.ones((1, bucket), bool))
+    for tok in tokens:
+        row = be.decode_rows(slots, np.array([tok]), bucket, np.ones((1, bucket), bool))
         logits.append(row[0].copy())
     return logits
 
@@ -56,6 +57,7 @@ def test_mixed_rows_equal_solo_runs(flavour_engine):
     L, w = be.num_layers, be.warmup_layers
     deep, shallow = L, min(be.buckets)
     a, b = PROMPTS[0], PROMPTS[1]  # 7 and 3 tokens: different columns in every call
+    assert be.slots.allocate(2) == [0, 1]
     first = be.prefill_rows([b, a], [1, 0])  # slots out of order on purpose
     graph_layers = layers_for_budget(L, deep, w)
     gates = np.ones((2, deep), dtype=bool)
@@ -63,7 +65,8 @@ def test_mixed_rows_equal_solo_runs(flavour_engine):
     toks_a, toks_b = [5, 9, 13, 17], [4, 8, 12, 16]
     got_a, got_b = [first[1]], [first[0]]
     for i in range(len(toks_a)):
-        logits = be.decode_rows(np.array([toks_a[i], toks_b[i]]), np.array([len(a) + i, len(b) + i]), deep, gates)
+        logits = be.decode_rows([0, 1], np.array([toks_a[i], toks_b[i]]), deep, gates)
+        assert list(be.slots.lengths[:2]) == [len(a) + i + 1, len(b) + i + 1]
         got_a.append(logits[0].copy())
         got_b.append(logits[1].copy())
     for got, want in ((got_a, _solo_logits(out, a, deep, toks_a)), (got_b, _solo_logits(out, b, shallow, toks_b))):
@@ -71,7 +74,7 @@ def test_mixed_rows_equal_solo_runs(flavour_engine):
             np.testing.assert_allclose(g, s, atol=1e-5, rtol=0)
     if attention == "matmul":  # gated-off layers wrote no K/V for the shallow row
         skipped = [layer for layer, on in zip(graph_layers, gates[1], strict=True) if not on]
-        assert skipped and all(not be.arena.keys[layer][1, :, len(b):].any() for layer in skipped)
+        assert skipped and all(not be.kv.read(layer)[0][1, :, len(b):].any() for layer in skipped)
 
 
 def test_negative_control_wrong_gates_differ(flavour_engine):
@@ -79,22 +82,33 @@ def test_negative_control_wrong_gates_differ(flavour_engine):
     _, _, out = flavour_engine
     be = Engine.load(out).backend
     L = be.num_layers
-    be.prefill_rows([PROMPTS[1]], [0])
-    full = be.decode_rows(np.array([4]), np.array([3]), L, np.ones((1, L), bool))[0].copy()
+    slots = be.slots.allocate(1)
+    be.prefill_rows([PROMPTS[1]], slots)
+    full = be.decode_rows(slots, np.array([4]), L, np.ones((1, L), bool))[0].copy()
     shallow = _solo_logits(out, PROMPTS[1], min(be.buckets), [4])[1]
     assert np.abs(full - shallow).max() > 1e-3
 
 
+def _full(be):
+    """A slot holding max_length tokens: no column is left for a new one."""
+    slots = be.slots.allocate(1)
+    be.slots.lengths[slots] = be.max_length
+    return slots
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda be: be.prefill_rows([[2, 3], [2]], [0, 0]), "distinct slots"),
-    (lambda be: be.prefill_rows([[2, 3]], [4]), "slot=4 is above the maximum 3"),
-    (lambda be: be.prefill_rows([[2] * 200], [0]), "prompt length=200 is above the maximum"),
-    (lambda be: be.decode_rows(np.array([2]), np.array([3]), 9, np.ones((1, 9), bool)), "bucket 9 is not exported"),
-    (lambda be: be.decode_rows(np.array([2]), np.array([3]), 6, np.ones((1, 4), bool)), "gates have shape"),
-    (lambda be: be.decode_rows(np.array([2]), np.array([be.max_length]), 6, np.ones((1, 6), bool)),
+    (lambda be: be.prefill_rows([[2, 3]], [4]), "slot 4 is outside 0..3"),
+    (lambda be: be.prefill_rows([[2, 3]], [0]), "slot 0 is not allocated"),
+    (lambda be: be.prefill_rows([[2] * 200], be.slots.allocate(1)), "prompt length=200 is above the maximum"),
+    (lambda be: be.decode_rows(be.slots.allocate(1), np.array([2]), 9, np.ones((1, 9), bool)),
+     "bucket 9 is not exported"),
+    (lambda be: be.decode_rows(be.slots.allocate(1), np.array([2]), 6, np.ones((1, 4), bool)), "gates have shape"),
+    (lambda be: be.decode_rows(_full(be), np.array([2]), 6, np.ones((1, 6), bool)),
      "needs a column below max_length"),
-    (lambda be: be.decode_rows(np.array([2] * 5), np.array([3] * 5), 6, np.ones((5, 6), bool)),
-     "rows=5 is above the maximum 4"),
+    (lambda be: be.decode_rows(be.slots.allocate(4) + [4], np.array([2] * 5), 6, np.ones((5, 6), bool)),
+     "slot 4 is outside 0..3"),
+    (lambda be: be.decode_rows([0], np.array([2]), 6, np.ones((1, 6), bool)), "slot 0 is not allocated"),
 ])
 def test_slot_api_rejects_bad_input(flavour_engine, call, message):
     be = Engine.load(flavour_engine[2]).backend
@@ -115,7 +129,7 @@ def test_fp16_export_passes_parity(tiny_checkpoint, tmp_path, attention):
 
 
 def test_generation_emits_nvtx_ranges(flavour_engine):
-    """Each step is one `step` range (payload: produced column, bucket, batch) around one graph-call range."""
+    """Each step is one `step` range (payload: step number, deepest bucket, rows) around one graph-call range."""
     from skipdecode.runtime.profiling import use_domain
 
     from .test_profiling import RecordingDomain
@@ -128,9 +142,11 @@ def test_generation_emits_nvtx_ranges(flavour_engine):
     steps, graphs = pushes[0::2], pushes[1::2]
     assert [s["message"] for s in steps] == ["step"] * 4
     assert graphs[0]["message"] == "prefill"
-    assert [g["message"] for g in graphs[1:]] == [f"decode_b{b:03d}" for b in res[0].budgets[1:]]
-    p = max(len(x) for x in PROMPTS)
-    assert [int(s["payload"]["column"]) for s in steps] == [p, p + 1, p + 2, p + 3]
+    # one call per step: the deepest row's graph (rows have their own schedules), shallower rows gated
+    deepest = [max(r.budgets[k] for r in res) for k in range(1, 4)]
+    assert [g["message"] for g in graphs[1:]] == [f"decode_b{b:03d}" for b in deepest]
+    assert [int(s["payload"]["column"]) for s in steps] == [0, 1, 2, 3]
+    assert [int(s["payload"]["bucket"]) for s in steps[1:]] == deepest
     assert [int(s["payload"]["batch"]) for s in steps] == [3] * 4
 
 

@@ -1,6 +1,6 @@
 """Serving benchmark: continuous vs static batching under Poisson arrivals, at full depth and with SkipDecode.
 
-    python -m skipdecode.serve_bench --engine engines/tiny-opt-kjv --requests 64 --rate 40 --speedups 1,2,3
+    python -m skipdecode.bench.serve_bench --engine engines/tiny-opt-kjv --requests 64 --rate 40 --speedups 1,2,3
 
 Workload: `requests` requests arriving as a Poisson process of `rate` per second (seeded), prompt lengths and
 max_new_tokens uniform in their ranges, EOS ignored so every request does a fixed amount of work, greedy.
@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from skipdecode.cliargs import floats
 from skipdecode.runtime.batcher import Batcher, FinishEvent, TokenEvent, gate_row, prepare_request
 from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.scheduler import SchedulerConfig
+
+from skipdecode.cliargs import floats
 
 MODES = ("static", "gate", "group")
 
@@ -122,12 +122,12 @@ def run_static(engine, reqs: list[BenchRequest], speedup: float, max_batch: int,
         counts = [0] * len(batch)
         for ev in engine.stream([list(r.prompt) for _, r in batch], opts):
             t = time.perf_counter()
-            work += ev.budget * len(batch)
+            work += max((b for b in ev.budgets if b is not None), default=0) * len(batch)
             for row, ((i, r), tok) in enumerate(zip(batch, ev.tokens, strict=True)):
                 if tok is None or counts[row] >= r.max_new_tokens:
                     continue  # this request is complete; its row keeps running to the batch's end
                 counts[row] += 1
-                layers += ev.budget
+                layers += ev.budgets[row]
                 first.setdefault(i, t)
                 if counts[row] == r.max_new_tokens:
                     finish[i] = t
@@ -138,24 +138,23 @@ def step_micro(engine, mixes: dict[str, list[int]], reps: int = 100) -> list[dic
     """Median time of one decode step over rows of the given buckets (slot order), gate vs group."""
     be = engine.backend
     L, w, n = be.num_layers, be.warmup_layers or 1, be.max_batch
-    be.prefill_rows([[5] * 32] * n, list(range(n)))
-    lengths, ids = np.full(n, 32), np.full(n, 7)
+    slots = be.slots.allocate(n)
+    be.prefill_rows([[5] * 32] * n, slots)
+    ids = np.full(n, 7)
     out = []
     for name, buckets in mixes.items():
         buckets = [min(b for b in be.buckets if b >= x) for x in buckets[:n]]
         k = len(buckets)
         top = max(buckets)
-        gate_call = [(ids[:k], lengths[:k], top, np.array([gate_row(L, w, top, b) for b in buckets]))]
+        gate_call = [(slots[:k], ids[:k], top, np.array([gate_row(L, w, top, b) for b in buckets]))]
         group_calls = []
         for g in sorted(set(buckets), reverse=True):
-            m = max(i for i, b in enumerate(buckets) if b == g) + 1
-            on = np.array([buckets[i] == g for i in range(m)])
-            gates = np.zeros((m, g), dtype=bool)
-            gates[on] = gate_row(L, w, g, g)
-            group_calls.append((ids[:m], np.where(on, lengths[:m], lengths[:m] + 1), g, gates))
+            rows = [i for i, b in enumerate(buckets) if b == g]
+            group_calls.append(([slots[i] for i in rows], ids[rows], g, np.ones((len(rows), g), dtype=bool)))
         times = {"gate": [], "group": []}
         for _ in range(reps):  # alternate, so drifting machine load hits both alike
             for key, calls in (("gate", gate_call), ("group", group_calls)):
+                be.slots.lengths[slots] = 32  # every step at the same past length
                 t = time.perf_counter()
                 for c in calls:
                     be.decode_rows(*c)
@@ -163,6 +162,7 @@ def step_micro(engine, mixes: dict[str, list[int]], reps: int = 100) -> list[dic
         g_ms, p_ms = (float(np.median(times[x]) * 1e3) for x in ("gate", "group"))
         out.append({"rows": name, "buckets": buckets, "gate_ms": g_ms, "group_ms": p_ms,
                     "group_over_gate": p_ms / g_ms})
+    be.slots.free(slots)
     return out
 
 

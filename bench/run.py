@@ -9,7 +9,7 @@ Definitions (generation figures are medians over repeats; compare ratios, not ab
   time of `max_new_tokens=N` minus that of `max_new_tokens=1` on the same inputs.
 * `measured_speedup`: full-depth decode time / SkipDecode decode time, same backend, prompts and lengths; the
   median over rounds of that ratio within a round.
-* `ideal_speedup`: what the cost model (export/bench_cost.py) predicts for the same steps; its graph timings are
+* `ideal_speedup`: what the cost model (bench/cost.py) predicts for the same steps; its graph timings are
   the fastest of rotated rounds (other processes only add time), the generation figures medians.
 Repeats interleave the speedups and the two HF lengths (HF with the first backend), so drift hits all alike.
 """
@@ -30,16 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..export.random_models import OPT_SHAPES, TINY_SHAPES
 from ..runtime.generation import GenerateOptions
 from ..runtime.manifest import load_manifest
-from . import bench_cost as cost
-from .bench_env import load_average, machine_info, memory_available, probe_load_rss
-from .bench_hf import HFBaseline
-from .random_models import OPT_SHAPES, TINY_SHAPES
+from . import cost
+from .env import load_average, machine_info, memory_available, probe_load_rss
+from .hf import HFBaseline
 
 EMBEDDED = "embedded"
 EMBEDDED_CHECKPOINT = Path("models/tiny-opt-kjv/skip-tuned")
-BACKENDS = {"onnxruntime": False, "onnxruntime-prepack": True}  # label -> Engine.load(prepack=...)
+# label -> Engine.load(prepack=...): the default (one pre-packed copy shared by all graphs), a private pre-packed copy
+# per graph, no pre-packing
+BACKENDS = {"onnxruntime": None, "onnxruntime-private": "private", "onnxruntime-noprepack": "off"}
 EXPORT_SPEEDUPS = (2.0, 3.0, 5.0)
 # Exporter sources whose change makes a cached engine stale (same format version, different graphs).
 _EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "exporter.py", "../runtime/contract.py")
@@ -61,7 +63,7 @@ class BenchConfig:
     max_repeats: int = 30
     cost_rounds: int = 7  # rounds of the bucket timings behind each cost model
     threads: int | None = None  # onnxruntime intra-op threads = torch threads; None: every core
-    backends: tuple[str, ...] = ("onnxruntime", "onnxruntime-prepack")
+    backends: tuple[str, ...] = ("onnxruntime", "onnxruntime-private")
     hf: bool = True
     memory: bool = True
     scaling_lengths: tuple[int, ...] = (32, 64, 128, 192, 255)  # past lengths of the length-scaling section
@@ -121,14 +123,14 @@ def make_prompts(batch: int, vocab_size: int, lengths: tuple[int, int], seed: in
 def _exporter_hash() -> str:
     h = hashlib.sha256()
     for rel in _EXPORTER_SOURCES:
-        h.update((Path(__file__).parent / rel).read_bytes())
+        h.update((Path(__file__).parent.parent / "export" / rel).read_bytes())
     return h.hexdigest()[:16]
 
 
 def prepare_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> BenchModel:
     """Checkpoint + engine for `name`, reused from `cfg.cache_dir` when built with the same settings and exporter."""
-    from .exporter import ExportConfig, export
-    from .random_models import save_random_opt
+    from ..export.exporter import ExportConfig, export
+    from ..export.random_models import save_random_opt
 
     root = cfg.cache_dir / ("tiny-opt-kjv" if name == EMBEDDED else name)
     checkpoint = EMBEDDED_CHECKPOINT if name == EMBEDDED else root / "checkpoint"
@@ -279,8 +281,9 @@ def bench_memory(model: BenchModel, backends: Sequence[str]) -> dict:
 
     m = measure_memory(model.engine)
     out = {"model": model.name, **m}
-    if "onnxruntime-prepack" in backends:
-        out["all_buckets_prepack_bytes"] = probe_load_rss(model.engine, prepack=True)
+    for label in backends:
+        if BACKENDS.get(label) is not None:
+            out[f"all_buckets_{BACKENDS[label]}_bytes"] = probe_load_rss(model.engine, prepack=BACKENDS[label])
     return out
 
 
@@ -291,8 +294,8 @@ def prepack_bytes_estimate(engine: Path) -> int:
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    """Run every measurement of `cfg`; -> the bench JSON object (targets added by bench_report.finish)."""
-    from .bench_report import finish
+    """Run every measurement of `cfg`; -> the bench JSON object (targets added by report.finish)."""
+    from .report import finish
 
     t_start = time.perf_counter()
     cfg = replace(cfg, threads=cfg.threads or os.cpu_count())  # recorded, and the same for onnxruntime and torch
@@ -301,9 +304,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
     for name in cfg.models:
         model = prepare_model(name, cfg, log)
         backends = list(cfg.backends)
-        if "onnxruntime-prepack" in backends and prepack_bytes_estimate(model.engine) > 0.5 * memory_available():
-            backends.remove("onnxruntime-prepack")
-            out["skipped"].append({"model": name, "backend": "onnxruntime-prepack",
+        if "onnxruntime-private" in backends and prepack_bytes_estimate(model.engine) > 0.5 * memory_available():
+            backends.remove("onnxruntime-private")
+            out["skipped"].append({"model": name, "backend": "onnxruntime-private",
                                    "reason": "pre-packed weights (one copy per graph) would exceed half of the "
                                              "available memory"})
         # HF generate runs in the first backend's rounds; its model is freed before the next engine loads

@@ -1,6 +1,6 @@
 """Soak benchmark: run `skipdecode serve` in its own process under steady mixed load and record its memory.
 
-    python -m skipdecode.serve_soak --engine engines/tiny-opt-kjv --duration 600 --clients 32 --json soak.json
+    python -m skipdecode.bench.serve_soak --engine engines/tiny-opt-kjv --duration 600 --clients 32 --json soak.json
 
 The server runs as a subprocess (its resident memory is read from /proc, so Linux only). `clients` loops each
 send one request at a time: mixed prompt lengths and max_tokens, half streamed, some cancelled mid-stream, some
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     from skipdecode.runtime.manifest import load_manifest
-    vocab = load_manifest(args.engine).model["vocab_size"]
+    vocab = load_manifest(args.engine).model.vocab_size
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "skipdecode.serve_cli", "--engine", str(args.engine),

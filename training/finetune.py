@@ -45,12 +45,12 @@ import torch
 from tqdm import tqdm
 from transformers import OPTConfig, OPTForCausalLM
 
+from ..export.models import load_model
+from ..export.reference import recompute_logits
 from ..runtime.errors import InputError, ModelError
 from ..runtime.schedule import make_plan, schedule_for
 from ..runtime.tokenizer import TextCodec
 from .corpus import make_chunks, read_documents, token_stream
-from .models import load_model
-from .reference import recompute_logits
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"

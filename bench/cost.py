@@ -1,7 +1,7 @@
 """Cost model of a decode step, the ideal SkipDecode speedup it predicts, and the step's growth with past length.
 
 A decode step of a bucket graph that runs `b` layers costs `fixed + per_layer * b`. `fixed` is what does not
-shrink when layers are skipped (embedding, final norm, LM head, per-call overhead; DESIGN.md §1 measured it at
+shrink when layers are skipped (embedding, final norm, LM head, per-call overhead; measured on this CPU at
 25-30% of a full opt-125m step), `per_layer` one decoder layer at the step's past length. Both are fitted by least
 squares over every exported bucket, each timed with `OrtBackend.decode_rows` in the same run as the throughput it
 is compared with. The ideal speedup of a schedule is then `sum cost(L) / sum cost(bucket_t)` over its decode steps,
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -113,18 +114,33 @@ def fastest(samples: Mapping[Hashable, Sequence[float]]) -> dict:
     return {k: float(min(v)) for k, v in samples.items()}
 
 
-def _decode_call(backend, bucket: int, lengths: np.ndarray) -> Callable[[], object]:
+def _decode_call(backend, slots: list[int], bucket: int, lengths: np.ndarray) -> Callable[[], object]:
     # token ids do not change the cost; every gate on = the graph runs all its layers for every row
     ids = np.full(len(lengths), 4, dtype=np.int64)
     gates = np.ones((len(lengths), bucket), dtype=bool)
-    return lambda: backend.decode_rows(ids, lengths, bucket, gates)
+
+    def call():
+        backend.slots.lengths[slots] = lengths  # time at this past length (the call advances it by one)
+        return backend.decode_rows(slots, ids, bucket, gates)
+    return call
+
+
+@contextmanager
+def _slots(backend, n: int) -> Iterator[list[int]]:
+    """KV slots for timing graph calls directly, given back afterwards."""
+    slots = backend.slots.allocate(n)
+    try:
+        yield slots
+    finally:
+        backend.slots.free(slots)
 
 
 def time_buckets(backend, lengths: Sequence[int], rounds: int) -> dict[int, float]:
     """Seconds of one decode step of every exported bucket over rows with past `lengths` (fastest of `rounds`)."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    calls = {b: _decode_call(backend, b, lengths) for b in backend.buckets}
-    return fastest(rotated_samples(calls, rounds, lead_in=3))
+    with _slots(backend, len(lengths)) as slots:
+        calls = {b: _decode_call(backend, slots, b, lengths) for b in backend.buckets}
+        return fastest(rotated_samples(calls, rounds, lead_in=3))
 
 
 def attention_graph(heads: int, head_dim: int) -> bytes:
@@ -146,7 +162,7 @@ def attention_graph(heads: int, head_dim: int) -> bytes:
     graph = helper.make_graph([node], "attention_only", inputs, outputs)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 10  # onnxruntime 1.31 loads at most IR 13 (DESIGN.md §4)
+    model.ir_version = 10  # onnxruntime 1.31 loads at most IR 13 (docs/DESIGN.md §8)
     return model.SerializeToString()
 
 
@@ -192,9 +208,10 @@ def length_scaling(backend, batch: int, past_lengths: Sequence[int], rounds: int
     (attention reads each cached K/V once); equal slopes mean the growth is attention's.
     """
     L, m = backend.num_layers, backend.manifest.model
-    steps = fastest(rotated_samples({n: _decode_call(backend, L, np.full(batch, n, dtype=np.int64))
-                                     for n in past_lengths}, rounds))
-    attn = AttentionOnly(m["num_heads"], m["hidden_size"] // m["num_heads"], batch, backend.max_length, threads)
+    with _slots(backend, batch) as slots:
+        steps = fastest(rotated_samples({n: _decode_call(backend, slots, L, np.full(batch, n, dtype=np.int64))
+                                         for n in past_lengths}, rounds))
+    attn = AttentionOnly(m.num_heads, m.head_dim, batch, backend.max_length, threads)
     # one attention call is short: several calls per sample keep timer and Python overhead out of the estimate
     att = fastest(rotated_samples({n: attn.call(n) for n in past_lengths}, rounds, calls=5, lead_in=3))
     lo, hi = min(past_lengths), max(past_lengths)

@@ -1,7 +1,7 @@
 """Write MODEL_CARD.md of the embedded tiny model from what the build recorded (training.json of both
 checkpoints, quality.json of the report), so `make tiny-model` regenerates the card with the numbers.
 
-Usage: python -m skipdecode.export.model_card models/tiny-opt-kjv
+Usage: python -m skipdecode.training.model_card models/tiny-opt-kjv
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ every encoded prompt starts with `</s>`.
 AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear LR warm-up then cosine to 10%, gradient
 clipping 1.0, no dropout, seed 0, fp32 on CPU with 2 torch threads. Skip-tuning draws one target speedup per
 batch and a prompt length p ~ U{list(tuned['train_config']['prompt_range'])}; columns < p run at full depth,
-later columns the decayed budgets of the inference schedule (see `export/finetune.py`). Loss on every position.
+later columns the decayed budgets of the inference schedule (see `training/finetune.py`). Loss on every position.
 
 | run | start | steps | batch | tokens | lr | speedups | wall time | final train loss | held-out loss | held-out ppl |
 |---|---|---|---|---|---|---|---|---|---|---|

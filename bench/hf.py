@@ -1,7 +1,7 @@
 """The baseline a user would otherwise pick: Hugging Face transformers `generate` (PyTorch, fp32, greedy, the
 model's default attention implementation) on the same checkpoint, prompts, lengths and thread count as the engine.
 
-Its runs are timed in the same rounds as the engine's (export/bench.py), so the `vs_hf` ratios are not skewed by
+Its runs are timed in the same rounds as the engine's (bench/run.py), so the `vs_hf` ratios are not skewed by
 the machine's load changing between the two measurements.
 """
 
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..runtime.generation import left_pad
+from ..runtime.slot_backend import left_pad
 
 
 class HFBaseline:

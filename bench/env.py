@@ -77,15 +77,15 @@ def rss():
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
 from skipdecode.runtime.engine import Engine
 before = rss()
-engine = Engine.load(sys.argv[1], max_batch=1, max_length=2, prepack=sys.argv[2] == "1")
+engine = Engine.load(sys.argv[1], max_batch=1, max_length=2, prepack=sys.argv[2] or None)
 print(json.dumps({"rss_bytes": rss() - before}))
 """
 
 
-def probe_load_rss(engine_dir: str | Path, prepack: bool) -> int:
+def probe_load_rss(engine_dir: str | Path, prepack: str | None) -> int:
     """RSS growth of `Engine.load` (every graph, KV arena of 1 x 2) in a fresh process, as runtime/memory.py does
-    for the default load; this one also covers `prepack=True`."""
-    proc = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(engine_dir), "1" if prepack else "0"],
+    for the default load; this one also covers the other pre-packing modes."""
+    proc = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(engine_dir), prepack or ""],
                           capture_output=True, text=True, timeout=1200, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe (prepack={prepack}) failed: {proc.stderr.strip().splitlines()[-1:]}")
