@@ -49,6 +49,24 @@ def machine_info(threads: int | None) -> dict:
             "versions": _versions(), "git": _git_commit()}
 
 
+def memory_read_gbps(nbytes: int = 1 << 30, rounds: int = 5) -> float:
+    """Weight-streaming bandwidth (GB/s): the fastest of `rounds` float32 matrix-vector products over a matrix far
+    larger than the caches, with numpy's BLAS threads (every core). At batch 1 a decode step is such a product over
+    every weight of its graph, so weights / this bandwidth is the step's floor (its roofline); the bench reports
+    each row's fraction of it. (A plain numpy reduction is compute-bound here: 4-5 GB/s vs ~10 under load.)"""
+    import time
+
+    import numpy as np
+    m = np.ones((nbytes // 4 // 1024, 1024), dtype=np.float32)
+    v = np.ones(1024, dtype=np.float32)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        m @ v
+        best = min(best, time.perf_counter() - t0)
+    return m.nbytes / best / 1e9
+
+
 def load_average() -> list[float] | None:
     """1/5/15-minute load: other processes on a small shared machine show up in every timing."""
     try:

@@ -34,7 +34,7 @@ from ..export.random_models import OPT_SHAPES, TINY_SHAPES
 from ..runtime.generation import GenerateOptions
 from ..runtime.manifest import load_manifest
 from . import cost
-from .env import load_average, machine_info, memory_available, probe_load_rss
+from .env import load_average, machine_info, memory_available, memory_read_gbps, probe_load_rss
 from .hf import HFBaseline
 
 EMBEDDED = "embedded"
@@ -73,6 +73,7 @@ class BenchConfig:
     rebuild: bool = False
     seed: int = 0
     quick: bool = False
+    weight_gbps: float | None = None  # measured at the start of a run (env.memory_read_gbps)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m != EMBEDDED and m not in OPT_SHAPES and m not in TINY_SHAPES]
@@ -252,9 +253,12 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
         if s == 1.0:  # the loop's own cost (sampling, Python) plus other processes' interference: median step
             # of the generation minus the fastest run of the full-depth graph alone
             row["step_over_graph_ms"] = row["step_ms"] - cm.step_s(be.num_layers) * 1e3
+        row |= _roofline(be.manifest, steps, row["step_ms"], cfg.weight_gbps)
+        row["e2e_speedup"] = statistics.median(f / d for f, d in zip(runs[1.0].total, r.total, strict=True))
         rows.append(row)
         log(f"[{name} {backend} b{batch}] {s:g}x: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} ms, "
-            f"speedup {row['measured_speedup']:.2f} (ideal {row['ideal_speedup']:.2f})")
+            f"speedup {row['measured_speedup']:.2f} (ideal {row['ideal_speedup']:.2f}, end to end "
+            f"{row['e2e_speedup']:.2f})")
     if hf:
         rows.append(_row(name, "hf-generate", batch, 1.0, hf_runs, N, hf.num_layers, [hf.num_layers])
                     | {"attn_implementation": hf.attn_implementation})
@@ -264,6 +268,17 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
              "mean_past_length": float(np.mean([len(x) for x in prompts])) + N // 2,
              "bucket_ms": {str(b): t * 1e3 for b, t in buckets_s.items()}}
     return rows, entry
+
+
+def _roofline(man, steps: Sequence[int], step_ms: float, gbps: float | None) -> dict:
+    """Weights read per decode step (its graph's, averaged over the steps) and the step's fraction of the time that
+    reading them at the measured bandwidth takes: at batch 1 decoding is memory-bound and this is its roof."""
+    per_bucket = {b: sum(man.weights[w].nbytes for w in man.decode(b).weights) for b in set(steps)}
+    nbytes = sum(per_bucket[b] for b in steps) / len(steps)
+    out = {"weight_bytes_per_step": nbytes}
+    if gbps:
+        out["roofline_fraction"] = nbytes / (gbps * 1e9) * 1e3 / step_ms
+    return out
 
 
 def _row(model: str, backend: str, batch: int, speedup: float, r: _Runs, N: int, L: int, steps) -> dict:
@@ -300,6 +315,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
     t_start = time.perf_counter()
     cfg = replace(cfg, threads=cfg.threads or os.cpu_count())  # recorded, and the same for onnxruntime and torch
     load_at_start = load_average()
+    cfg = replace(cfg, weight_gbps=cfg.weight_gbps or memory_read_gbps())
+    log(f"weight-streaming bandwidth {cfg.weight_gbps:.1f} GB/s (the batch-1 roofline)")
     out: dict = {"results": [], "cost_models": [], "length_scaling": [], "memory_models": [], "skipped": []}
     for name in cfg.models:
         model = prepare_model(name, cfg, log)
