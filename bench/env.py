@@ -101,7 +101,7 @@ print(json.dumps({"rss_bytes": rss() - before}))
 
 
 def probe_load_rss(engine_dir: str | Path, prepack: str | None) -> int:
-    """RSS growth of `Engine.load` (every graph, KV arena of 1 x 2) in a fresh process, as runtime/memory.py does
+    """RSS growth of `Engine.load` (every graph, KV cache of 1 x 2) in a fresh process, as runtime/memory.py does
     for the default load; this one also covers the other pre-packing modes."""
     proc = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(engine_dir), prepack or ""],
                           capture_output=True, text=True, timeout=1200, check=False)

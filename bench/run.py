@@ -67,7 +67,7 @@ class BenchConfig:
     hf: bool = True
     memory: bool = True
     scaling_lengths: tuple[int, ...] = (32, 64, 128, 192, 255)  # past lengths of the length-scaling section
-    max_length: int = 256  # engines' max total length: KV arena = max_batch x max_length per layer
+    max_length: int = 256  # engines' max total length: KV cache = max_batch x max_length per layer
     max_batch: int = 32
     cache_dir: Path = Path("engines/bench")
     rebuild: bool = False
@@ -215,7 +215,7 @@ def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callabl
         scaling = cost.length_scaling(be, max(cfg.batches), lengths, cfg.cost_rounds, cfg.threads)
         out["length_scaling"].append({"model": model.name, "backend": backend, **scaling})
     del engine
-    gc.collect()  # the sessions and the KV arena go before the next engine loads
+    gc.collect()  # the sessions and the KV cache go before the next engine loads
     return out
 
 

@@ -5,7 +5,7 @@ Two halves:
   pitches, row width, row count). `prefill_copies` moves each prompt's real columns from a left-padded prefill
   output [B, H, S, D] into columns [0, len) of its KV slot [slots, H, T, D]; `column_copies` moves a decode
   step's new K/V [n, H, 1, D] into column `past_length[i]` of row i (matmul flavour). `apply_copies` executes a
-  plan on numpy buffers, so tests check the plans against `KVArena` on CPU.
+  plan on numpy buffers, so tests check the plans against the layout written out by hand.
 * `CudaRuntime`: the cuda-python runtime API (`cuda.bindings.runtime`) behind a few methods; every status code
   is turned into a `BackendError` in one helper (`_check`). One stream per backend; everything a backend does on
   the device is ordered on it.

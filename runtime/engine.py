@@ -25,7 +25,7 @@ class Engine(Generator):
     def load(cls, directory: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
              threads: int | None = None, max_batch: int | None = None, max_length: int | None = None,
              prepack: str | None = None, backend: str = "onnxruntime", device: int = 0) -> Engine:
-        """Validate the manifest and its files, open one session per graph, allocate the KV arena once.
+        """Validate the manifest and its files, open one session per graph, allocate the KV cache once.
 
         `max_batch`/`max_length` may lower the exported limits to save KV memory, never raise them.
         `prepack` (onnxruntime CPU): "shared" (default where available) pre-packs each weight once for all graphs,

@@ -69,10 +69,6 @@ class Schedule:
         M, m = solve_budgets(num_layers, speedup, warmup)
         return cls(num_layers, M, m, warmup)
 
-    @property
-    def is_full_depth(self) -> bool:
-        return self.min_budget == self.num_layers
-
     def budget(self, t: int, prompt_length: int, max_length: int) -> int:
         """Layers executed for the token at column `t` (see module docstring)."""
         n = max_length - 1 - prompt_length  # decode steps
