@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..runtime import contract as C
 from ..runtime.errors import EngineError, ScheduleError, check_int
+from ..runtime.integrity import hash_files
 from ..runtime.manifest import WEIGHTS_FILE, GraphSpec, Manifest
 from ..runtime.schedule import layers_for_budget, solve_budgets
 from .graphs import DecodeGraph, PrefillGraph
@@ -140,13 +141,15 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
                                 tuple(used)))
     if codec is not None:
         codec.save(tmp / "tokenizer.json")
+    tokenizer = "tokenizer.json" if codec is not None else None
     man = Manifest(
         model=replace(shape, name=Path(cfg.out).name, source=str(cfg.model)), dtype=dtype,
         warmup_layers=cfg.warmup_layers, attention=cfg.attention, max_batch=cfg.max_batch, max_length=max_length,
         graphs=tuple(graphs),
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults={"speedups": list(cfg.speedups), "warmup_layers": cfg.warmup_layers},
-        tokenizer="tokenizer.json" if codec is not None else None, tools=tool_versions())
+        tokenizer=tokenizer, tools=tool_versions(),
+        integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *([tokenizer] if tokenizer else [])]))
     man.write(tmp)
     return man
 
