@@ -6,9 +6,12 @@ every file the runtime reads (weights, graphs, tokenizer) is hashed at export an
 Speed: a file is cut into fixed-size chunks, each chunk is hashed on its own in a thread pool (hashlib releases the
 GIL on large buffers, and `os.pread` does not hold it), and the file's digest is the hash of the chunk digests in
 order. The chunk size is recorded next to the digests, so a verifier computes exactly what the exporter did.
-Measured on this project's 2-core build machine (`python -m skipdecode.runtime.integrity FILE`, a 2 GiB file in the
-page cache, 2026-12-01): sha256 1.9 GB/s with one thread and 3.7 GB/s with two; blake2b 0.9 / 1.8 GB/s. sha256
-it is: opt-1.3b's 5.3 GB of fp32 weights verify in about 1.5 s on two cores, less with more.
+Measured with `python -m skipdecode.runtime.integrity FILE` (a 2 GiB file in the page cache, 2026-12-01) on this
+project's 2-core build machine (AMD EPYC with SHA-NI): sha256 1.1-1.3 GB/s per thread, blake2b 0.8 GB/s, hence
+sha256. A second thread added nothing there only because the other core was busy (load average 5; two processes
+hashing at once got 0.6 GB/s each): hashing is CPU-bound and spreads over whatever cores are free. So opt-1.3b's
+5.3 GB of fp32 weights verify in about 5 s on one free core and about 5/n s on n, well below the time its sessions
+take to build.
 """
 
 from __future__ import annotations
