@@ -10,8 +10,7 @@ Measured with `python -m skipdecode.runtime.integrity FILE` (a 2 GiB file in the
 project's 2-core build machine (AMD EPYC with SHA-NI): sha256 1.1-1.3 GB/s per thread, blake2b 0.8 GB/s, hence
 sha256. A second thread added nothing there only because the other core was busy (load average 5; two processes
 hashing at once got 0.6 GB/s each): hashing is CPU-bound and spreads over whatever cores are free. So opt-1.3b's
-5.3 GB of fp32 weights verify in about 5 s on one free core and about 5/n s on n, well below the time its sessions
-take to build.
+5.3 GB of fp32 weights verify in about 5 s on one free core and about 5/n s on n.
 """
 
 from __future__ import annotations
