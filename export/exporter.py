@@ -1,13 +1,13 @@
 """`export`: an OPT checkpoint -> engines/<name>/ (manifest, shared weights, prefill + per-bucket decode graphs).
 
 Everything is written into a hidden temporary sibling directory and renamed into place only after the parity
-check passed, so an interrupted or failed export never leaves a half-written engine directory.
+check passed, under a lock on the target (export/target.py), so an interrupted or failed export never leaves a
+half-written engine directory and never loses the engine that was there. Everything that can be refused from the
+config and the model's shape (attention flavour, lengths, the parity plan) is refused before tracing starts.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -18,12 +18,14 @@ from tqdm import tqdm
 
 from ..runtime import contract as C
 from ..runtime.errors import EngineError, ScheduleError, check_int
-from ..runtime.manifest import WEIGHTS_FILE, GraphSpec, Manifest
+from ..runtime.integrity import hash_files
+from ..runtime.manifest import MAX_BATCH, WEIGHTS_FILE, GraphSpec, Manifest
 from ..runtime.schedule import layers_for_budget, solve_budgets
 from .graphs import DecodeGraph, PrefillGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, trace, write_weights
-from .parity import check_parity
+from .parity import check_parity, plan_parity
+from .target import ExportTarget
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 
@@ -39,8 +41,8 @@ class ExportConfig:
     max_batch: int = 8
     dtype: str = "fp32"
     # Decode attention flavour (runtime/contract.py): "gqa" for onnxruntime (in-place KV, attention over each row's
-    # own length), "matmul" for standard-ops-only consumers such as TensorRT.
-    attention: str = "gqa"
+    # own length), "matmul" for standard-ops-only consumers such as TensorRT. None: chosen by `resolve_attention`.
+    attention: str | None = None
     backend: str = "onnxruntime"  # "tensorrt" also builds one TensorRT plan per graph (needs attention="matmul")
     trt: object | None = None  # export.tensorrt_build.TrtBuildConfig; None = its defaults
     force: bool = False  # replace an existing engine directory
@@ -48,13 +50,13 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise EngineError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
-        if self.attention not in C.ATTENTIONS:
+        if self.attention is not None and self.attention not in C.ATTENTIONS:
             raise EngineError(f"attention={self.attention!r} is not one of {list(C.ATTENTIONS)}")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise EngineError(f"backend={self.backend!r} is not one of ['onnxruntime', 'tensorrt']")
-        if self.backend == "tensorrt" and self.attention != "matmul":
+        if self.backend == "tensorrt" and self.attention == "gqa":
             raise EngineError("backend=tensorrt needs attention='matmul' (TensorRT runs standard ONNX ops only)")
-        check_int("max_batch", self.max_batch, lo=1, hi=4096)
+        check_int("max_batch", self.max_batch, lo=1, hi=MAX_BATCH)
         check_int("warmup_layers", self.warmup_layers, lo=0, error=ScheduleError)
 
 
@@ -73,33 +75,54 @@ def bucket_budgets(num_layers: int, cfg: ExportConfig) -> tuple[int, ...]:
     return tuple(sorted(budgets))
 
 
+GQA_HEAD_MULTIPLE = 8  # onnxruntime's GroupQueryAttention refuses other head sizes ("must be a multiple of 8")
+
+
+def resolve_attention(cfg: ExportConfig, shape: OPTShape) -> tuple[str, str]:
+    """-> (attention flavour, why). An explicit choice is kept (gqa with a head size it cannot run is refused
+    here, not deep inside the parity run); otherwise gqa where it works, else the portable matmul flavour."""
+    D = shape.head_dim
+    if cfg.attention is not None:
+        if cfg.attention == "gqa" and D % GQA_HEAD_MULTIPLE:
+            raise EngineError(f"attention='gqa' needs a head size that is a multiple of {GQA_HEAD_MULTIPLE} "
+                              f"(onnxruntime GroupQueryAttention); this model's head size is {D} "
+                              f"(hidden_size {shape.hidden_size} / {shape.num_heads} heads): use --attention matmul "
+                              "or leave --attention out")
+        return cfg.attention, "requested"
+    if cfg.backend == "tensorrt":
+        return "matmul", "auto: TensorRT runs standard ONNX ops only"
+    if D % GQA_HEAD_MULTIPLE:
+        return "matmul", (f"auto: head size {D} is not a multiple of {GQA_HEAD_MULTIPLE}, which GroupQueryAttention "
+                          "needs")
+    return "gqa", "auto: onnxruntime's in-place GroupQueryAttention"
+
+
 def tool_versions() -> dict:
     return {name: version(name) for name in ("skipdecode", "torch", "transformers", "onnx", "onnxruntime")}
 
 
 def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
-    torch_dtype, dtype = DTYPES[cfg.dtype]
-    model, codec = load_model(cfg.model)
-    model = model.to(torch_dtype)
-    shape = OPTShape.from_config(model.config)
-    L = shape.num_layers
-    check_int("warmup_layers", cfg.warmup_layers, lo=0, hi=L, error=ScheduleError)
-    max_length = check_int("max_length", cfg.max_length or shape.max_positions, lo=2, hi=shape.max_positions)
-    buckets = bucket_budgets(L, cfg)
-    out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise EngineError(f"{out} already exists: pass --force to replace it")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
-        man = _build(model, codec, shape, buckets, dtype, max_length, cfg, tmp, progress)
-        man = replace(man, parity=check_parity(tmp, model))
-        man.write(tmp)
-        _backend_checks(cfg, man, tmp, progress)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with ExportTarget(Path(cfg.out), cfg.force) as target:
+        for line in target.recovered:
+            print(f"export: {line}", file=sys.stderr)
+        torch_dtype, dtype = DTYPES[cfg.dtype]
+        model, codec = load_model(cfg.model)
+        model = model.to(torch_dtype)
+        shape = OPTShape.from_config(model.config)
+        L = shape.num_layers
+        check_int("warmup_layers", cfg.warmup_layers, lo=0, hi=L, error=ScheduleError)
+        max_length = check_int("max_length", cfg.max_length or shape.max_positions, lo=2, hi=shape.max_positions)
+        buckets = bucket_budgets(L, cfg)
+        attention, reason = resolve_attention(cfg, shape)
+        cfg = replace(cfg, attention=attention)
+        plan_parity(max_length, buckets, min(3, cfg.max_batch))  # refuses an impossible check before any tracing
+        if progress and reason != "requested":
+            print(f"export: attention {attention} ({reason})", file=sys.stderr)
+        man = _build(model, codec, shape, buckets, dtype, max_length, cfg, target.tmp, progress)
+        man = replace(man, parity=check_parity(target.tmp, model), attention_reason=reason)
+        man.write(target.tmp)
+        _backend_checks(cfg, man, target.tmp, progress)
+        target.commit()
     return man
 
 
@@ -140,13 +163,15 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
                                 tuple(used)))
     if codec is not None:
         codec.save(tmp / "tokenizer.json")
+    tokenizer = "tokenizer.json" if codec is not None else None
     man = Manifest(
         model=replace(shape, name=Path(cfg.out).name, source=str(cfg.model)), dtype=dtype,
         warmup_layers=cfg.warmup_layers, attention=cfg.attention, max_batch=cfg.max_batch, max_length=max_length,
         graphs=tuple(graphs),
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults={"speedups": list(cfg.speedups), "warmup_layers": cfg.warmup_layers},
-        tokenizer="tokenizer.json" if codec is not None else None, tools=tool_versions())
+        tokenizer=tokenizer, tools=tool_versions(),
+        integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *([tokenizer] if tokenizer else [])]))
     man.write(tmp)
     return man
 
@@ -166,12 +191,3 @@ def _decode_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype, a
     kv_length = (torch.tensor(_T, dtype=torch.int32),) if attention == "gqa" else ()
     gate = torch.ones(_B, n_layers, dtype=torch.bool)
     return (torch.full((_B, 1), 5, dtype=torch.long), lengths, *kv_length, gate, *past)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished directory into place; an existing one (with --force) is removed only afterwards."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -87,8 +87,14 @@ class OPTGraphBase(nn.Module):
         return h if self.pre_ln else layer.final_layer_norm(h)
 
 
-def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
+def masked(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Attention scores where `allowed`, the dtype's minimum elsewhere: the masked value replaces the score (an ONNX
+    Where), it is never added to it. An additive mask of the dtype minimum (-65504 in fp16) plus a score below about
+    -16 rounds to -inf; a row with nothing allowed (a left-padding query of a prefill) then has a NaN softmax, its
+    hidden state and so its K/V turn NaN, and the real rows of the same prompt read that NaN through their masked
+    columns (NaN + bias is NaN). Replaced values are finite whatever the score, so a fully masked row gets a uniform,
+    finite softmax, and a NaN score at a masked column is dropped."""
+    return torch.where(allowed, scores, torch.finfo(scores.dtype).min)
 
 
 class PrefillGraph(OPTGraphBase):
@@ -98,13 +104,12 @@ class PrefillGraph(OPTGraphBase):
         h = self.embed(input_ids, position_ids)
         S = input_ids.shape[1]
         causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
-        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        bias = mask_bias(allowed, h.dtype)  # [B, 1, S, S]
+        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, S]
         kv = []
         for layer in self.model.decoder.layers:
             x = layer.self_attn_layer_norm(h) if self.pre_ln else h
             q, k, v = self.qkv(layer, x)
-            probs = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1, dtype=torch.float32).to(h.dtype)
+            probs = torch.softmax(masked(q @ k.transpose(-1, -2), allowed), dim=-1, dtype=torch.float32).to(h.dtype)
             h = self.finish_layer(layer, h, probs @ v)
             kv += [k, v]
         return (self.head(h[:, -1]), *kv)
@@ -128,7 +133,7 @@ class _GroupQueryAttention(torch.autograd.Function):
         present_v = torch.where(here, v.reshape(B, 1, H, D).transpose(1, 2), past_v)
         allowed = (col[None, :] <= past_length[:, None].long())[:, None, None, :]  # [B, 1, 1, T]
         qh = q.reshape(B, 1, H, D).transpose(1, 2)
-        scores = qh @ present_k.transpose(-1, -2) + mask_bias(allowed, q.dtype)
+        scores = masked(qh @ present_k.transpose(-1, -2), allowed)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return (probs @ present_v).transpose(1, 2).reshape(B, 1, H * D), present_k, present_v
 
@@ -180,7 +185,7 @@ class DecodeGraph(OPTGraphBase):
     def masked(self, layer, x, past_k, past_v, past_length):
         q, k, v = self.qkv(layer, x)  # [B, H, 1, D]
         col = torch.arange(past_k.shape[2], device=x.device)
-        bias = mask_bias(col[None, :] < past_length[:, None].long(), x.dtype)[:, None, None, :]  # [B, 1, 1, Tmax]
-        scores = torch.cat([q @ past_k.transpose(-1, -2) + bias, (q * k).sum(-1, keepdim=True)], dim=-1)
+        allowed = (col[None, :] < past_length[:, None].long())[:, None, None, :]  # [B, 1, 1, Tmax]
+        scores = torch.cat([masked(q @ past_k.transpose(-1, -2), allowed), (q * k).sum(-1, keepdim=True)], dim=-1)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
         return probs[..., :-1] @ past_v + probs[..., -1:] * v, k, v

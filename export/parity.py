@@ -3,8 +3,9 @@
 Both sides get identical inputs through the same slot API: prompts of different lengths prefilled into their
 slots (the engine left-pads them into one batch, the reference runs each alone), then a few decode steps through
 every bucket from the deepest to the shallowest (a monotone schedule, as at run time), feeding the reference's
-greedy tokens to both. Compared per output: logits and K/V of every graph. Non-finite values fail: NaN compares
-as "no difference" in max(), so it is checked for explicitly.
+greedy tokens to both. A KV window too short for all buckets in one sequence is covered in several rounds on fresh
+slots (`plan_parity`), so any max_length >= 2 can be checked. Compared per output: logits and K/V of every
+graph. Non-finite values fail: NaN compares as "no difference" in max(), so it is checked for explicitly.
 """
 
 from __future__ import annotations
@@ -50,55 +51,97 @@ def _record(report: dict, key: str, got, want, tol: Tolerance) -> None:
                    "finite": prev["finite"] and finite}
 
 
+@dataclass(frozen=True)
+class ParityRound:
+    """Prompts of `prompt_lengths` prefilled into fresh slots, then `steps` decode steps through each of `buckets`
+    (deepest first: a monotone schedule)."""
+
+    prompt_lengths: tuple[int, ...]
+    buckets: tuple[int, ...]
+    steps: int
+
+
+PROMPT_LENGTHS = (5, 2, 8)  # ragged: the engine left-pads them into one prefill batch
+
+
+def plan_parity(max_length: int, buckets, n_prompts: int, steps: int = 2) -> list[ParityRound]:
+    """Rounds that decode through every bucket inside a KV window of `max_length` columns. A slot holding p prompt
+    tokens takes one column per decode step, so a round needs longest prompt + buckets x steps <= max_length; a short
+    window gets shorter prompts, fewer steps per bucket and more rounds. The exporter calls this before tracing, so
+    an impossible check is refused before any work."""
+    if max_length < 2:
+        raise EngineError(f"parity needs max_length >= 2 (a 1-token prompt and one decode step); got {max_length}")
+    steps = max(1, min(steps, max_length - 1))
+    longest = max(1, min(max(PROMPT_LENGTHS), max_length - steps))
+    lengths = tuple(min(n, longest) for n in PROMPT_LENGTHS[:n_prompts])
+    per_round = (max_length - longest) // steps
+    order = sorted(buckets, reverse=True)
+    return [ParityRound(lengths, tuple(order[i: i + per_round]), steps) for i in range(0, len(order), per_round)]
+
+
 def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0) -> dict:
     """Return {output: {max_abs_diff, limit, finite}}; raise ParityError naming every output over its limit."""
     man = load_manifest(directory)
     n_prompts = min(3, man.max_batch)
-    engine = Engine.load(directory, max_batch=n_prompts)
-    tols = TOLERANCES[man.dtype]
+    engine = Engine.load(directory, max_batch=n_prompts, verify=False)  # the exporter wrote it just now
     ref = TorchReference(model, max_batch=n_prompts, warmup_layers=man.warmup_layers)
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, man.model.vocab_size, size=n).tolist() for n in (5, 2, 8)[:n_prompts]]
-    buckets = sorted(man.buckets, reverse=True)
-    T = max(map(len, prompts)) + len(buckets) * steps_per_bucket + 1
-    if T > engine.backend.max_length:
-        raise EngineError(f"parity needs max_length >= {T} (prompt {max(map(len, prompts))} + {len(buckets)} buckets x "
-                          f"{steps_per_bucket} steps); the export has max_length {engine.backend.max_length}")
-    slots = engine.backend.slots.allocate(n_prompts)
-    ref.slots.allocate(n_prompts)
     report: dict = {}
-    want = ref.prefill_rows(prompts, slots)
-    _record(report, "prefill.logits", engine.backend.prefill_rows(prompts, slots), want, tols["logits"])
-    L = man.num_layers
-    for layer in range(L):  # ragged slots: row b's prompt sits at columns [0, len_b), no padding
-        keys, values = engine.backend.kv.read(layer)
-        for b, slot in enumerate(slots):
-            n = len(prompts[b])
-            _record(report, "prefill.kv", keys[slot, :, :n], ref.cache[slot].keys[layer][0], tols["kv"])
-            _record(report, "prefill.kv", values[slot, :, :n], ref.cache[slot].values[layer][0], tols["kv"])
-    for bucket in buckets:
-        layers = man.decode(bucket).layers
-        for _ in range(steps_per_bucket):
-            tokens = np.argmax(want[: n_prompts], axis=-1).astype(np.int64)
-            columns = engine.backend.slots.lengths[slots].copy()
-            gates = np.ones((n_prompts, bucket), dtype=bool)
-            want = ref.decode_rows(slots, tokens, bucket, gates)[slots]
-            got = engine.backend.decode_rows(slots, tokens, bucket, gates)[slots]
-            _record(report, f"decode.{bucket}.logits", got, want, tols["logits"])
-            for layer in layers:
-                keys, values = engine.backend.kv.read(layer)
-                for b, slot in enumerate(slots):
-                    c = int(columns[b])
-                    _record(report, f"decode.{bucket}.kv", keys[slot, :, c], ref.cache[slot].keys[layer][0, :, -1],
-                            tols["kv"])
-                    _record(report, f"decode.{bucket}.kv", values[slot, :, c],
-                            ref.cache[slot].values[layer][0, :, -1], tols["kv"])
-    engine.close()
+    try:
+        for rnd in plan_parity(engine.backend.max_length, man.buckets, n_prompts, steps_per_bucket):
+            prompts = [rng.integers(3, man.model.vocab_size, size=n).tolist() for n in rnd.prompt_lengths]
+            _check_round(engine, ref, man, prompts, rnd, report)
+    finally:
+        engine.close()
     failed = {k: v for k, v in report.items() if not v["finite"] or v["max_abs_diff"] > v["limit"]}
     if failed:
         lines = ", ".join(f"{k}: {_describe(v)}" for k, v in failed.items())
         raise ParityError(f"parity check failed for {len(failed)} output(s) of {directory.name}: {lines}")
     return report
+
+
+def _check_round(engine, ref, man, prompts: list, rnd: ParityRound, report: dict) -> None:
+    """One round on fresh slots of both sides; the slots are given back at the end."""
+    tols = TOLERANCES[man.dtype]
+    backend, n = engine.backend, len(prompts)
+    slots = backend.slots.allocate(n)
+    ref_slots = ref.slots.allocate(n)
+    assert ref_slots == slots  # both tables hand out the lowest free slots
+    try:
+        want = ref.prefill_rows(prompts, slots)
+        _record(report, "prefill.logits", backend.prefill_rows(prompts, slots), want, tols["logits"])
+        for layer in range(man.num_layers):  # ragged slots: row b's prompt sits at columns [0, len_b), no padding
+            keys, values = backend.kv.read(layer)
+            for b, slot in enumerate(slots):
+                m = len(prompts[b])
+                _record(report, "prefill.kv", keys[slot, :, :m], ref.cache[slot].keys[layer][0], tols["kv"])
+                _record(report, "prefill.kv", values[slot, :, :m], ref.cache[slot].values[layer][0], tols["kv"])
+        for bucket in rnd.buckets:
+            for _ in range(rnd.steps):
+                want = _decode_step(backend, ref, man, slots, want, bucket, report)
+    finally:
+        backend.slots.free(slots)
+        ref.slots.free(ref_slots)
+
+
+def _decode_step(backend, ref, man, slots: list, want, bucket: int, report: dict):
+    """Both sides decode the reference's greedy tokens through `bucket`; -> the reference's logits."""
+    tols, n = TOLERANCES[man.dtype], len(slots)
+    tokens = np.argmax(want[:n], axis=-1).astype(np.int64)
+    columns = backend.slots.lengths[slots].copy()
+    gates = np.ones((n, bucket), dtype=bool)
+    want = ref.decode_rows(slots, tokens, bucket, gates)[slots]
+    got = backend.decode_rows(slots, tokens, bucket, gates)[slots]
+    _record(report, f"decode.{bucket}.logits", got, want, tols["logits"])
+    for layer in man.decode(bucket).layers:
+        keys, values = backend.kv.read(layer)
+        for b, slot in enumerate(slots):
+            c = int(columns[b])
+            _record(report, f"decode.{bucket}.kv", keys[slot, :, c], ref.cache[slot].keys[layer][0, :, -1],
+                    tols["kv"])
+            _record(report, f"decode.{bucket}.kv", values[slot, :, c], ref.cache[slot].values[layer][0, :, -1],
+                    tols["kv"])
+    return want
 
 
 def _describe(entry: dict) -> str:

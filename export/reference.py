@@ -41,9 +41,13 @@ class SlotKV:
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool [B, q, k] -> additive float mask [B, 1, q, k] (0 where allowed, dtype min elsewhere)."""
+    """bool [B, q, k] -> additive float mask [B, 1, q, k] (0 where allowed, half the dtype's minimum elsewhere).
+
+    HF's layers add the mask to the scores. With the full minimum (-65504 in fp16) any score below about -16 overflows
+    to -inf and a fully masked (padding) row's softmax is NaN, which reaches the real rows through its K/V; half the
+    minimum stays finite for any score above it, which is still exp-underflow far below every real score."""
     zero = torch.zeros((), dtype=dtype)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+    return torch.where(allowed, zero, torch.finfo(dtype).min / 2)[:, None]
 
 
 class TorchReference(SlotBackend):

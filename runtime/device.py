@@ -136,6 +136,11 @@ class CudaRuntime:
         # K/V buffers must never hold NaN garbage: a masked column still enters the softmax's sum with weight 0
         self._check(self.rt.cudaMemsetAsync(ptr, 0, nbytes, self.stream), "cudaMemsetAsync")
 
+    def available_bytes(self) -> int:
+        """Free memory on the device now (what the KV cache may take; runtime/kv.py checks before allocating)."""
+        free, _total = self._check(self.rt.cudaMemGetInfo(), "cudaMemGetInfo")
+        return int(free)
+
     def free(self, ptr: int) -> None:
         self._owned.remove(ptr)
         self._check(self.rt.cudaFree(ptr), "cudaFree")
@@ -187,6 +192,18 @@ class HostRuntime:
 
     def zero(self, ptr: int, nbytes: int) -> None:
         ctypes.memset(ptr, 0, nbytes)
+
+    @staticmethod
+    def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+        """MemAvailable: what can be allocated without swapping or the OOM killer (None where there is no
+        /proc/meminfo). Zeroed numpy buffers are lazily backed, so without this check a 179 TiB KV arena
+        "allocates" and the process dies later."""
+        try:
+            with open(meminfo) as f:
+                line = next((x for x in f if x.startswith("MemAvailable:")), None)
+        except OSError:
+            return None
+        return int(line.split()[1]) * 1024 if line else None
 
     def free(self, ptr: int) -> None:
         del self._owned[ptr]

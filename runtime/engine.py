@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import BackendError
 from .generator import Generator
+from .integrity import verify_files
 from .manifest import Manifest, load_manifest
 from .ort_backend import OrtBackend
 from .tokenizer import TextCodec
@@ -24,7 +25,8 @@ class Engine(Generator):
     @classmethod
     def load(cls, directory: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
              threads: int | None = None, max_batch: int | None = None, max_length: int | None = None,
-             prepack: str | None = None, backend: str = "onnxruntime", device: int = 0) -> Engine:
+             prepack: str | None = None, backend: str = "onnxruntime", device: int = 0, verify: bool = True
+             ) -> Engine:
         """Validate the manifest and its files, open one session per graph, allocate the KV cache once.
 
         `max_batch`/`max_length` may lower the exported limits to save KV memory, never raise them.
@@ -33,9 +35,14 @@ class Engine(Generator):
         `backend`: "onnxruntime" (with `providers`), "cuda" (onnxruntime CUDA, device-resident KV) or "tensorrt"
         (the plans built by `skipdecode export --backend tensorrt`); GPU backends run on CUDA device `device`.
         All three offer the same slot API (runtime/slot_backend.py), so each can serve continuous batches.
+        `verify` checks the content hash of every file the manifest names (runtime/integrity.py; about a second
+        per 4 GB of weights): corrupted weights otherwise load fine and generate garbage. Skip it only for a
+        directory just checked (the exporter's own parity run) or when load time matters more than that.
         """
         directory = Path(directory)
         man = load_manifest(directory)
+        if verify:
+            verify_files(directory, man.integrity)
         if backend == "onnxruntime":
             step_backend = OrtBackend(directory, man, list(providers), threads, max_batch, max_length, prepack)
         elif backend == "cuda":

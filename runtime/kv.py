@@ -25,7 +25,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from .device import column_copies, prefill_copies
-from .errors import InputError, check_int
+from .errors import EngineError, InputError, check_int
+
+
+def check_fits(nbytes: int, available: int | None, slots: int, max_length: int) -> None:
+    """Refuse a KV cache larger than the memory available now (None: unknown, not checked)."""
+    if available is not None and nbytes > available:
+        raise EngineError(f"the KV cache of {slots} slots x {max_length} columns needs {nbytes} bytes "
+                          f"({nbytes / 2**30:.1f} GiB) but only {available} bytes ({available / 2**30:.1f} GiB) are "
+                          "available: load the engine with a smaller max_batch or max_length")
 
 
 class SlotsExhaustedError(InputError):
@@ -91,12 +99,13 @@ class KVCache:
         self.itemsize = self.dtype.itemsize
         self.layer_bytes = int(np.prod(self.shape)) * self.itemsize
         staged = slots * heads * head_dim * self.itemsize if staging else 0
+        self.nbytes = num_layers * 2 * (self.layer_bytes + staged)
+        check_fits(self.nbytes, memory.available_bytes(), slots, max_length)
         # zeroed: see the module docstring
         self.keys = [memory.malloc(self.layer_bytes) for _ in range(num_layers)]
         self.values = [memory.malloc(self.layer_bytes) for _ in range(num_layers)]
         self.new_keys = [memory.malloc(staged) for _ in range(num_layers)] if staging else []
         self.new_values = [memory.malloc(staged) for _ in range(num_layers)] if staging else []
-        self.nbytes = num_layers * 2 * (self.layer_bytes + staged)
         memory.synchronize()
 
     def write_prompts(self, layer: int, key_src: int, value_src: int, lengths: Sequence[int], slots: Sequence[int],

@@ -6,18 +6,29 @@ weights offsets, model shape, schedule defaults). A manifest of another format v
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
+from . import fields as F
 from .contract import ATTENTIONS, TensorSpec
 from .errors import EngineError, ModelError
+from .manifest_check import check_files, check_manifest
 
 FORMAT = "skipdecode-engine"
-FORMAT_VERSION = 2  # 2: ragged slot KV layout, past_length/gate inputs, `attention` flavour
+# 2: ragged slot KV layout, past_length/gate inputs, `attention` flavour; 3: `integrity` (content hashes of every
+# file, runtime/integrity.py), every field validated strictly at load
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHTS_ALIGN = 64  # bytes; every tensor starts on a cache-line boundary of the shared weights file
+WEIGHT_DTYPES = ("float32", "float16", "int64")  # what the exporter writes (export/onnx_export.py)
+IO_DTYPES = ("int64", "int32", "float32", "float16", "bool")
+MAX_BATCH = 4096  # KV slots an engine may declare
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,11 @@ class OPTShape:
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
                 raise ValueError(f"model.{f}={v!r} must be a token id in [0, {self.vocab_size})")
+        if not isinstance(self.pre_layer_norm, bool):
+            raise ValueError(f"model.pre_layer_norm={self.pre_layer_norm!r} must be true or false")
+        for f in ("name", "source"):
+            if not isinstance(getattr(self, f), str):
+                raise ValueError(f"model.{f}={getattr(self, f)!r} must be a string")
 
     @property
     def head_dim(self) -> int:
@@ -107,6 +123,9 @@ class Manifest:
     tokenizer: str | None = None
     tools: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
+    # {"algorithm", "chunk_bytes", "files": {name: hex digest}} of weights, graphs and tokenizer (runtime/integrity.py)
+    integrity: dict = field(default_factory=dict)
+    attention_reason: str = ""  # why the exporter chose `attention` ("requested", or the automatic choice's reason)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -132,14 +151,9 @@ class Manifest:
         (Path(directory) / MANIFEST).write_text(self.to_json())
 
 
-def _graph_from_dict(d: dict) -> GraphSpec:
-    return GraphSpec(name=d["name"], kind=d["kind"], file=d["file"], budget=int(d["budget"]),
-                     layers=tuple(d["layers"]), inputs=tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
-                     outputs=tuple(TensorSpec.from_dict(x) for x in d["outputs"]), weights=tuple(d["weights"]))
-
-
 def load_manifest(directory: str | Path) -> Manifest:
-    """Read and validate `directory/manifest.json` and the files it names; raise EngineError naming the problem."""
+    """Read and validate `directory/manifest.json` and the files it names; raise EngineError naming the problem.
+    Content hashes are not checked here (that reads every byte): `Engine.load` does, runtime/integrity.py."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EngineError(f"engine directory {directory} does not exist (build it with `skipdecode export`)")
@@ -156,45 +170,95 @@ def load_manifest(directory: str | Path) -> Manifest:
     if raw.get("format_version") != FORMAT_VERSION:
         raise EngineError(f"{path} has format_version={raw.get('format_version')!r}; this runtime reads version "
                           f"{FORMAT_VERSION}: re-export the model with this version of skipdecode")
-    try:
-        man = Manifest(
-            model=OPTShape(**raw["model"]), dtype=raw["dtype"], warmup_layers=int(raw["warmup_layers"]),
-            attention=raw["attention"], max_batch=int(raw["max_batch"]), max_length=int(raw["max_length"]),
-            graphs=tuple(_graph_from_dict(g) for g in raw["graphs"]), weights_file=raw["weights_file"],
-            weights_size=int(raw["weights_size"]),
-            weights={k: WeightEntry(v["dtype"], tuple(v["shape"]), int(v["offset"]), int(v["nbytes"]))
-                     for k, v in raw["weights"].items()},
-            schedule_defaults=raw.get("schedule_defaults", {}), tokenizer=raw.get("tokenizer"),
-            tools=raw.get("tools", {}), parity=raw.get("parity", {}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineError(f"{path} is corrupted: missing or invalid field {exc}") from exc
-    _check_files(directory, man)
+    man = parse_manifest(raw)
+    check_manifest(man)
+    check_files(directory, man)
     return man
 
 
-def _check_files(directory: Path, man: Manifest) -> None:
-    L = man.num_layers
-    if man.attention not in ATTENTIONS:
-        raise EngineError(f"manifest attention={man.attention!r} is not one of {list(ATTENTIONS)}")
-    kinds = [g.kind for g in man.graphs]
-    if kinds.count("prefill") != 1:
-        raise EngineError(f"manifest lists {kinds.count('prefill')} prefill graphs; expected exactly 1")
-    if L not in man.buckets:
-        raise EngineError(f"manifest decode buckets {list(man.buckets)} lack the full-depth budget {L}")
-    weights = directory / man.weights_file
-    if not weights.is_file():
-        raise EngineError(f"shared weights file {weights} is missing")
-    size = weights.stat().st_size
-    if size != man.weights_size:
-        raise EngineError(f"shared weights file {weights} has {size} bytes; the manifest expects {man.weights_size}")
-    for g in man.graphs:
-        if not (directory / g.file).is_file():
-            raise EngineError(f"graph file {directory / g.file} ({g.name}) is missing")
-        missing = [w for w in g.weights if w not in man.weights]
-        if missing:
-            raise EngineError(f"graph {g.name} uses weight {missing[0]!r} that the manifest does not list")
-    for name, w in man.weights.items():
-        if w.offset + w.nbytes > man.weights_size:
-            raise EngineError(f"weight {name!r} ends at byte {w.offset + w.nbytes}, past the file size {size}")
-    if man.tokenizer is not None and not (directory / man.tokenizer).is_file():
-        raise EngineError(f"tokenizer file {directory / man.tokenizer} is missing")
+def parse_manifest(raw: dict) -> Manifest:
+    """Typed fields from the JSON object; every field strictly (runtime/fields.py). Cross-field rules:
+    runtime/manifest_check.py."""
+    m = "manifest"
+    model = _model(F.need(raw, "model", m))
+    graphs = F.seq(F.need(raw, "graphs", m), f"{m}.graphs")
+    tokenizer = raw.get("tokenizer")
+    return Manifest(
+        model=model, dtype=F.text(F.need(raw, "dtype", m), f"{m}.dtype", ("float32", "float16")),
+        warmup_layers=F.integer(F.need(raw, "warmup_layers", m), f"{m}.warmup_layers", 0, model.num_layers),
+        attention=F.text(F.need(raw, "attention", m), f"{m}.attention", ATTENTIONS),
+        max_batch=F.integer(F.need(raw, "max_batch", m), f"{m}.max_batch", 1, MAX_BATCH),
+        max_length=F.integer(F.need(raw, "max_length", m), f"{m}.max_length", 2, model.max_positions),
+        graphs=tuple(_graph(g, f"{m}.graphs[{i}]") for i, g in enumerate(graphs)),
+        weights_file=F.file_name(F.need(raw, "weights_file", m), f"{m}.weights_file"),
+        weights_size=F.integer(F.need(raw, "weights_size", m), f"{m}.weights_size", 0),
+        weights={F.text(k, f"{m}.weights key"): _weight(v, f"{m}.weights[{k!r}]")
+                 for k, v in F.obj(F.need(raw, "weights", m), f"{m}.weights").items()},
+        schedule_defaults=F.obj(raw.get("schedule_defaults", {}), f"{m}.schedule_defaults"),
+        tokenizer=None if tokenizer is None else F.file_name(tokenizer, f"{m}.tokenizer"),
+        tools=F.obj(raw.get("tools", {}), f"{m}.tools"), parity=F.obj(raw.get("parity", {}), f"{m}.parity"),
+        integrity=_integrity(F.need(raw, "integrity", m), f"{m}.integrity"),
+        attention_reason=F.text(raw.get("attention_reason", ""), f"{m}.attention_reason"))
+
+
+_MODEL_FIELDS = {f.name: f for f in fields(OPTShape)}
+
+
+def _model(raw: object) -> OPTShape:
+    d = F.obj(raw, "manifest.model")
+    unknown = sorted(set(d) - set(_MODEL_FIELDS))
+    if unknown:
+        raise EngineError(f"manifest.model has an unknown field {unknown[0]!r}")
+    for name, f in _MODEL_FIELDS.items():
+        if name not in d and f.default is MISSING:
+            raise EngineError(f"manifest.model.{name} is missing")
+    try:
+        return OPTShape(**d)
+    except ValueError as exc:
+        raise EngineError(f"manifest {exc}") from exc
+
+
+def _tensor(raw: object, where: str) -> TensorSpec:
+    shape = F.seq(F.need(raw, "shape", where), f"{where}.shape")
+    for i, dim in enumerate(shape):
+        if not isinstance(dim, str):
+            F.integer(dim, f"{where}.shape[{i}]", lo=1)
+    return TensorSpec(F.text(F.need(raw, "name", where), f"{where}.name"),
+                      F.text(F.need(raw, "dtype", where), f"{where}.dtype", IO_DTYPES), tuple(shape))
+
+
+def _graph(raw: object, where: str) -> GraphSpec:
+    return GraphSpec(
+        name=F.text(F.need(raw, "name", where), f"{where}.name"),
+        kind=F.text(F.need(raw, "kind", where), f"{where}.kind", ("prefill", "decode")),
+        file=F.file_name(F.need(raw, "file", where), f"{where}.file"),
+        budget=F.integer(F.need(raw, "budget", where), f"{where}.budget", 1),
+        layers=tuple(F.integer(x, f"{where}.layers", 0) for x in F.seq(F.need(raw, "layers", where),
+                                                                        f"{where}.layers")),
+        inputs=tuple(_tensor(x, f"{where}.inputs[{i}]")
+                     for i, x in enumerate(F.seq(F.need(raw, "inputs", where), f"{where}.inputs"))),
+        outputs=tuple(_tensor(x, f"{where}.outputs[{i}]")
+                      for i, x in enumerate(F.seq(F.need(raw, "outputs", where), f"{where}.outputs"))),
+        weights=tuple(F.text(x, f"{where}.weights") for x in F.seq(F.need(raw, "weights", where),
+                                                                   f"{where}.weights")))
+
+
+def _weight(raw: object, where: str) -> WeightEntry:
+    dtype = F.text(F.need(raw, "dtype", where), f"{where}.dtype", WEIGHT_DTYPES)
+    shape = tuple(F.integer(x, f"{where}.shape", 0) for x in F.seq(F.need(raw, "shape", where), f"{where}.shape"))
+    offset = F.integer(F.need(raw, "offset", where), f"{where}.offset", 0)
+    nbytes = F.integer(F.need(raw, "nbytes", where), f"{where}.nbytes", 0)
+    want = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes != want:
+        raise EngineError(f"{where}.nbytes={nbytes} does not match its shape {list(shape)} x {dtype} = {want} bytes")
+    return WeightEntry(dtype, shape, offset, nbytes)
+
+
+def _integrity(raw: object, where: str) -> dict:
+    algorithm = F.text(F.need(raw, "algorithm", where), f"{where}.algorithm",
+                       tuple(sorted(hashlib.algorithms_guaranteed)))
+    chunk = F.integer(F.need(raw, "chunk_bytes", where), f"{where}.chunk_bytes", 2**12, 2**34)
+    files = F.obj(F.need(raw, "files", where), f"{where}.files")
+    return {"algorithm": algorithm, "chunk_bytes": chunk,
+            "files": {F.file_name(k, f"{where}.files key"): F.text(v, f"{where}.files[{k!r}]")
+                      for k, v in files.items()}}

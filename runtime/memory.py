@@ -25,7 +25,7 @@ man = load_manifest(directory)
 before = rss()
 if mode == "all":
     from skipdecode.runtime.engine import Engine
-    engine = Engine.load(directory, max_batch=1, max_length=2)
+    engine = Engine.load(directory, max_batch=1, max_length=2, verify=False)  # verified by measure_memory
 else:
     spec = man.decode(man.num_layers)
     sess = ort.InferenceSession(f"{directory}/{spec.file}", providers=["CPUExecutionProvider"])
@@ -41,11 +41,15 @@ def _probe(directory: Path, mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(directory: str | Path) -> dict:
-    """-> {all_buckets_bytes, one_copy_bytes, weights_file_bytes, ratio, graphs}."""
+def measure_memory(directory: str | Path, verify: bool = True) -> dict:
+    """-> {all_buckets_bytes, one_copy_bytes, weights_file_bytes, ratio, graphs}. `verify`: check the content
+    hashes first, here (an EngineError naming the file, not a failed probe)."""
+    from .integrity import verify_files
     from .manifest import load_manifest
     directory = Path(directory)
     man = load_manifest(directory)
+    if verify:
+        verify_files(directory, man.integrity)
     all_b, one = _probe(directory, "all"), _probe(directory, "one")
     return {"all_buckets_bytes": all_b["rss_bytes"], "one_copy_bytes": one["rss_bytes"],
             "weights_file_bytes": man.weights_size, "graphs": all_b["graphs"],

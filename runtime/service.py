@@ -19,9 +19,12 @@ Ownership and threads:
 
 from __future__ import annotations
 
+import atexit
+import functools
 import itertools
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,6 +188,10 @@ class Service:
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="skipdecode-batcher", daemon=True)
         self._thread.start()
+        # A process that exits without shutdown() would tear onnxruntime down under the running worker (SIGABRT):
+        # stop it at interpreter exit. The hook holds only a weak reference, so it keeps nothing alive.
+        self._at_exit = functools.partial(_shutdown_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
 
     # -- any thread -----------------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None,
@@ -245,6 +252,7 @@ class Service:
                 self._cancel_all = True
                 self._cv.notify_all()
             self._thread.join()
+        atexit.unregister(self._at_exit)  # this partial only: other services keep their hooks
 
     def __enter__(self) -> Service:
         return self
@@ -351,3 +359,9 @@ class Service:
     def _fail_all(self, exc: Exception) -> None:
         for rid in self._batcher.reset():
             self._end(rid, "error", exc)
+
+
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    service = ref()
+    if service is not None:
+        service.shutdown(cancel=True)

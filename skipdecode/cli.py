@@ -45,6 +45,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per sequence")
 
 
+def add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the content-hash check of the engine's files at load (faster; corruption goes unnoticed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skipdecode", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepack", choices=("shared", "private", "off"),
                    help="weight pre-packing: shared (default: one packed copy for all graphs), private (one per "
                         "graph), off")
+    add_verify_arg(p)
     add_generate_args(p)
 
     p = sub.add_parser("memory", help="resident memory: all bucket graphs loaded vs one copy of the weights")
     p.add_argument("--engine", required=True)
+    add_verify_arg(p)
     p.add_argument("--json", action="store_true")
 
     from skipdecode.export_cli import add_export_parsers  # parsers only: no torch import here
@@ -154,7 +161,7 @@ def cmd_generate(args) -> int:
         from skipdecode.runtime.ort_backend import use_global_thread_pool
         use_global_thread_pool()  # one pool for every bucket graph (SKIPDECODE_THREADS, else every core)
         gen = Engine.load(args.engine, providers=args.providers.split(","), prepack=args.prepack,
-                          backend=args.backend, device=args.device)
+                          backend=args.backend, device=args.device, verify=args.verify)
     prompts = [gen.encode(t) for t in args.prompt] + [list(x) for x in args.prompt_ids]
     opts = options_from_args(args, gen.eos_token_id)
     t0 = time.perf_counter()
@@ -175,7 +182,7 @@ def cmd_generate(args) -> int:
 
 def cmd_memory(args) -> int:
     from skipdecode.runtime.memory import measure_memory
-    m = measure_memory(args.engine)
+    m = measure_memory(args.engine, verify=args.verify)
     if args.json:
         print(json.dumps(m))
         return 0

@@ -22,8 +22,9 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, help="max prompt + generated tokens (default: model max positions)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--attention", choices=("gqa", "matmul"), default="gqa",
-                   help="decode attention: gqa (onnxruntime, in-place KV) or matmul (standard ops, TensorRT)")
+    p.add_argument("--attention", choices=("gqa", "matmul"),
+                   help="decode attention: gqa (onnxruntime, in-place KV) or matmul (standard ops, TensorRT); "
+                        "default: gqa where it works (head size a multiple of 8, onnxruntime backend), else matmul")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                    help="tensorrt: also build one TensorRT plan per graph (implies --attention matmul; GPU only)")
     p.add_argument("--trt-weights", choices=("inputs", "embedded"), default="inputs",
@@ -37,15 +38,13 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args) -> int:
     from skipdecode.export.exporter import ExportConfig, export
     trt = None
-    attention = args.attention
     if args.backend == "tensorrt":
         from skipdecode.export.tensorrt_build import TrtBuildConfig
         trt = TrtBuildConfig(weights=args.trt_weights, opt_batch=args.trt_opt_batch,
                              timing_cache=args.trt_timing_cache)
-        attention = "matmul"
     cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
                        warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
-                       dtype=args.dtype, attention=attention, backend=args.backend, trt=trt, force=args.force)
+                       dtype=args.dtype, attention=args.attention, backend=args.backend, trt=trt, force=args.force)
     man = export(cfg, progress=not args.no_progress)
     print_summary(args.out, man)
     return 0
@@ -54,7 +53,7 @@ def cmd_export(args) -> int:
 def print_summary(out: Path, man) -> None:
     mib = 1 / 2**20
     print(f"engine {out}: {len(man.graphs)} graphs, buckets {list(man.buckets)}, dtype {man.dtype}, "
-          f"attention {man.attention}, "
+          f"attention {man.attention} ({man.attention_reason}), "
           f"max batch {man.max_batch}, max length {man.max_length}")
     print(f"  {man.weights_file}: {man.weights_size * mib:.1f} MiB shared by every graph")
     for g in man.graphs:

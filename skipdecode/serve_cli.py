@@ -34,6 +34,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     g.add_argument("--prepack", choices=("shared", "private", "off"),
                    help="weight pre-packing: shared (default), private (one packed copy per graph), off")
+    g.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the content-hash check of the engine's files at load")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -54,7 +56,7 @@ def run_serve(args) -> int:
     from skipdecode.server import create_app
     use_global_thread_pool(args.threads)  # one pool for every bucket graph (no stall when the bucket changes)
     engine = Engine.load(args.engine, providers=args.providers.split(","), threads=args.threads,
-                         max_length=args.max_length, prepack=args.prepack)
+                         max_length=args.max_length, prepack=args.prepack, verify=args.verify)
     service = Service(engine, ServiceConfig(max_batch=args.max_batch, max_tokens_in_flight=args.max_tokens_in_flight,
                                             max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
                                             strategy=args.strategy))

@@ -26,3 +26,13 @@ def tiny_checkpoint(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     build_random_opt(request.param, seed=0, init_std=0.15).save_pretrained(out)
     return request.param, out
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tiny_checkpoint, tmp_path_factory):
+    """(style, checkpoint, engine directory) of a tiny exported engine (buckets of speedups 2, 3, 5; 4 slots)."""
+    from skipdecode.export.exporter import ExportConfig, export
+    style, ckpt = tiny_checkpoint
+    out = tmp_path_factory.mktemp("engines") / style
+    export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0, 3.0, 5.0), max_batch=4), progress=False)
+    return style, ckpt, out

@@ -23,14 +23,6 @@ from .conftest import PROMPTS
 from .test_reference import record
 
 
-@pytest.fixture(scope="session")
-def engine_dir(tiny_checkpoint, tmp_path_factory):
-    style, ckpt = tiny_checkpoint
-    out = tmp_path_factory.mktemp("engines") / style
-    export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0, 3.0, 5.0), max_batch=4), progress=False)
-    return style, ckpt, out
-
-
 @pytest.mark.parametrize("speedup", [1.0, 2.0, 3.0, 5.0])
 def test_runtime_matches_reference(engine_dir, speedup):
     _, ckpt, out = engine_dir

@@ -1,0 +1,84 @@
+"""Cross-field rules of a parsed manifest (runtime/manifest.py parses each field on its own) and the files it
+names. Everything here is cheap; the content hashes are verified by runtime/integrity.py when an engine loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import EngineError, ScheduleError
+from .schedule import layers_for_budget
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+
+def check_manifest(man: Manifest) -> None:
+    """Graphs consistent with the model and budgets, weights inside the file and disjoint, hashes for every file."""
+    _check_graphs(man)
+    _check_weights(man)
+    _check_integrity(man)
+
+
+def _check_graphs(man: Manifest) -> None:
+    L, w = man.num_layers, man.warmup_layers
+    kinds = [g.kind for g in man.graphs]
+    if kinds.count("prefill") != 1:
+        raise EngineError(f"manifest lists {kinds.count('prefill')} prefill graphs; expected exactly 1")
+    if L not in man.buckets:
+        raise EngineError(f"manifest decode buckets {list(man.buckets)} lack the full-depth budget num_layers={L}")
+    if len(set(man.buckets)) != len(man.buckets):
+        raise EngineError(f"manifest decode buckets {list(man.buckets)} list a budget twice")
+    for g in man.graphs:
+        if g.kind == "prefill":
+            want = tuple(range(L))
+        else:
+            try:
+                want = layers_for_budget(L, g.budget, w)
+            except ScheduleError as exc:
+                raise EngineError(f"manifest graph {g.name}: {exc} (num_layers={L}, warmup_layers={w})") from exc
+        if g.budget != len(want) or g.layers != want:
+            raise EngineError(f"manifest graph {g.name} has budget {g.budget} and layers {list(g.layers)}; "
+                              f"num_layers={L} and warmup_layers={w} give layers {list(want)}")
+        missing = [x for x in g.weights if x not in man.weights]
+        if missing:
+            raise EngineError(f"graph {g.name} uses weight {missing[0]!r} that the manifest does not list")
+
+
+def _check_weights(man: Manifest) -> None:
+    """Every range inside the file and no two overlapping: two weights aliased to one offset load and run, and
+    generate garbage ("the the the ...")."""
+    end, prev = 0, None
+    for name, w in sorted(man.weights.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+        if w.offset + w.nbytes > man.weights_size:
+            raise EngineError(f"weight {name!r} ends at byte {w.offset + w.nbytes}, past the weights file size "
+                              f"{man.weights_size}")
+        if w.nbytes and w.offset < end:
+            raise EngineError(f"weights {prev!r} and {name!r} overlap: {name!r} starts at byte {w.offset}, before "
+                              f"{prev!r} ends at byte {end}")
+        if w.nbytes:
+            end, prev = w.offset + w.nbytes, name
+
+
+def _check_integrity(man: Manifest) -> None:
+    files = man.integrity["files"]
+    needed = [man.weights_file, *(g.file for g in man.graphs), *([man.tokenizer] if man.tokenizer else [])]
+    missing = [f for f in needed if f not in files]
+    if missing:
+        raise EngineError(f"manifest.integrity has no hash of {missing[0]!r}: every file the runtime reads is "
+                          "hashed at export")
+
+
+def check_files(directory: Path, man: Manifest) -> None:
+    """The named files exist (and the weights file has the recorded size)."""
+    weights = directory / man.weights_file
+    if not weights.is_file():
+        raise EngineError(f"shared weights file {weights} is missing")
+    size = weights.stat().st_size
+    if size != man.weights_size:
+        raise EngineError(f"shared weights file {weights} has {size} bytes; the manifest expects {man.weights_size}")
+    for g in man.graphs:
+        if not (directory / g.file).is_file():
+            raise EngineError(f"graph file {directory / g.file} ({g.name}) is missing")
+    if man.tokenizer is not None and not (directory / man.tokenizer).is_file():
+        raise EngineError(f"tokenizer file {directory / man.tokenizer} is missing")
