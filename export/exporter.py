@@ -25,6 +25,7 @@ from .graphs import DecodeGraph, PrefillGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, trace, write_weights
 from .parity import check_parity, plan_parity
+from .quantize_export import dequantized_model, quantize_files, resolve_scheme
 from .target import ExportTarget
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
@@ -46,6 +47,8 @@ class ExportConfig:
     backend: str = "onnxruntime"  # "tensorrt" also builds one TensorRT plan per graph (needs attention="matmul")
     trt: object | None = None  # export.tensorrt_build.TrtBuildConfig; None = its defaults
     force: bool = False  # replace an existing engine directory
+    # weight-only quantization: "int8", "int4" or a full scheme (export/quantize_export.py); None keeps float weights
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,11 +118,15 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
         buckets = bucket_budgets(L, cfg)
         attention, reason = resolve_attention(cfg, shape)
         cfg = replace(cfg, attention=attention)
+        if cfg.quantize is not None:
+            cfg = replace(cfg, quantize=resolve_scheme(cfg.quantize, shape, dtype))
         plan_parity(max_length, buckets, min(3, cfg.max_batch))  # refuses an impossible check before any tracing
         if progress and reason != "requested":
             print(f"export: attention {attention} ({reason})", file=sys.stderr)
         man = _build(model, codec, shape, buckets, dtype, max_length, cfg, target.tmp, progress)
-        man = replace(man, parity=check_parity(target.tmp, model), attention_reason=reason)
+        reference = model if not man.quantization else dequantized_model(model, target.tmp, man.weights,
+                                                                              man.quantization)
+        man = replace(man, parity=check_parity(target.tmp, reference), attention_reason=reason)
         man.write(target.tmp)
         _backend_checks(cfg, man, target.tmp, progress)
         target.commit()
@@ -161,6 +168,9 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         used = attach_weights(path, index, [s.name for s in (*ins, *outs)])
         graphs.append(GraphSpec(name, name.split("_")[0], path.name, budget, layers, tuple(ins), tuple(outs),
                                 tuple(used)))
+    quantization = {}
+    if cfg.quantize is not None:
+        index, graphs, quantization = quantize_files(tmp, graphs, index, cfg.quantize)
     if codec is not None:
         codec.save(tmp / "tokenizer.json")
     tokenizer = "tokenizer.json" if codec is not None else None
@@ -170,7 +180,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         graphs=tuple(graphs),
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults={"speedups": list(cfg.speedups), "warmup_layers": cfg.warmup_layers},
-        tokenizer=tokenizer, tools=tool_versions(),
+        tokenizer=tokenizer, tools=tool_versions(), quantization=quantization,
         integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *([tokenizer] if tokenizer else [])]))
     man.write(tmp)
     return man

@@ -26,7 +26,8 @@ FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHTS_ALIGN = 64  # bytes; every tensor starts on a cache-line boundary of the shared weights file
-WEIGHT_DTYPES = ("float32", "float16", "int64")  # what the exporter writes (export/onnx_export.py)
+# what the exporter writes (export/onnx_export.py; uint8/int8 packed weights of --quantize, export/quantize.py)
+WEIGHT_DTYPES = ("float32", "float16", "int64", "uint8", "int8")
 IO_DTYPES = ("int64", "int32", "float32", "float16", "bool")
 MAX_BATCH = 4096  # KV slots an engine may declare
 
@@ -126,6 +127,9 @@ class Manifest:
     # {"algorithm", "chunk_bytes", "files": {name: hex digest}} of weights, graphs and tokenizer (runtime/integrity.py)
     integrity: dict = field(default_factory=dict)
     attention_reason: str = ""  # why the exporter chose `attention` ("requested", or the automatic choice's reason)
+    # weight quantization (`skipdecode export --quantize`): scheme, op, bits, block size, quantized tensors
+    # (export/quantize.py); {} for float weights. The graphs carry the quantized ops: the runtime needs nothing else.
+    quantization: dict = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -198,7 +202,8 @@ def parse_manifest(raw: dict) -> Manifest:
         tokenizer=None if tokenizer is None else F.file_name(tokenizer, f"{m}.tokenizer"),
         tools=F.obj(raw.get("tools", {}), f"{m}.tools"), parity=F.obj(raw.get("parity", {}), f"{m}.parity"),
         integrity=_integrity(F.need(raw, "integrity", m), f"{m}.integrity"),
-        attention_reason=F.text(raw.get("attention_reason", ""), f"{m}.attention_reason"))
+        attention_reason=F.text(raw.get("attention_reason", ""), f"{m}.attention_reason"),
+        quantization=F.obj(raw.get("quantization", {}), f"{m}.quantization"))
 
 
 _MODEL_FIELDS = {f.name: f for f in fields(OPTShape)}

@@ -31,6 +31,9 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
                    help="TensorRT weights: graph inputs bound to one device copy (default) or a copy per plan")
     p.add_argument("--trt-timing-cache", type=Path, help="TensorRT timing cache file to start from and update")
     p.add_argument("--trt-opt-batch", type=int, help="batch TensorRT tunes kernels for (default max batch)")
+    p.add_argument("--quantize", metavar="SCHEME",
+                   help="weight-only quantization: int8 (MatMulNBits, int8 dot products; about 3x faster steps on "
+                        "CPU, weights 3.7x smaller), int4, or a full scheme such as int8-b64 (export/quantize.py)")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-progress", action="store_true")
 
@@ -44,7 +47,8 @@ def cmd_export(args) -> int:
                              timing_cache=args.trt_timing_cache)
     cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
                        warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
-                       dtype=args.dtype, attention=args.attention, backend=args.backend, trt=trt, force=args.force)
+                       dtype=args.dtype, attention=args.attention, backend=args.backend, trt=trt, force=args.force,
+                       quantize=args.quantize)
     man = export(cfg, progress=not args.no_progress)
     print_summary(args.out, man)
     return 0
@@ -56,6 +60,10 @@ def print_summary(out: Path, man) -> None:
           f"attention {man.attention} ({man.attention_reason}), "
           f"max batch {man.max_batch}, max length {man.max_length}")
     print(f"  {man.weights_file}: {man.weights_size * mib:.1f} MiB shared by every graph")
+    if man.quantization:
+        q = man.quantization
+        print(f"  quantized: {q['scheme']} ({q['op']}, {q['bits']} bits, {len(q['tensors'])} weights, LM head "
+              f"{'included' if q.get('lm_head') else 'in float'})")
     for g in man.graphs:
         size = (out / g.file).stat().st_size
         print(f"  {g.file:<22} {g.kind:<8} budget {g.budget:>3}  {len(g.weights):>4} weights  "

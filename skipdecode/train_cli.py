@@ -65,6 +65,16 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
+    p = sub.add_parser("eval-engine", help="teacher-forced perplexity through exported engines (e.g. fp32 vs int8)")
+    p.add_argument("--engine", action="append", required=True,
+                   help="engine directory (repeatable; the change is reported against the first)")
+    p.add_argument("--data", nargs="+", required=True, help="held-out text files")
+    p.add_argument("--speedups", type=_floats, default=_floats(EVAL_SPEEDUPS))
+    p.add_argument("--chunks", type=int, default=96)
+    p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--json", help="JSON file for the rows")
+
     p = sub.add_parser("eval", help="quality report: perplexity, agreement, ROUGE-L vs speedup")
     p.add_argument("--model", required=True, help="model directory (e.g. the skip-tuned one)")
     p.add_argument("--base", help="untuned model directory for the ablation")
@@ -144,8 +154,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_engine(args) -> int:
+    from skipdecode.runtime.ort_backend import use_global_thread_pool
+    from skipdecode.training.engine_eval import engine_report, write_json
+    from skipdecode.training.quality import EvalConfig
+    use_global_thread_pool()
+    speedups = sorted({1.0, *args.speedups})
+    cfg = EvalConfig(chunks=args.chunks, prompt_length=args.prompt_length, seq_len=args.seq_len)
+    rows = engine_report(args.engine, args.data, speedups, cfg)
+    for r in rows:
+        print(f"{r['weights']:>12} {r['speedup']:>4g}x  ppl {r['perplexity']:8.3f}  "
+              f"vs first engine {r['vs_first_engine']:+.2%}")
+    if args.json:
+        write_json(rows, args.json)
+    return 0
+
+
 TRAIN_COMMANDS = {"corpus": cmd_corpus, "train-tokenizer": cmd_train_tokenizer, "finetune": cmd_finetune,
-                  "eval": cmd_eval}
+                  "eval": cmd_eval, "eval-engine": cmd_eval_engine}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,466 @@
+"""Weight-only quantization of an engine's graphs (all graphs at once, every shared weight quantized once).
+
+Schemes (`parse_scheme`): a base name plus optional `-` separated options.
+
+* ``int8`` / ``int4``: onnxruntime ``com.microsoft::MatMulNBits``, blockwise along K (the input dimension), round to
+  nearest. Options: ``b<N>`` block size (16..256, power of two; default 32), ``a<N>`` accuracy_level (default 4: MLAS
+  quantizes the activations per block to int8 and runs an int8 dot-product kernel; 0/1 dequantize to fp32 first),
+  ``sym`` / ``asym`` (default sym for int8, asym for int4; sym stores no zero points: MatMulNBits then uses
+  2^(bits-1)), ``nohead`` (leave the LM head in float), ``floatembed`` (keep the float embedding table for the
+  token Gather even though the tied head is quantized).
+* ``dyn8``: ``com.microsoft::DynamicQuantizeMatMul``: int8 weights [K, N] with one symmetric scale per output
+  column; the activations are quantized to uint8 per tensor at run time. Option ``nohead``.
+
+Example: ``int8``, ``int8-b64-a1``, ``int4-b32-a4-sym``, ``dyn8-nohead``.
+
+What is rewritten: every ``Gemm(A, W[, bias])`` with ``transB=1`` (our Linears, weight [N, K]), ``alpha = beta = 1``,
+``transA = 0`` and every ``MatMul(A, W)`` (weight [K, N]) whose W is a 2-D float entry of `weights`. The output keeps
+its name, so nothing downstream changes. The LM head of OPT is tied to ``embed_tokens``: with MatMulNBits the
+token ``Gather`` becomes ``com.microsoft::GatherBlockQuantized`` over the very same packed tensor (plus a [V, blocks,
+1] view of the scales, which that op wants at the data's rank), so the float table disappears from the weights
+file. Where that is not possible (dyn8, 4-bit asym, K not a multiple of the block, ``floatembed``) the Gather keeps
+the float table and the head reads a quantized copy; ``info["tied_float_kept"]`` lists such weights.
+
+Graph forms: a weight referenced as a graph *input* (the exporter's traced graphs before ``attach_weights``) is
+replaced by inputs for the quantized tensors, so ``attach_weights`` turns them into external initializers exactly
+as it does for float weights. A weight referenced as an *initializer* is replaced by external-data initializers
+that point at ``weights.bin`` with no offset yet: ``attach_external`` (or ``save_engine_files``) assigns them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+MS_DOMAIN = "com.microsoft"
+WEIGHTS_FILE = "weights.bin"
+WEIGHTS_ALIGN = 64
+
+_NP_TO_ONNX = {np.dtype(k): v for k, v in (("float32", TensorProto.FLOAT), ("float16", TensorProto.FLOAT16),
+                                            ("uint8", TensorProto.UINT8), ("int8", TensorProto.INT8),
+                                            ("int64", TensorProto.INT64), ("int32", TensorProto.INT32))}
+
+
+# ---------------------------------------------------------------------------------------------------------- scheme
+
+def parse_scheme(scheme: str) -> dict:
+    """'int8-b64-a4-sym' -> {"scheme": ..., "op": "MatMulNBits", "bits": 8, "block_size": 64, ...}."""
+    base, *opts = scheme.strip().lower().split("-")
+    if base in ("int8", "int4"):
+        bits = int(base[3:])
+        cfg = {"scheme": scheme, "op": "MatMulNBits", "bits": bits, "block_size": 32, "accuracy_level": 4,
+               "symmetric": bits == 8, "lm_head": True, "quantized_gather": True}
+    elif base == "dyn8":
+        cfg = {"scheme": scheme, "op": "DynamicQuantizeMatMul", "bits": 8, "symmetric": True, "lm_head": True}
+    else:
+        raise ValueError(f"unknown quantization scheme {scheme!r}: base must be int8, int4 or dyn8")
+    for opt in opts:
+        if opt == "nohead":
+            cfg["lm_head"] = False
+        elif opt in ("sym", "asym") and cfg["op"] == "MatMulNBits":
+            cfg["symmetric"] = opt == "sym"
+        elif re.fullmatch(r"b\d+", opt) and cfg["op"] == "MatMulNBits":
+            bs = int(opt[1:])
+            if bs < 16 or bs > 256 or bs & (bs - 1):
+                raise ValueError(f"block size {bs} in {scheme!r}: MatMulNBits needs a power of two in [16, 256]")
+            cfg["block_size"] = bs
+        elif opt == "floatembed" and cfg["op"] == "MatMulNBits":
+            cfg["quantized_gather"] = False
+        elif re.fullmatch(r"a[0-4]", opt) and cfg["op"] == "MatMulNBits":
+            cfg["accuracy_level"] = int(opt[1:])
+        else:
+            raise ValueError(f"unknown option {opt!r} in quantization scheme {scheme!r}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- quantize / dequantize
+
+def quantize_nbits(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """W [N, K] float -> (packed uint8 [N, k_blocks, block_size*bits/8], scales [N, k_blocks] (W's dtype),
+    zero points uint8 [N, ceil(k_blocks*bits/8)] or None). MatMulNBits layout: blocks run along K; 4-bit values
+    (and 4-bit zero points) are packed two per byte, the lower index in the low nibble."""
+    w = np.asarray(w_nk, dtype=np.float32)
+    n, k = w.shape
+    kb = -(-k // block_size)
+    if kb * block_size != k:
+        w = np.pad(w, ((0, 0), (0, kb * block_size - k)))
+    blocks = w.reshape(n, kb, block_size)
+    mid = 1 << (bits - 1)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        amax = np.abs(blocks).max(axis=-1)
+        scale = amax / (mid - 1)
+        zp = None
+        zp_full = np.full((n, kb), mid, dtype=np.int32)
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0)
+        hi = np.maximum(blocks.max(axis=-1), 0.0)
+        scale = (hi - lo) / qmax
+        safe = np.where(scale > 0, scale, 1.0)
+        zp_full = np.clip(np.rint(-lo / safe), 0, qmax).astype(np.int32)
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(blocks / safe[..., None]) + zp_full[..., None], 0, qmax).astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    if not symmetric:
+        zp = zp_full.astype(np.uint8)
+        if bits == 4:
+            if kb % 2:
+                zp = np.pad(zp, ((0, 0), (0, 1)), constant_values=0)
+            zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(q), scale.astype(w_nk.dtype), zp
+
+
+def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                     block_size: int, k: int) -> np.ndarray:
+    """Inverse of `quantize_nbits` as MatMulNBits computes it: (q - zp) * scale -> W [N, K] float32."""
+    n, kb = scales.shape
+    q = packed.astype(np.int32)
+    if bits == 4:
+        q = np.stack([q & 0xF, q >> 4], axis=-1).reshape(n, kb, block_size)
+    if zero_points is None:
+        zp = np.full((n, kb), 1 << (bits - 1), dtype=np.int32)
+    else:
+        zp = zero_points.astype(np.int32)
+        if bits == 4:
+            zp = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1)[:, :kb]
+    w = (q - zp[..., None]).astype(np.float32) * scales.astype(np.float32)[..., None]
+    return w.reshape(n, kb * block_size)[:, :k]
+
+
+def quantize_dyn8(w_nk: np.ndarray):
+    """W [N, K] -> (int8 [K, N], scales [N]): symmetric, one scale per output column (DynamicQuantizeMatMul B)."""
+    w = np.asarray(w_nk, dtype=np.float32)
+    scale = np.abs(w).max(axis=1) / 127.0
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------- graph rewrite
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _candidates(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> dict[str, tuple[str, list]]:
+    """weight name -> (layout "NK" | "KN", [node indices]) for the Gemm/MatMul nodes this module can rewrite."""
+    out: dict[str, tuple[str, list]] = {}
+    for index, node in enumerate(graph.node):
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        w = weights[node.input[1]]
+        if w.ndim != 2 or w.dtype.kind != "f":
+            continue
+        if node.op_type == "Gemm":
+            a = _attrs(node)
+            if a.get("transB", 0) != 1 or a.get("transA", 0) != 0 or a.get("alpha", 1.0) != 1.0 \
+                    or a.get("beta", 1.0) != 1.0:
+                continue
+            if len(node.input) > 2 and node.input[2] and (node.input[2] not in weights
+                                                          or weights[node.input[2]].ndim != 1):
+                continue
+            layout = "NK"
+        elif node.op_type == "MatMul":
+            layout = "KN"
+        else:
+            continue
+        prev = out.get(node.input[1])
+        if prev is not None and prev[0] != layout:
+            continue  # used both as [N, K] and [K, N]: leave it
+        out.setdefault(node.input[1], (layout, []))[1].append(index)
+    return out
+
+
+def _gathered(graphs: Iterable[onnx.ModelProto]) -> set[str]:
+    """Weights read by a Gather (embeddings): the LM head tied to one of them is the `lm_head`."""
+    return {n.input[0] for m in graphs for n in m.graph.node if n.op_type == "Gather"}
+
+
+def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.ndarray], scheme: str
+                    ) -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray], dict]:
+    """Rewrite every eligible Gemm/MatMul of `graphs` to the quantized op of `scheme`.
+
+    Returns (new graphs (copies; inputs untouched), new weights dict (float weights no graph needs any more are
+    dropped; each quantized tensor appears once, under one name, whichever graphs use it), info for the
+    manifest: {"scheme", "op", "bits", ..., "lm_head", "quantized": [names], "tensors": {name: {...}},
+    "tied_float_kept": [names]}).
+    """
+    cfg = parse_scheme(scheme)
+    graphs = {k: _copy(m) for k, m in graphs.items()}
+    gathered = _gathered(graphs.values())
+    per_graph = {k: _candidates(m.graph, weights) for k, m in graphs.items()}
+    layouts: dict[str, str] = {}
+    for cands in per_graph.values():
+        for name, (layout, _) in cands.items():
+            layouts.setdefault(name, layout)
+    head = sorted(n for n in layouts if n in gathered)  # a Linear on an embedding table = tied LM head
+    chosen = sorted(n for n in layouts if cfg["lm_head"] or n not in gathered)
+
+    new_weights = dict(weights)
+    tensors: dict[str, dict] = {}
+    for name in chosen:  # each shared weight once
+        w = weights[name]
+        w_nk = w if layouts[name] == "NK" else w.T
+        n, k = w_nk.shape
+        entry = {"layout": layouts[name], "N": int(n), "K": int(k), "dtype": str(w.dtype)}
+        if cfg["op"] == "MatMulNBits":
+            packed, scales, zp = quantize_nbits(w_nk, cfg["bits"], cfg["block_size"], cfg["symmetric"])
+            entry.update(weight=f"{name}.qweight", scales=f"{name}.qscale",
+                         zero_points=f"{name}.qzero" if zp is not None else None)
+            new_weights[entry["weight"]] = packed
+            new_weights[entry["scales"]] = scales
+            if zp is not None:
+                new_weights[entry["zero_points"]] = zp
+            if name in gathered and cfg["quantized_gather"] and k % cfg["block_size"] == 0 \
+                    and (cfg["bits"] == 8 or zp is None):
+                entry["gather_scales"] = f"{name}.qscale_g"
+                new_weights[entry["gather_scales"]] = np.ascontiguousarray(scales[..., None])
+                if zp is not None:
+                    entry["gather_zero_points"] = f"{name}.qzero_g"
+                    new_weights[entry["gather_zero_points"]] = np.ascontiguousarray(zp[..., None])
+        else:
+            if w.dtype != np.float32:
+                raise ValueError(f"{scheme!r}: DynamicQuantizeMatMul takes float32 only; {name} is {w.dtype}")
+            q, scales = quantize_dyn8(w_nk)
+            entry.update(weight=f"{name}.qweight", scales=f"{name}.qscale", zero_points=None)
+            new_weights[entry["weight"]] = q
+            new_weights[entry["scales"]] = scales
+        tensors[name] = entry
+
+    for key, model in graphs.items():
+        _rewrite(model, per_graph[key], tensors, new_weights, cfg)
+
+    still_used = {i for m in graphs.values() for n in m.graph.node for i in n.input}
+    for name in chosen:
+        if name not in still_used:
+            del new_weights[name]
+        for key in ("gather_scales", "gather_zero_points"):  # no Gather could be rewritten: drop its tensors
+            if tensors[name].get(key) and tensors[name][key] not in still_used:
+                del new_weights[tensors[name].pop(key)]
+    info = {k: cfg[k] for k in ("scheme", "op", "bits", "block_size", "accuracy_level", "symmetric", "lm_head",
+                                "quantized_gather") if k in cfg}
+    info.update(quantized=chosen, lm_head_weights=[n for n in head if n in chosen],
+                tied_float_kept=[n for n in chosen if n in new_weights], tensors=tensors)
+    return graphs, new_weights, info
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+_TENSOR_KEYS = ("weight", "scales", "zero_points", "gather_scales", "gather_zero_points")
+
+
+def _rank(graph: onnx.GraphProto, name: str) -> int | None:
+    for vi in (*graph.input, *graph.value_info):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
+def _gather_node(node, t: dict, cfg: dict, graph: onnx.GraphProto) -> list | None:
+    """Gather(table, ids) -> GatherBlockQuantized(packed, ids, scales_g[, zp_g]) [..., blocks, block] + Reshape."""
+    if not t.get("gather_scales") or _attrs(node).get("axis", 0) != 0:
+        return None
+    rank = _rank(graph, node.input[1])
+    if rank is None:
+        return None
+    ins = [t["weight"], node.input[1], t["gather_scales"]] + ([t["gather_zero_points"]] if t.get("gather_zero_points")
+                                                              else [])
+    blocks, shape = node.output[0] + "_blocks", node.output[0] + "_shape"
+    return [helper.make_node("GatherBlockQuantized", ins, [blocks], name=node.name + "_q", domain=MS_DOMAIN,
+                             bits=cfg["bits"], block_size=cfg["block_size"], gather_axis=0, quantize_axis=2),
+            helper.make_node("Constant", [], [shape], name=node.name + "_shape",
+                             value=onnx.numpy_helper.from_array(np.array([0] * rank + [t["K"]], dtype=np.int64))),
+            helper.make_node("Reshape", [blocks, shape], list(node.output), name=node.name + "_reshape")]
+
+
+def _rewrite(model: onnx.ModelProto, cands: dict, tensors: dict, new_weights: dict, cfg: dict) -> None:
+    graph = model.graph
+    replaced: dict[int, list] = {}  # node index -> replacement nodes
+    for name, (_, indices) in cands.items():
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        for index in indices:
+            node = graph.node[index]
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+            if cfg["op"] == "MatMulNBits":
+                ins = [node.input[0], t["weight"], t["scales"], t["zero_points"] or "", "", bias]
+                while ins and not ins[-1]:
+                    ins.pop()
+                new = helper.make_node("MatMulNBits", ins, list(node.output), name=node.name + "_q", domain=MS_DOMAIN,
+                                       K=t["K"], N=t["N"], bits=cfg["bits"], block_size=cfg["block_size"],
+                                       accuracy_level=cfg["accuracy_level"])
+            else:
+                ins = [node.input[0], t["weight"], t["scales"], "", bias]
+                while ins and not ins[-1]:
+                    ins.pop()
+                new = helper.make_node("DynamicQuantizeMatMul", ins, list(node.output), name=node.name + "_q",
+                                       domain=MS_DOMAIN)
+            replaced[index] = [new]
+    for index, node in enumerate(graph.node):  # token embeddings tied to a quantized head
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] in tensors:
+            new_nodes = _gather_node(node, tensors[node.input[0]], cfg, graph)
+            if new_nodes:
+                replaced[index] = new_nodes
+    if not replaced:
+        return
+    nodes = []
+    for index, node in enumerate(graph.node):
+        nodes.extend(replaced.get(index, [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # the quantized tensors this graph now reads, in the form (input / initializer) its float weight had
+    used = {i for n in graph.node for i in n.input}
+    inits = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    for name, t in tensors.items():
+        for nn in (t[k] for k in _TENSOR_KEYS if t.get(k)):
+            if nn not in used:
+                continue
+            arr = new_weights[nn]
+            if name in inputs:
+                graph.input.append(helper.make_tensor_value_info(nn, _NP_TO_ONNX[arr.dtype], list(arr.shape)))
+            elif name in inits:
+                graph.initializer.append(_initializer(nn, arr, _location(inits[name])))
+    keep_inits = [t for t in graph.initializer if t.name in used or t.name not in tensors]
+    keep_inputs = [i for i in graph.input if i.name in used or i.name not in tensors]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+    del graph.input[:]
+    graph.input.extend(keep_inputs)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _location(t: TensorProto) -> str | None:
+    if t.data_location != TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in t.external_data if e.key == "location"), WEIGHTS_FILE)
+
+
+def _initializer(name: str, arr: np.ndarray, location: str | None) -> TensorProto:
+    """Embedded data when the float weight was embedded, else an external-data stub (offset set by attach_external)."""
+    if location is None:
+        return onnx.numpy_helper.from_array(arr, name)
+    t = TensorProto(name=name, data_type=_NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
+    t.data_location = TensorProto.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", location
+    return t
+
+
+def dequantize(weights_q: dict[str, np.ndarray], info: dict) -> dict[str, np.ndarray]:
+    """The float weights the quantized graphs effectively use (quantized names -> their original names, in the
+    original shape and layout); every other entry of `weights_q` that is not a quantized tensor passes through."""
+    quant_names = {t[k] for t in info["tensors"].values() for k in _TENSOR_KEYS if t.get(k)}
+    out = {k: v for k, v in weights_q.items() if k not in quant_names}
+    for name, t in info["tensors"].items():
+        if info["op"] == "MatMulNBits":
+            zp = weights_q[t["zero_points"]] if t["zero_points"] else None
+            w_nk = dequantize_nbits(weights_q[t["weight"]], weights_q[t["scales"]], zp, info["bits"],
+                                    info["block_size"], t["K"])
+        else:
+            w_nk = (weights_q[t["weight"]].astype(np.float32) * weights_q[t["scales"]][None, :]).T
+        w = w_nk if t["layout"] == "NK" else w_nk.T
+        out[name] = np.ascontiguousarray(w.astype(t["dtype"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files (helpers)
+
+def write_weights_file(weights: dict[str, np.ndarray], path: Path) -> dict[str, dict]:
+    """All of `weights` into one file, 64-byte aligned -> {name: {dtype, shape, offset, nbytes}} (manifest form)."""
+    index, offset = {}, 0
+    with open(path, "wb") as f:
+        for name, arr in weights.items():
+            arr = np.ascontiguousarray(arr)
+            pad = (-offset) % WEIGHTS_ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(arr.tobytes())
+            index[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes}
+            offset += arr.nbytes
+    return index
+
+
+def attach_external(model: onnx.ModelProto, index: dict[str, dict], location: str = WEIGHTS_FILE) -> list[str]:
+    """Point every weight of `model` (initializer or graph input named in `index`) at its offset in `location`.
+    Returns the weight names the graph uses."""
+    graph = model.graph
+    used = []
+    keep_inputs = [i for i in graph.input if i.name not in index]
+    names = [i.name for i in graph.input if i.name in index] + [t.name for t in graph.initializer if t.name in index]
+    others = [t for t in graph.initializer if t.name not in index]
+    del graph.initializer[:]
+    graph.initializer.extend(others)
+    for name in dict.fromkeys(names):
+        w = index[name]
+        t = TensorProto(name=name, data_type=_NP_TO_ONNX[np.dtype(w["dtype"])], dims=list(w["shape"]))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(w["offset"])), ("length", str(w["nbytes"]))):
+            e = t.external_data.add()
+            e.key, e.value = key, value
+        graph.initializer.append(t)
+        used.append(name)
+    del graph.input[:]
+    graph.input.extend(keep_inputs)
+    return used
+
+
+def save_engine_files(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.ndarray], directory: Path
+                      ) -> dict[str, dict]:
+    """Write `weights` once as directory/weights.bin and every graph as directory/<key>.onnx pointing at it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = write_weights_file(weights, directory / WEIGHTS_FILE)
+    for key, model in graphs.items():
+        model = _copy(model)
+        attach_external(model, index)
+        onnx.save(model, str(directory / f"{key}.onnx"))
+    return index
+
+
+def load_engine_graphs(directory: Path) -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray]]:
+    """An exported engine directory -> (graphs by graph name, weights by name) as `quantize_graphs` takes them."""
+    import json
+
+    directory = Path(directory)
+    man = json.loads((directory / "manifest.json").read_text())
+    buf = np.fromfile(directory / man["weights_file"], dtype=np.uint8)
+    weights = {k: buf[w["offset"]: w["offset"] + w["nbytes"]].view(w["dtype"]).reshape(w["shape"])
+               for k, w in man["weights"].items()}
+    graphs = {g["name"]: onnx.load(str(directory / g["file"]), load_external_data=False) for g in man["graphs"]}
+    return graphs, weights
+
+
+def quantize_engine(src: Path, dst: Path, scheme: str) -> dict:
+    """An exported engine directory -> a quantized copy at `dst` (graphs, weights.bin, manifest.json with a
+    "quantization" entry the runtime ignores; tokenizer copied). Returns the quantization info."""
+    import json
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    man = json.loads((src / "manifest.json").read_text())
+    graphs, weights = load_engine_graphs(src)
+    qgraphs, qweights, info = quantize_graphs(graphs, weights, scheme)
+    dst.mkdir(parents=True, exist_ok=True)
+    index = write_weights_file(qweights, dst / WEIGHTS_FILE)
+    for g in man["graphs"]:
+        model = _copy(qgraphs[g["name"]])
+        g["weights"] = attach_external(model, index)
+        onnx.save(model, str(dst / g["file"]))
+    man.update(weights=index, weights_size=(dst / WEIGHTS_FILE).stat().st_size, quantization=info)
+    if man.get("tokenizer"):
+        shutil.copy(src / man["tokenizer"], dst / man["tokenizer"])
+    (dst / "manifest.json").write_text(json.dumps(man, indent=1))
+    return info
