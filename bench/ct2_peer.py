@@ -136,3 +136,23 @@ def time_generate(gen: CT2Generator, prompts: list[list[int]], new_tokens: int, 
         gen.generate(prompts, new_tokens)
         seconds.append(time.perf_counter() - t0)
     return PeerTiming(len(prompts), new_tokens, seconds)
+
+
+class CT2Baseline:
+    """CTranslate2 as a benchmark baseline (bench/run.py): the same runner interface as `HFBaseline`, whose
+    generate(N) - generate(1) split gives its decode time."""
+
+    def __init__(self, label: str, model_dir: str | Path, num_layers: int, threads: int, quantization: str) -> None:
+        self.label, self.num_layers, self.quantization = label, num_layers, quantization
+        self.generator = CT2Generator(model_dir, threads=threads)
+
+    def runner(self, prompts: list[list[int]], n: int):
+        def run() -> float:
+            t0 = time.perf_counter()
+            self.generator.generate(prompts, n)
+            return time.perf_counter() - t0
+        return run
+
+    def extra(self) -> dict:
+        return {"quantization": self.quantization}
+

@@ -29,6 +29,10 @@ class HFBaseline:
         cfg = self.model.config
         self.num_layers, self.pad = cfg.num_hidden_layers, cfg.pad_token_id
         self.attn_implementation = getattr(cfg, "_attn_implementation", None)
+        self.label = "hf-generate"
+
+    def extra(self) -> dict:
+        return {"attn_implementation": self.attn_implementation}
 
     def runner(self, prompts: Sequence[Sequence[int]], n: int) -> Callable[[], float]:
         """-> a function that runs greedy `generate` (min = max = n new tokens, left-padded batch) and returns

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..export.random_models import OPT_SHAPES
 
 SCHEMA = "skipdecode-bench/1"
+BASELINES = ("hf-generate", "ctranslate2-int8", "ctranslate2-fp32")  # rows of other systems, not of our engine
 # Issue 5's targets. They apply to the benchmark figures above, never to pytest timings.
 SPEEDUP_VS_IDEAL = 0.95  # realised speedup >= 0.95 x ideal at every target speedup and batch
 FULL_VS_HF = 1.5  # full-depth runtime tokens/s >= 1.5 x HF generate, batches 1 and 8
@@ -18,6 +19,10 @@ SKIP_VS_HF_AT = ("opt-1.3b", 8, 3.0)
 MEMORY_RATIO = 1.15  # resident memory with all buckets <= 1.15 x one copy of the weights
 # The default CPU path (one pre-packed copy shared by all graphs) keeps private pre-packing's speed at batch 8
 DEFAULT_VS_PRIVATE = 0.95
+# Against the strongest CPU peer (CTranslate2 int8, no layer skipped): our int8 engine at full depth >= 1.0x its
+# tokens/s, and at the 3x layer target >= 2.0x (opt-125m shape) / 2.5x (opt-1.3b shape)
+INT8_VS_CT2 = 1.0
+INT8_SKIP_VS_CT2 = {"opt-125m": 2.0, "opt-1.3b": 2.5}
 # Step growth with past length <= 1.25 x attention's own growth, plus 2% of the shortest step: on a 2-core shared
 # machine a difference of two ~equal medians is rarely below that, so a zero-growth attention would fail on noise.
 LENGTH_GROWTH = 1.25
@@ -34,16 +39,21 @@ def _check(target: str, value: float, threshold: float, met: bool, **where) -> d
 
 
 def add_hf_ratios(rows: list[dict]) -> None:
-    """`vs_hf`: tokens/s over HF generate's full-depth tokens/s at the same model and batch."""
+    """`vs_hf` / `vs_ct2_int8`: tokens/s over HF generate's / CTranslate2 int8's (full depth) at the same model and
+    batch; `e2e_vs_ct2_int8` the same for whole generate calls (prefill included)."""
     for r in rows:
         hf = _find(rows, model=r["model"], backend="hf-generate", batch=r["batch"])
         if hf is not None and r["backend"] != "hf-generate":
             r["vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"]
+        ct2 = _find(rows, model=r["model"], backend="ctranslate2-int8", batch=r["batch"])
+        if ct2 is not None and r["backend"] != "ctranslate2-int8":
+            r["vs_ct2_int8"] = r["tokens_per_s"] / ct2["tokens_per_s"]
+            r["e2e_vs_ct2_int8"] = r["e2e_tokens_per_s"] / ct2["e2e_tokens_per_s"]
 
 
 def evaluate_targets(out: dict) -> dict:
     rows, checks = out["results"], []
-    ours = [r for r in rows if r["backend"] != "hf-generate"]
+    ours = [r for r in rows if r["backend"] not in BASELINES]
     for r in ours:
         if r["speedup"] > 1:
             checks.append(_check("realised speedup >= 0.95 x ideal", r["measured_speedup"] / r["ideal_speedup"],
@@ -60,6 +70,17 @@ def evaluate_targets(out: dict) -> dict:
             checks.append(_check("default full depth >= 0.95 x private pre-packing tokens/s", ratio,
                                  DEFAULT_VS_PRIVATE, ratio >= DEFAULT_VS_PRIVATE, model=r["model"],
                                  backend=r["backend"], batch=r["batch"]))
+    for r in ours:
+        if r["backend"] != "onnxruntime-int8" or "vs_ct2_int8" not in r:
+            continue
+        if r["speedup"] == 1:
+            checks.append(_check("int8 full depth >= 1.0 x CTranslate2 int8 tokens/s", r["vs_ct2_int8"], INT8_VS_CT2,
+                                 r["vs_ct2_int8"] >= INT8_VS_CT2, model=r["model"], backend=r["backend"],
+                                 batch=r["batch"]))
+        elif r["speedup"] == 3 and r["model"] in INT8_SKIP_VS_CT2:
+            need = INT8_SKIP_VS_CT2[r["model"]]
+            checks.append(_check(f"int8 SkipDecode 3x >= {need:g} x CTranslate2 int8 tokens/s", r["vs_ct2_int8"], need,
+                                 r["vs_ct2_int8"] >= need, model=r["model"], backend=r["backend"], batch=r["batch"]))
     model, batch, speedup = SKIP_VS_HF_AT
     # opt-1.3b is the target's shape; a run without it (--quick) reports the other models as stand-ins
     present = {r["model"] for r in ours}
@@ -117,7 +138,7 @@ def markdown(out: dict) -> str:
         f"{out['config']['max_new_tokens']} new tokens, prompts of {out['config']['prompt_lengths']} tokens. "
         "tokens/s = decode throughput (prefill excluded); speedups are decode-time ratios to full depth on the same "
         "backend; ideal = cost model (fixed + per-layer x layers) measured in this run.", "",
-        *readme_table(out), "", "## All rows", "",
+        *readme_table(out), "", *peer_table(out), "## All rows", "",
         "`target` is the layer-count target (L / mean layers); `speedup` the measured decode-time ratio, `end to "
         "end` the ratio of whole generate calls (prefill and sampling included), `roofline` the share of the "
         f"step that reading its graph's weights once at {_fmt(out['config'].get('weight_gbps'), '.1f')} GB/s "
@@ -144,10 +165,33 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEER_COLUMNS = (("onnxruntime", 1.0, "fp32 1x"), ("onnxruntime", 3.0, "fp32 3x"), ("onnxruntime-int8", 1.0, "int8 1x"),
+                ("onnxruntime-int8", 3.0, "int8 3x"), ("ctranslate2-int8", 1.0, "CTranslate2 int8"),
+                ("ctranslate2-fp32", 1.0, "CTranslate2 fp32"), ("hf-generate", 1.0, "HF generate"))
+
+
+def peer_table(out: dict) -> list[str]:
+    """Decode tokens/s of our engine (fp32 and int8, full depth and 3x) next to CTranslate2 and HF generate, with
+    our int8 rows' ratio to CTranslate2 int8; end-to-end (prefill included) ratios are in the JSON."""
+    rows = out["results"]
+    if not _find(rows, backend="ctranslate2-int8"):
+        return []
+    lines = ["## Against CTranslate2 (decode tokens/s)", "",
+             "| model | batch | " + " | ".join(c[2] for c in PEER_COLUMNS)
+             + " | int8 1x / CT2 int8 | int8 3x / CT2 int8 |",
+             "|---" * (4 + len(PEER_COLUMNS)) + "|"]
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        cells = [_find(rows, model=model, batch=batch, backend=b, speedup=s) for b, s, _ in PEER_COLUMNS]
+        ratios = [_find(rows, model=model, batch=batch, backend="onnxruntime-int8", speedup=s) for s in (1.0, 3.0)]
+        lines.append(f"| {model} | {batch} | " + " | ".join(_fmt(c and c["tokens_per_s"], ".1f") for c in cells)
+                     + " | " + " | ".join(_fmt(r and r.get("vs_ct2_int8")) for r in ratios) + " |")
+    return lines + [""]
+
+
 def readme_table(out: dict) -> list[str]:
     """The compact table for README.md: the first onnxruntime backend, each model and batch; speedup cells are
     "measured (ideal)"."""
-    ours = [r for r in out["results"] if r["backend"] != "hf-generate"]
+    ours = [r for r in out["results"] if r["backend"] not in BASELINES]
     if not ours:
         return []
     backend, speedups = ours[0]["backend"], sorted({r["speedup"] for r in ours} - {1.0})
@@ -214,7 +258,7 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours = [r for r in out["results"] if r["backend"] != "hf-generate"]
+    ours = [r for r in out["results"] if r["backend"] not in BASELINES]
     backend = ours[0]["backend"]
     models = list(dict.fromkeys(r["model"] for r in ours))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)

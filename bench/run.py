@@ -39,12 +39,16 @@ from .hf import HFBaseline
 
 EMBEDDED = "embedded"
 EMBEDDED_CHECKPOINT = Path("models/tiny-opt-kjv/skip-tuned")
-# label -> Engine.load(prepack=...): the default (one pre-packed copy shared by all graphs), a private pre-packed copy
-# per graph, no pre-packing
-BACKENDS = {"onnxruntime": None, "onnxruntime-private": "private", "onnxruntime-noprepack": "off"}
+# label -> (Engine.load(prepack=...), export --quantize): the default (one pre-packed copy shared by all graphs), a
+# private pre-packed copy per graph, no pre-packing, and the default on an int8 engine
+BACKENDS = {"onnxruntime": (None, None), "onnxruntime-private": ("private", None),
+            "onnxruntime-noprepack": ("off", None), "onnxruntime-int8": (None, "int8")}
+# peer label -> CTranslate2 quantization of the same checkpoint (timed in the first backend's rounds, like HF)
+PEERS = {"ctranslate2-int8": "int8", "ctranslate2-fp32": "float32"}
 EXPORT_SPEEDUPS = (2.0, 3.0, 5.0)
 # Exporter sources whose change makes a cached engine stale (same format version, different graphs).
-_EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "exporter.py", "../runtime/contract.py")
+_EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "exporter.py", "quantize.py", "quantize_export.py",
+                     "../runtime/contract.py")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class BenchConfig:
     max_repeats: int = 30
     cost_rounds: int = 7  # rounds of the bucket timings behind each cost model
     threads: int | None = None  # onnxruntime intra-op threads = torch threads; None: every core
-    backends: tuple[str, ...] = ("onnxruntime", "onnxruntime-private")
+    backends: tuple[str, ...] = ("onnxruntime", "onnxruntime-private", "onnxruntime-int8")
+    peers: tuple[str, ...] = tuple(PEERS)  # skipped (and recorded) where ctranslate2 is not installed
     hf: bool = True
     memory: bool = True
     scaling_lengths: tuple[int, ...] = (32, 64, 128, 192, 255)  # past lengths of the length-scaling section
@@ -79,9 +84,9 @@ class BenchConfig:
         unknown = [m for m in self.models if m != EMBEDDED and m not in OPT_SHAPES and m not in TINY_SHAPES]
         if unknown:
             raise ValueError(f"unknown model {unknown[0]!r}; known: {[EMBEDDED, *OPT_SHAPES, *TINY_SHAPES]}")
-        bad = [b for b in self.backends if b not in BACKENDS]
+        bad = [b for b in self.backends if b not in BACKENDS] + [p for p in self.peers if p not in PEERS]
         if bad:
-            raise ValueError(f"unknown backend {bad[0]!r}; known: {list(BACKENDS)}")
+            raise ValueError(f"unknown backend {bad[0]!r}; known: {list(BACKENDS) + list(PEERS)}")
         if not self.batches or max(self.batches) > self.max_batch or min(self.batches) < 1:
             raise ValueError(f"batches {self.batches} must lie in [1, max_batch={self.max_batch}]")
         lo, hi = self.prompt_lengths
@@ -113,6 +118,7 @@ class BenchModel:
     name: str
     checkpoint: Path  # HF checkpoint: the embedded model, or random weights saved by this module
     engine: Path
+    engines: dict = field(default_factory=dict)  # export --quantize value (None: float) -> engine directory
 
 
 def make_prompts(batch: int, vocab_size: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
@@ -129,32 +135,42 @@ def _exporter_hash() -> str:
 
 
 def prepare_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> BenchModel:
-    """Checkpoint + engine for `name`, reused from `cfg.cache_dir` when built with the same settings and exporter."""
-    from ..export.exporter import ExportConfig, export
+    """Checkpoint + engines for `name` (float, and int8 when a backend needs it), reused from `cfg.cache_dir` when
+    built with the same settings and exporter."""
     from ..export.random_models import save_random_opt
 
     root = cfg.cache_dir / ("tiny-opt-kjv" if name == EMBEDDED else name)
     checkpoint = EMBEDDED_CHECKPOINT if name == EMBEDDED else root / "checkpoint"
-    engine, marker = root / "engine", root / "bench-build.json"
-    want = {"checkpoint": str(checkpoint), "seed": cfg.seed, "speedups": list(EXPORT_SPEEDUPS),
-            "max_length": cfg.max_length, "max_batch": cfg.max_batch, "exporter": _exporter_hash()}
     if name == EMBEDDED and not checkpoint.is_dir():
         raise FileNotFoundError(f"the embedded model {checkpoint} is missing: run the bench from the repository root")
-    if not cfg.rebuild and marker.is_file() and json.loads(marker.read_text()) == want and _loads(engine):
-        return BenchModel(name, checkpoint, engine)
     if name != EMBEDDED and (cfg.rebuild or not (checkpoint / "config.json").is_file()):
         log(f"[{name}] saving a random-weight checkpoint (seed {cfg.seed})")
         shutil.rmtree(checkpoint, ignore_errors=True)
         save_random_opt(name, checkpoint, seed=cfg.seed)
+    variants = sorted({BACKENDS[b][1] for b in cfg.backends} | {None}, key=str)
+    engines = {q: _prepare_engine(name, checkpoint, root, cfg, log, q) for q in variants}
+    return BenchModel(name, checkpoint, engines[None], engines)
+
+
+def _prepare_engine(name: str, checkpoint: Path, root: Path, cfg: BenchConfig, log, quantize: str | None) -> Path:
+    from ..export.exporter import ExportConfig, export
+
+    suffix = f"-{quantize}" if quantize else ""
+    engine, marker = root / f"engine{suffix}", root / f"bench-build{suffix}.json"
+    want = {"checkpoint": str(checkpoint), "seed": cfg.seed, "speedups": list(EXPORT_SPEEDUPS),
+            "max_length": cfg.max_length, "max_batch": cfg.max_batch, "exporter": _exporter_hash(),
+            "quantize": quantize}
+    if not cfg.rebuild and marker.is_file() and json.loads(marker.read_text()) == want and _loads(engine):
+        return engine
     from transformers import AutoConfig
     positions = AutoConfig.from_pretrained(checkpoint, local_files_only=True).max_position_embeddings
-    log(f"[{name}] exporting {checkpoint} -> {engine}")
+    log(f"[{name}] exporting {checkpoint}{' (' + quantize + ')' if quantize else ''} -> {engine}")
     t0 = time.perf_counter()
     export(ExportConfig(model=str(checkpoint), out=engine, speedups=EXPORT_SPEEDUPS, max_batch=cfg.max_batch,
-                        max_length=min(cfg.max_length, positions), force=True), progress=False)
+                        max_length=min(cfg.max_length, positions), force=True, quantize=quantize), progress=False)
     log(f"[{name}] exported in {time.perf_counter() - t0:.0f} s")
     marker.write_text(json.dumps(want))
-    return BenchModel(name, checkpoint, engine)
+    return engine
 
 
 def _loads(engine: Path) -> bool:
@@ -196,17 +212,19 @@ def _timed_generate(engine, prompts, opts: GenerateOptions, runs: _Runs) -> None
 
 
 def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None],
-                 hf: HFBaseline | None = None) -> dict:
-    """Throughput rows, cost models and (default backend) length scaling of one engine; with `hf`, the HF
-    generate rows too, timed in the same rounds."""
+                 baselines: Sequence = ()) -> dict:
+    """Throughput rows, cost models and (default backend) length scaling of one engine; with `baselines` (HF
+    generate, CTranslate2), their rows too, timed in the same rounds."""
     from ..runtime.engine import Engine
 
-    max_length = min(cfg.max_length, load_manifest(model.engine).max_length)  # a model may have fewer positions
-    engine = Engine.load(model.engine, threads=cfg.threads, max_batch=max(cfg.batches), max_length=max_length,
-                         prepack=BACKENDS[backend])
+    prepack, quantize = BACKENDS[backend]
+    directory = model.engines.get(quantize, model.engine)
+    max_length = min(cfg.max_length, load_manifest(directory).max_length)  # a model may have fewer positions
+    engine = Engine.load(directory, threads=cfg.threads, max_batch=max(cfg.batches), max_length=max_length,
+                         prepack=prepack)
     out: dict = {"results": [], "cost_models": [], "length_scaling": []}
     for batch in cfg.batches:
-        rows, cm = _bench_batch(engine, model.name, backend, batch, cfg, log, hf)
+        rows, cm = _bench_batch(engine, model.name, backend, batch, cfg, log, baselines)
         out["results"] += rows
         out["cost_models"].append(cm)
     if backend == cfg.backends[0]:
@@ -214,14 +232,15 @@ def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callabl
         lengths = tuple(n for n in cfg.scaling_lengths if n < be.max_length)
         scaling = cost.length_scaling(be, max(cfg.batches), lengths, cfg.cost_rounds, cfg.threads)
         out["length_scaling"].append({"model": model.name, "backend": backend, **scaling})
+    engine.close()
     del engine
     gc.collect()  # the sessions and the KV cache go before the next engine loads
     return out
 
 
 def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, log,
-                 hf: HFBaseline | None) -> tuple[list[dict], dict]:
-    """Cost model, then every speedup's generation (and HF generate) in interleaved rounds at one batch size."""
+                 baselines: Sequence) -> tuple[list[dict], dict]:
+    """Cost model, then every speedup's generation (and the baselines') in interleaved rounds at one batch size."""
     be, N = engine.backend, cfg.max_new_tokens
     prompts = make_prompts(batch, engine.vocab_size, cfg.prompt_lengths, cfg.seed)
     p = max(map(len, prompts))
@@ -230,19 +249,18 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
     cm = cost.fit_cost_model(list(buckets_s), list(buckets_s.values()))
     runs = {s: _Runs() for s in cfg.all_speedups}
     options = {s: GenerateOptions(max_new_tokens=N, speedup=s) for s in runs}
-    hf_n, hf_1 = (hf.runner(prompts, N), hf.runner(prompts, 1)) if hf else (None, None)
-    hf_runs = _Runs()
+    timers = [(b, b.runner(prompts, N), b.runner(prompts, 1), _Runs()) for b in baselines]
     for s in runs:  # warm-up: session caches, bindings per (bucket, rows)
         _timed_generate(engine, prompts, options[s], _Runs())
-    if hf:
-        hf_n(), hf_1()
-    for _ in _repeats(cfg, len(runs) + (2 if hf else 0)):
+    for _, run_n, run_1, _ in timers:
+        run_n(), run_1()
+    for _ in _repeats(cfg, len(runs) + 2 * len(timers)):
         for s in runs:
             _timed_generate(engine, prompts, options[s], runs[s])
-        if hf:  # decode time = generate(N) - generate(1): prefill and setup cancel
-            hf_runs.total.append(hf_n())
-            hf_runs.prefill.append(hf_1())
-            hf_runs.decode.append(hf_runs.total[-1] - hf_runs.prefill[-1])
+        for _, run_n, run_1, r in timers:  # decode time = generate(N) - generate(1): prefill and setup cancel
+            r.total.append(run_n())
+            r.prefill.append(run_1())
+            r.decode.append(r.total[-1] - r.prefill[-1])
     rows = []
     for s, r in runs.items():
         steps = cost.step_buckets(be.num_layers, be.warmup_layers, be.buckets, s, p, N)
@@ -259,10 +277,9 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
         log(f"[{name} {backend} b{batch}] {s:g}x: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} ms, "
             f"speedup {row['measured_speedup']:.2f} (ideal {row['ideal_speedup']:.2f}, end to end "
             f"{row['e2e_speedup']:.2f})")
-    if hf:
-        rows.append(_row(name, "hf-generate", batch, 1.0, hf_runs, N, hf.num_layers, [hf.num_layers])
-                    | {"attn_implementation": hf.attn_implementation})
-        log(f"[{name} hf-generate b{batch}] {rows[-1]['tokens_per_s']:.1f} tok/s, step {rows[-1]['step_ms']:.2f} ms")
+    for b, _, _, r in timers:
+        rows.append(_row(name, b.label, batch, 1.0, r, N, b.num_layers, [b.num_layers]) | b.extra())
+        log(f"[{name} {b.label} b{batch}] {rows[-1]['tokens_per_s']:.1f} tok/s, step {rows[-1]['step_ms']:.2f} ms")
     entry = {"model": name, "backend": backend, "batch": batch, **cm.to_dict(),
              "fixed_fraction": cm.fixed_s / cm.step_s(be.num_layers),
              "mean_past_length": float(np.mean([len(x) for x in prompts])) + N // 2,
@@ -297,8 +314,11 @@ def bench_memory(model: BenchModel, backends: Sequence[str]) -> dict:
     m = measure_memory(model.engine)
     out = {"model": model.name, **m}
     for label in backends:
-        if BACKENDS.get(label) is not None:
-            out[f"all_buckets_{BACKENDS[label]}_bytes"] = probe_load_rss(model.engine, prepack=BACKENDS[label])
+        prepack, quantize = BACKENDS[label]
+        if quantize is not None:
+            out[f"all_buckets_{quantize}_bytes"] = probe_load_rss(model.engines[quantize], prepack=prepack)
+        elif prepack is not None:
+            out[f"all_buckets_{prepack}_bytes"] = probe_load_rss(model.engine, prepack=prepack)
     return out
 
 
@@ -326,11 +346,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
             out["skipped"].append({"model": name, "backend": "onnxruntime-private",
                                    "reason": "pre-packed weights (one copy per graph) would exceed half of the "
                                              "available memory"})
-        # HF generate runs in the first backend's rounds; its model is freed before the next engine loads
-        hf = HFBaseline(model.checkpoint, cfg.threads) if cfg.hf else None
+        # HF generate and the peers run in the first backend's rounds; they are freed before the next engine loads
+        baselines = ([HFBaseline(model.checkpoint, cfg.threads)] if cfg.hf else []) + _peers(model, cfg, log, out)
         for backend in backends:
-            part = bench_engine(model, backend, cfg, log, hf)
-            hf = None
+            part = bench_engine(model, backend, cfg, log, baselines)
+            baselines = []
             for key, rows in part.items():
                 out[key] += rows
         if cfg.memory:
@@ -339,6 +359,31 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
     out["machine"] = machine_info(cfg.threads) | {"load_average_at_start": load_at_start}
     out["duration_s"] = time.perf_counter() - t_start
     return finish(out)
+
+
+def _peers(model: BenchModel, cfg: BenchConfig, log, out: dict) -> list:
+    """CTranslate2 baselines of the model's checkpoint (converted once into the bench cache)."""
+    if not cfg.peers:
+        return []
+    try:
+        from .ct2_peer import CT2Baseline, convert, require_ctranslate2
+        require_ctranslate2()
+    except ImportError as exc:
+        out["skipped"] += [{"model": model.name, "backend": p, "reason": str(exc)} for p in cfg.peers]
+        return []
+    from transformers import AutoConfig
+    layers = AutoConfig.from_pretrained(model.checkpoint, local_files_only=True).num_hidden_layers
+    peers = []
+    for label in cfg.peers:
+        target = model.engine.parent / label
+        try:
+            if cfg.rebuild or not (target / "model.bin").is_file():
+                log(f"[{model.name}] converting {model.checkpoint} for {label}")
+                convert(model.checkpoint, target, PEERS[label])
+            peers.append(CT2Baseline(label, target, layers, cfg.threads, PEERS[label]))
+        except (ValueError, RuntimeError) as exc:  # e.g. its OPT converter needs a vocabulary multiple of 8
+            out["skipped"].append({"model": model.name, "backend": label, "reason": str(exc)})
+    return peers
 
 
 def config_from(quick: bool, **overrides) -> BenchConfig:

@@ -31,8 +31,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds of samples per measurement; repeats grow until reached (default 2, quick 1)")
     p.add_argument("--threads", type=int, help="onnxruntime and torch threads (default: every core)")
     p.add_argument("--backends", type=_names,
-                   help="onnxruntime (default pre-packing: shared), onnxruntime-private, onnxruntime-noprepack "
-                        "(default: the first two)")
+                   help="onnxruntime (default pre-packing: shared), onnxruntime-private, onnxruntime-noprepack, "
+                        "onnxruntime-int8 (an int8 export; default: onnxruntime,onnxruntime-private,onnxruntime-int8)")
+    p.add_argument("--peers", type=_names,
+                   help="ctranslate2-int8,ctranslate2-fp32 (default both; the peers extra installs ctranslate2)")
+    p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 peers")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
     p.add_argument("--cache-dir", type=Path, help="random checkpoints and engines (default engines/bench)")
@@ -53,6 +56,7 @@ def config_from_args(args):
                            max_new_tokens=args.max_new_tokens, prompt_lengths=args.prompt_lengths,
                            repeats=args.repeats, min_time_s=args.min_time, threads=args.threads, backends=args.backends,
                            hf=False if args.no_hf else None, memory=False if args.no_memory else None,
+                           peers=() if args.no_peers else args.peers,
                            cache_dir=args.cache_dir, rebuild=args.rebuild or None)
     except ValueError as exc:  # the config names the bad value and its limit
         raise InputError(str(exc)) from exc
