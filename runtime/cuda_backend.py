@@ -136,10 +136,3 @@ class CudaBackend(GraphBackend):
         self._bindings.clear()
         self.sessions.clear()
         self.weights.clear()
-
-    def close(self) -> None:
-        with self._lock:
-            closed = self._closed
-            super().close()
-            if not closed:
-                self.cuda.close()

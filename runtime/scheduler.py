@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import InputError, SkipDecodeError, check_int
 from .kv import SlotTable
@@ -125,7 +126,7 @@ class StepPlan:
     calls: tuple[DecodeCall, ...]
     admits: tuple[Admit, ...]
 
-    @property
+    @cached_property  # read several times per step: the plan is immutable, so computed once
     def rows(self) -> tuple[DecodeRow, ...]:
         return tuple(r for c in self.calls for r in c.rows)
 

@@ -138,6 +138,7 @@ class GraphBackend(SlotBackend):
         m = man.model
         self.vocab_size, self.pad_token_id, self.heads, self.head_dim = m.vocab_size, m.pad_token_id, m.num_heads, \
             m.head_dim
+        self._specs = {b: man.decode(b) for b in self.buckets}  # looked up every step
         self._init_slots()
         self.kv = KVCache(memory, self.num_layers, self.heads, self.head_dim, self.max_batch, self.max_length,
                           man.dtype, staging=not self.in_place)
@@ -164,7 +165,7 @@ class GraphBackend(SlotBackend):
         self._lengths[:n] = lengths
         self._kv_length[()] = int(lengths.max()) + 1
         self._gate[: n * bucket] = gates.reshape(-1)
-        spec = self.manifest.decode(bucket)
+        spec = self._specs[bucket]
         self._run_decode(spec, n)
         if not self.in_place:
             for j, layer in enumerate(spec.layers):  # a gated-off row writes no K/V
@@ -177,6 +178,7 @@ class GraphBackend(SlotBackend):
             if not self._closed:
                 self._release()
                 self.kv.close()
+                self.kv.memory.close()  # host buffers, or the device allocations and stream of a GPU backend
             super().close()
 
     # -- primitives ------------------------------------------------------------------------------------------

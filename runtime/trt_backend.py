@@ -277,10 +277,3 @@ class TrtBackend(GraphBackend):
     def _release(self) -> None:
         self.contexts.clear()
         self.engines.clear()
-
-    def close(self) -> None:
-        with self._lock:
-            closed = self._closed
-            super().close()
-            if not closed:
-                self.cuda.close()
