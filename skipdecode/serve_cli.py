@@ -8,8 +8,41 @@ measure the server in its own process.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from collections.abc import Sequence
+
+API_KEY_ENV = "SKIPDECODE_API_KEY"
+ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind: str, extra: str) -> tuple[str, ...] | None:
+    """Host header names accepted: localhost, the bind address (unless it is a wildcard) and `extra`; None (any)
+    when `extra` holds '*'."""
+    from skipdecode.server import LOOPBACK_HOSTS
+
+    names = [h.strip() for h in extra.split(",") if h.strip()]
+    if "*" in names:
+        return None
+    return tuple(dict.fromkeys([*LOOPBACK_HOSTS, *([bind] if bind not in ANY_ADDRESS else []), *names]))
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    if api_key or is_loopback(host):
+        return
+    bar = "!" * 100
+    print(f"{bar}\nskipdecode serve: WARNING: listening on {host}, beyond this machine, WITHOUT an API key: anyone who "
+          f"can reach the port can use it.\nSet --api-key or ${API_KEY_ENV}.\n{bar}", file=sys.stderr, flush=True)
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +69,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight pre-packing: shared (default), private (one packed copy per graph), off")
     g.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the content-hash check of the engine's files at load")
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
+    g.add_argument("--allowed-hosts", default="",
+                   help="comma-separated Host header names accepted besides localhost and the bind address "
+                        "(DNS-rebinding guard; '*' accepts any)")
+    g.add_argument("--max-prompt-chars", type=int,
+                   help="longest text prompt before tokenizing (default: 32 per model position)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request head to arrive (after connect or the first byte of a request)")
+    g.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive (408)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle kept-alive connection stays open")
+    g.add_argument("--max-connections", type=int, default=512,
+                   help="open connections; one beyond it is closed at once")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -54,19 +102,24 @@ def run_serve(args) -> int:
     from skipdecode.runtime.ort_backend import use_global_thread_pool
     from skipdecode.runtime.service import Service, ServiceConfig
     from skipdecode.server import create_app
+    from skipdecode.server_net import ConnectionLimits, uvicorn_config
+    net = ConnectionLimits(args.header_timeout, args.keep_alive_timeout, args.max_connections)
     use_global_thread_pool(args.threads)  # one pool for every bucket graph (no stall when the bucket changes)
     engine = Engine.load(args.engine, providers=args.providers.split(","), threads=args.threads,
                          max_length=args.max_length, prepack=args.prepack, verify=args.verify)
     service = Service(engine, ServiceConfig(max_batch=args.max_batch, max_tokens_in_flight=args.max_tokens_in_flight,
                                             max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
                                             strategy=args.strategy))
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
     app = create_app(engine, service, args.model_name or Path(args.engine).name, args.max_timeout,
-                     args.drain_timeout)
+                     args.drain_timeout, api_key=args.api_key or None, allowed_hosts=hosts,
+                     max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout)
+    warn_if_exposed(args.host, args.api_key)
     print(f"skipdecode serve: {args.engine} on http://{args.host}:{args.port} (buckets "
           f"{list(engine.backend.buckets)}, {engine.backend.max_batch} KV slots)", file=sys.stderr, flush=True)
     # uvicorn waits this long for open connections (streams) to finish before the app's shutdown drains the rest
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(args.drain_timeout))
+    uvicorn.Server(uvicorn_config(app, net, host=args.host, port=args.port, log_level=args.log_level,
+                                  timeout_graceful_shutdown=int(args.drain_timeout))).run()
     return 0
 
 

@@ -1,31 +1,44 @@
-"""HTTP server over the embeddable service (starlette + uvicorn): OpenAI-style completions, health, metrics.
+"""HTTP server over the embeddable service (starlette + uvicorn): OpenAI-style completions, models, health, metrics.
 
     POST /v1/completions   prompt, max_tokens, temperature, top_p, top_k, stop, seed, stream (SSE), plus
                            SkipDecode's speedup | max_layers + min_layers, stop_token_ids, ignore_eos, timeout
-    GET  /health           200 while serving, 503 while shutting down
+    GET  /v1/models        the one served model (OpenAI list shape); GET /v1/models/{id} the model object
+    GET  /health           200 while serving, 503 while shutting down (never needs the API key)
     GET  /metrics          Prometheus text format
 
-Threads: handlers run on the event loop and never block on generation. Each request's tokens arrive from the
-service's worker thread through its handle listener, which only hands them to the loop
-(`call_soon_threadsafe`). A client that disconnects from a stream cancels its request.
+Threads: handlers run on the event loop and never block on generation or on text work. Each request's tokens
+arrive from the service's worker thread through its handle listener, which only hands them to the loop
+(`call_soon_threadsafe`). JSON decoding, validation, tokenizing and detokenizing run on a small thread pool, on
+sizes bounded before they start (body bytes, prompt characters, stop string lengths). A client that disconnects
+from a stream cancels its request.
 
-Status codes: 400 invalid request (one line naming the value and the limit), 413 body too large, 503 overloaded
-(bounded queue full, with Retry-After) or shutting down, 504 a non-streamed request hit its timeout, 500 the
-backend failed.
+Access (`Guard`, before routing): the Host header must name an allowed host (421 otherwise: DNS rebinding), an
+API key when set must come as `Authorization: Bearer KEY` (401), and a POST must be `application/json` (415).
+
+Status codes: 400 invalid request (one line naming the value, echoed at most 80 characters, and the limit), and a
+non-streamed request that reached its timeout (type "timeout_error": not 504, which the openai client re-submits
+although the same request would time out again); 401, 404, 405, 408 request body not received in time, 413 body
+too large, 415, 421; 503 overloaded (bounded queue full, with Retry-After) or shutting down; 500 the backend
+failed. Every error is JSON: {"error": {"message", "type", "param", "code"}}. finish_reason is OpenAI's "stop"
+(end of text or a stop string) or "length" (max_tokens, or cut short by a timeout or a shutdown); ours is under
+"skipdecode".
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -39,13 +52,68 @@ from skipdecode.runtime.service import (
     Service,
     ServiceClosedError,
 )
-from skipdecode.server_api import CompletionRequest, ServerLimits, TextStream, parse_completion
+from skipdecode.server_api import CompletionRequest, ServerLimits, TextStream, parse_completion, show
 
-OPENAI_REASON = {"eos": "stop", "stop": "stop", "length": "length"}  # others ("timeout", ...) pass through
+# OpenAI's finish reasons; ours ("eos", "timeout", "cancelled") are reported under "skipdecode"
+OPENAI_REASON = {"eos": "stop", "stop": "stop", "length": "length", "timeout": "length", "cancelled": "length"}
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+CLOSE = {"Connection": "close"}  # on refusals before the body is read: the connection is not reused
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+def error(status: int, message: str, kind: str = "invalid_request_error", headers=None, code: str | None = None
+          ) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def host_name(header: str) -> str:
+    """'Example.com:8000' -> 'example.com', '[::1]:80' -> '::1'."""
+    v = header.strip().lower()
+    if v.startswith("["):
+        return v[1:v.index("]")] if "]" in v else v
+    return v.rsplit(":", 1)[0] if v.count(":") == 1 else v
+
+
+class Guard:
+    """ASGI middleware in front of every route: Host check (421), API key (401, /health exempt), JSON content
+    type on POST (415). `allowed_hosts` None: any Host."""
+
+    def __init__(self, app, api_key: str | None, allowed_hosts: Iterable[str] | None) -> None:
+        self.app, self.api_key = app, api_key
+        self.allowed = None if allowed_hosts is None else frozenset(h.strip("[]").lower() for h in allowed_hosts)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refusal = self.check(scope)
+            if refusal is not None:
+                self.on_refusal(refusal.status_code)
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def on_refusal(self, status: int) -> None:  # replaced by the app to count refusals
+        pass
+
+    def check(self, scope) -> Response | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host")
+        if self.allowed is not None and host is not None and host_name(host) not in self.allowed:
+            return error(421, f"Host {show(host)} is not served here (allowed: {', '.join(sorted(self.allowed))}; "
+                         "add it with --allowed-hosts)", "invalid_request_error", CLOSE, "host_not_allowed")
+        if self.api_key is not None and scope["path"] != "/health":
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                             "authentication_error", {**CLOSE, "WWW-Authenticate": "Bearer"}, "invalid_api_key")
+        if scope["method"] == "POST":
+            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                return error(415, f"Content-Type must be application/json, got {show(media or None)}",
+                             "invalid_request_error", CLOSE, "unsupported_media_type")
+        return None
+
+
+class BodyTimeout(Exception):
+    pass
 
 
 class ServiceCollector:
@@ -85,9 +153,13 @@ class CompletionsApp:
     """Request handlers bound to one engine and one service. The service is owned by the caller."""
 
     def __init__(self, engine, service: Service, model_name: str, limits: ServerLimits,
-                 drain_timeout_s: float = 30.0) -> None:
+                 drain_timeout_s: float = 30.0, api_key: str | None = None,
+                 allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS, text_threads: int = 4) -> None:
         self.engine, self.service, self.model_name, self.limits = engine, service, model_name, limits
-        self.drain_timeout_s = drain_timeout_s
+        self.drain_timeout_s, self.api_key, self.allowed_hosts = drain_timeout_s, api_key, allowed_hosts
+        self.created = int(time.time())
+        # JSON, validation, tokenizing and detokenizing: off the event loop, never more than this many at once
+        self.pool = ThreadPoolExecutor(text_threads, thread_name_prefix="skipdecode-text")
         self.registry = CollectorRegistry()
         self.registry.register(ServiceCollector(service))
         self.invalid = Counter("skipdecode_requests_invalid", "Requests refused as invalid (4xx)",
@@ -95,21 +167,30 @@ class CompletionsApp:
         self.latency = Histogram("skipdecode_request_seconds", "Time from submit to the last token",
                                  registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
-    def starlette(self) -> Starlette:
+    def starlette(self) -> Guard:
         @asynccontextmanager
         async def lifespan(app):
             yield
             # uvicorn has stopped accepting connections and waited for open ones; finish what is left in the
             # service, then cancel anything still running explicitly
             await asyncio.to_thread(self.service.shutdown, False, self.drain_timeout_s)
+            self.pool.shutdown(wait=False, cancel_futures=True)
             s = self.service.stats()
             print(f"skipdecode serve: stopped after {s.submitted} requests (finished: {s.finished})",
                   file=sys.stderr, flush=True)
 
-        return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
-                                 Route("/health", self.health, methods=["GET"]),
-                                 Route("/metrics", self.metrics, methods=["GET"])], lifespan=lifespan)
+        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
+                                Route("/v1/models", self.models, methods=["GET"]),
+                                Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+                                Route("/health", self.health, methods=["GET"]),
+                                Route("/metrics", self.metrics, methods=["GET"])],
+                        exception_handlers={HTTPException: self.http_error, Exception: self.server_error},
+                        lifespan=lifespan)
+        guard = Guard(app, self.api_key, self.allowed_hosts)
+        guard.on_refusal = lambda status: self.invalid.inc()
+        return guard
 
+    # -- small routes -------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         s = self.service.stats()
         ok = not self.service.closing
@@ -119,16 +200,49 @@ class CompletionsApp:
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def _model_object(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "skipdecode"}
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_object()]})
+
+    async def model(self, request: Request) -> Response:
+        if request.path_params["model_id"] != self.model_name:
+            return error(404, f"model {show(request.path_params['model_id'])} does not exist; this server serves "
+                         f"{self.model_name!r}", code="model_not_found")
+        return JSONResponse(self._model_object())
+
+    async def http_error(self, request: Request, exc: HTTPException) -> Response:
+        """404 and 405 (and any other HTTPException) as JSON like every other error."""
+        if exc.status_code == 404:
+            message = f"no route {show(request.url.path)}: see /v1/completions, /v1/models, /health, /metrics"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {show(request.url.path)}"
+        else:
+            message = exc.detail
+        return error(exc.status_code, message, headers=exc.headers,
+                     code="not_found" if exc.status_code == 404 else None)
+
+    async def server_error(self, request: Request, exc: Exception) -> Response:
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    # -- completions --------------------------------------------------------------------------------------------
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
     async def completions(self, request: Request) -> Response:
-        body = await self._read_body(request)
+        try:
+            body = await self._read_body(request)
+        except BodyTimeout:
+            self.invalid.inc()
+            return error(408, f"request body not received within {self.limits.body_timeout_s:g} s",
+                         "timeout_error", CLOSE, "body_timeout")
         if body is None:
             self.invalid.inc()
-            return error(413, f"request body is above the limit of {self.limits.max_body_bytes} bytes")
+            return error(413, f"request body is above the limit of {self.limits.max_body_bytes} bytes",
+                         headers=CLOSE)
         try:
-            req = parse_completion(json.loads(body), self.limits, self.engine.codec)
-        except json.JSONDecodeError as exc:
-            self.invalid.inc()
-            return error(400, f"invalid JSON body: {exc}")
+            req = await self._off_loop(self._parse, body)
         except (InputError, ScheduleError) as exc:
             self.invalid.inc()
             return error(400, str(exc))
@@ -148,38 +262,70 @@ class CompletionsApp:
                                      headers={"Cache-Control": "no-cache"})
         return await self._complete(req, handle, queue, request)
 
+    def _parse(self, body: bytes) -> CompletionRequest:
+        """Worker thread: decode and validate the body (tokenizing a text prompt)."""
+        try:
+            data = json.loads(body)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"request body is not valid UTF-8 (byte {exc.start}): send JSON text") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"invalid JSON body: {exc}") from None
+        except RecursionError:
+            raise InputError("invalid JSON body: nested too deeply") from None
+        except ValueError:  # the int-from-string limit (sys.get_int_max_str_digits)
+            raise InputError(f"invalid JSON body: a number has more than {sys.get_int_max_str_digits()} "
+                             "digits") from None
+        return parse_completion(data, self.limits, self.engine.codec)
+
     async def _read_body(self, request: Request) -> bytes | None:
-        """The body, or None as soon as it is known to exceed the limit (never buffers more than the limit)."""
+        """The body, or None as soon as it is known to exceed the limit (never buffers more than the limit).
+        Raises BodyTimeout when the whole body has not arrived within the limit's body timeout."""
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return None
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def read() -> bytes | None:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), self.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise BodyTimeout from None
 
     async def _events(self, req: CompletionRequest, handle: RequestHandle, queue: asyncio.Queue
                       ) -> AsyncIterator[tuple[TokenEvent | None, str, str | None]]:
-        """-> (token event or None, text delta, internal finish_reason or None); ends after the finish."""
+        """-> (token event or None, text delta, internal finish_reason or None); ends after the finish. The
+        events that arrived together are detokenized together, off the loop."""
         text = TextStream(self.engine.codec, req.stop) if self.engine.codec is not None else None
         t0 = time.monotonic()
         while True:
-            ev = await queue.get()
-            if isinstance(ev, FinishEvent):
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            tokens = [ev for ev in batch if isinstance(ev, TokenEvent)]
+            finish = next((ev for ev in batch if isinstance(ev, FinishEvent)), None)
+            deltas, tail = [""] * len(tokens), ""
+            if text is not None:
+                deltas, tail = await self._off_loop(_advance, text, [ev.token for ev in tokens], finish is not None)
+            # deltas end at the token that completed a stop string, if one did
+            for i, (ev, delta) in enumerate(zip(tokens[:len(deltas)], deltas, strict=True)):
+                if text is not None and text.stopped and i == len(deltas) - 1:
+                    handle.cancel("stop")  # end here, stop generating
+                    self.latency.observe(time.monotonic() - t0)
+                    yield ev, delta, "stop"
+                    return
+                yield ev, delta, None
+            if finish is not None:
                 self.latency.observe(time.monotonic() - t0)
-                yield None, text.flush() if text else "", ev.reason
+                yield None, tail, finish.reason
                 return
-            delta = text.push(ev.token) if text else ""
-            if text is not None and text.stopped:  # a stop string completed: end here, stop generating
-                handle.cancel("stop")
-                self.latency.observe(time.monotonic() - t0)
-                yield ev, delta, "stop"
-                return
-            yield ev, delta, None
 
     async def _complete(self, req: CompletionRequest, handle: RequestHandle, queue: asyncio.Queue,
                         request: Request) -> Response:
@@ -196,31 +342,41 @@ class CompletionsApp:
             watcher.cancel()
             handle.cancel()  # no-op once finished; ends the request if this handler is cancelled
         if reason == "timeout":
-            return error(504, f"request timed out after {req.timeout_s:g} s ({len(tokens)} tokens generated)",
-                         "timeout_error")
+            return error(400, f"request timed out after {req.timeout_s:g} s ({len(tokens)} tokens generated); "
+                         "raise `timeout` or lower `max_tokens`", "timeout_error", {"x-should-retry": "false"},
+                         "request_timeout")
+        if reason == "cancelled":  # the server is shutting down and did not finish it in time
+            return error(503, f"request cancelled by the server shutting down ({len(tokens)} tokens generated)",
+                         "unavailable_error")
         if reason == "error":
             return error(500, f"generation failed: {self._failure(handle)}", "server_error")
         choice = {"index": 0, "text": "".join(text) if self.engine.codec else None, "tokens": tokens,
                   "logprobs": None, "finish_reason": OPENAI_REASON.get(reason, reason)}
         return JSONResponse({
             "id": f"cmpl-{handle.request_id}", "object": "text_completion", "created": int(time.time()),
-            "model": req.model or self.model_name, "choices": [choice],
+            "model": self.model_name, "choices": [choice],
             "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": len(tokens),
                       "total_tokens": len(req.prompt) + len(tokens)},
             "skipdecode": {"finish_reason": reason, "budgets": budgets,
                            "mean_layers": sum(budgets) / len(budgets) if budgets else None}})
 
     async def _sse(self, req: CompletionRequest, handle: RequestHandle, queue: asyncio.Queue) -> AsyncIterator[str]:
-        head = {"id": f"cmpl-{handle.request_id}", "object": "text_completion", "model": req.model or self.model_name}
+        head = {"id": f"cmpl-{handle.request_id}", "object": "text_completion", "model": self.model_name}
         try:
             async for ev, delta, reason in self._events(req, handle, queue):
+                if reason == "error":  # as OpenAI reports a failure mid-stream: an error event (clients raise)
+                    failure = {"message": f"generation failed: {self._failure(handle)}", "type": "server_error",
+                               "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': failure})}\n\n"
+                    break
                 choice = {"index": 0, "text": delta if self.engine.codec else None, "logprobs": None,
                           "finish_reason": OPENAI_REASON.get(reason, reason) if reason else None}
                 if ev is not None:
                     choice.update(token=ev.token, budget=ev.budget)
-                if reason == "error":
-                    choice["error"] = f"generation failed: {self._failure(handle)}"
-                yield f"data: {json.dumps({**head, 'created': int(time.time()), 'choices': [choice]})}\n\n"
+                chunk = {**head, "created": int(time.time()), "choices": [choice]}
+                if reason:
+                    chunk["skipdecode"] = {"finish_reason": reason}
+                yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()  # the client went away (task cancelled) or the stream ended: no-op once finished
@@ -242,9 +398,24 @@ class CompletionsApp:
         return "unknown failure"
 
 
+def _advance(text: TextStream, tokens: list[int], final: bool) -> tuple[list[str], str]:
+    """Worker thread: the text deltas of `tokens` (ending at the one that completes a stop string) and, at the
+    end of generation, the held-back text."""
+    deltas = []
+    for t in tokens:
+        deltas.append(text.push(t))
+        if text.stopped:
+            break
+    return deltas, text.flush() if final else ""
+
+
 def create_app(engine, service: Service, model_name: str = "skipdecode", max_timeout_s: float = 600.0,
-               drain_timeout_s: float = 30.0) -> Starlette:
+               drain_timeout_s: float = 30.0, *, api_key: str | None = None,
+               allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS, max_prompt_chars: int | None = None,
+               body_timeout_s: float = 30.0) -> Guard:
+    """The ASGI app. `allowed_hosts` None accepts any Host header; `api_key` None needs no key."""
     be = engine.backend
     limits = ServerLimits(max_length=be.max_length, vocab_size=engine.vocab_size, eos_token_id=engine.eos_token_id,
-                          max_timeout_s=max_timeout_s)
-    return CompletionsApp(engine, service, model_name, limits, drain_timeout_s).starlette()
+                          max_timeout_s=max_timeout_s, max_prompt_chars=max_prompt_chars,
+                          body_timeout_s=body_timeout_s)
+    return CompletionsApp(engine, service, model_name, limits, drain_timeout_s, api_key, allowed_hosts).starlette()

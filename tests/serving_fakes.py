@@ -105,13 +105,17 @@ class FailingBackend(FakeSlotBackend):
 
 
 @contextmanager
-def serve_in_thread(app, graceful_s: int = 5):
-    """Run a Starlette app under uvicorn on a free loopback port in a daemon thread -> (base url, server)."""
+def serve_in_thread(app, graceful_s: int = 5, **net):
+    """Run an ASGI app under uvicorn on a free loopback port in a daemon thread -> (base url, server). `net`:
+    `ConnectionLimits` fields (header timeout, keep-alive, connection limit)."""
     import uvicorn
+
+    from skipdecode.server_net import ConnectionLimits, uvicorn_config
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s))
+    server = uvicorn.Server(uvicorn_config(app, ConnectionLimits(**net), log_level="warning",
+                                           timeout_graceful_shutdown=graceful_s))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

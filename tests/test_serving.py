@@ -335,7 +335,7 @@ BAD = [
     ({"prompt": [2, 3], "temperature": -1}, 400, "temperature=-1 must be a finite number >= 0"),
     ({"prompt": [2, 3], "stream": "yes"}, 400, "stream must be true or false"),
     ({"prompt": 5}, 400, "prompt must be a string or a list of token ids, got 5"),
-    ({"prompt": [[2, 3]]}, 400, "prompt must be a string or a list of token ids"),
+    ({"prompt": [[2, 3], [4]]}, 400, "batches of prompts are not supported"),
     ({"prompt": "hello"}, 400, "no tokenizer"),
     ({"prompt": [999]}, 400, "prompt token id 999 is outside the vocabulary [0, 211)"),
     ({"prompt": [2, 3], "speedup": 100}, 400, "speedup=100 is above the maximum 6"),
