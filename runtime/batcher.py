@@ -170,7 +170,9 @@ class Batcher:
     def _emit(self, seq: _Sequence, logits: np.ndarray, budget: int, events: list, finished: set[int]) -> None:
         # logits: [1, V]
         rid, opts = seq.request.request_id, seq.request.options
-        if not np.isfinite(logits).all():  # NaN logits would make argmax pick token 0: an error, never a token
+        # NaN logits would make argmax pick token 0: an error, never a token. max() propagates NaN and +inf, so one
+        # pass over the row finds any of them (and an all -inf row).
+        if not np.isfinite(logits.max()):
             finished.add(rid)
             events.append(FinishEvent(rid, "error", f"request {rid}: the logits of token {len(seq.tokens)} are not "
                                                     "finite (NaN or inf): the engine's weights are corrupt or "
