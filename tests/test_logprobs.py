@@ -69,3 +69,63 @@ def test_prompt_scoring_is_teacher_forced_at_full_depth_and_frees_its_slot():
     assert be.slots.num_free == be.max_batch
     direct = score_prompt(be, prompt, 2)  # the same without a service
     assert [e.logprob for e in direct] == [e.logprob for e in scored]
+
+
+# -- a tiny real engine against the PyTorch reference ----------------------------------------------------------------
+TOL = 1e-4  # absolute, on log-probabilities: fp32 onnxruntime vs fp32 PyTorch of the same weights (seen: ~2e-6)
+
+
+def _ref_log_softmax(logits) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    return torch.log_softmax(torch.as_tensor(np.asarray(logits)).double(), -1).numpy()  # over the last axis
+
+
+@pytest.mark.parametrize("speedup", [None, 2.0])
+def test_real_engine_logprobs_equal_the_torch_reference(engine_dir, speedup):
+    """Generated tokens (each under the bucket it was produced with) and echoed prompt tokens (full depth): the
+    served log-probabilities equal the log-softmax of the PyTorch reference's logits within TOL. Negative controls:
+    the reference one position off, and (at speedup 2) the full-depth reference, are far outside TOL."""
+    torch = pytest.importorskip("torch")
+    from skipdecode.export.reference import TorchReference
+    from skipdecode.runtime.engine import Engine
+    from transformers import OPTForCausalLM
+
+    _, ckpt, out = engine_dir
+    prompt, k = [2, 17, 29, 41, 53, 67, 71], 5
+    with Engine.load(out) as engine:
+        L, warmup = engine.backend.num_layers, engine.backend.warmup_layers
+        with Service(engine) as svc:
+            res = svc.generate(prompt, GenerateOptions(max_new_tokens=10, speedup=speedup, logprobs=k))
+            scored = svc.score(prompt, k).result(60)
+    assert (min(res.budgets) < L) == (speedup is not None)
+    model = OPTForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+    # generated tokens: the reference's slot API, fed the served tokens through the served buckets
+    ref = TorchReference(model, max_batch=1, warmup_layers=warmup if warmup is not None else 1)
+    slot = ref.slots.allocate(1)
+    with torch.no_grad():
+        steps = [_ref_log_softmax(ref.prefill_rows([prompt], slot)[0])]
+        for tok, budget in zip(res.tokens[:-1], res.budgets[1:], strict=True):
+            logits = ref.decode_rows(slot, np.array([tok]), budget, np.ones((1, budget), dtype=bool))
+            steps.append(_ref_log_softmax(logits[slot[0]]))
+        full = _ref_log_softmax(model(torch.tensor([prompt + list(res.tokens)])).logits[0])  # [positions, V]
+    err = 0.0
+    for tok, lp, ls in zip(res.tokens, res.logprobs, steps, strict=True):
+        assert lp.token == tok and len(lp.top) == k
+        err = max(err, abs(lp.logprob - ls[tok]), *(abs(v - ls[t]) for t, v in lp.top))
+        assert lp.top[-1][1] >= np.sort(ls)[-k] - TOL  # the top k are the reference's k most likely
+    assert err < TOL, err
+    shifted = zip(res.tokens[1:], res.logprobs[1:], steps[:-1], strict=True)
+    off = max(abs(lp.logprob - ls[tok]) for tok, lp, ls in shifted)
+    assert off > 100 * TOL  # negative control: the reference one position off
+    if speedup is not None:  # negative control: the full-depth reference, where layers were skipped
+        skipped = [i for i, b in enumerate(res.budgets) if b < L]
+        assert max(abs(res.logprobs[i].logprob - full[len(prompt) - 1 + i][res.tokens[i]]) for i in skipped) > 100 * TOL
+
+    # echoed prompt tokens: the full-depth forward of the prompt
+    assert len(scored) == len(prompt) - 1
+    for i, e in enumerate(scored):
+        ls = full[i]
+        assert e.token == prompt[i + 1] and abs(e.logprob - ls[e.token]) < TOL
+        assert max(abs(v - ls[t]) for t, v in e.top) < TOL
+    assert max(abs(e.logprob - full[i + 1][e.token]) for i, e in enumerate(scored[:-1])) > 100 * TOL
