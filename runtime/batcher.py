@@ -23,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from .generation import GenerateOptions, check_prompts, resolve_max_length
+from .logprobs import TokenLogprob, token_logprob
 from .profiling import step_range
 from .sampling import Sampler
 from .schedule import layers_for_budget, make_plan
@@ -64,6 +65,7 @@ class TokenEvent:
     index: int
     token: int
     budget: int
+    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,9 @@ class Batcher:
             return
         tok = int(seq.sampler(logits)[0])
         seq.tokens.append(tok)
-        events.append(TokenEvent(rid, len(seq.tokens) - 1, tok, budget))
+        # from the logits the sampler used, before the backend reuses them (nothing extra when not asked)
+        lp = token_logprob(logits, tok, opts.logprobs) if opts.logprobs is not None else None
+        events.append(TokenEvent(rid, len(seq.tokens) - 1, tok, budget, lp))
         if tok in seq.stops:
             reason = "eos" if tok == opts.eos_token_id else "stop"
         elif len(seq.tokens) == seq.request.spec.max_new_tokens:

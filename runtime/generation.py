@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import InputError, check_int
+from .logprobs import MAX_LOGPROBS
 from .sampling import SamplingParams
 from .schedule import Schedule, schedule_for
 
@@ -28,9 +29,12 @@ class GenerateOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     eos_token_id: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k most likely alternatives
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, lo=1)
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.max_length is not None:
             check_int("max_length", self.max_length, lo=2)
 

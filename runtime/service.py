@@ -27,12 +27,14 @@ import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .batcher import Batcher, FinishEvent, Request, StepResult, TokenEvent, prepare_request
-from .errors import BackendError, InputError, SkipDecodeError
-from .generation import GenerateOptions
+from .errors import BackendError, InputError, SkipDecodeError, check_int
+from .generation import GenerateOptions, check_prompts
 from .generator import NonFiniteLogitsError
+from .logprobs import MAX_LOGPROBS, TokenLogprob, score_prompt
 from .scheduler import SchedulerConfig, check_fits
 from .slot_backend import SlotBackend
 
@@ -83,6 +85,7 @@ class Completion:
     tokens: tuple[int, ...]
     budgets: tuple[int, ...]  # layers each token ran (its own bucket; the prefill's token: all layers)
     finish_reason: str  # "eos" | "stop" | "length" | "cancelled" | "timeout"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per token, when the options asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,10 @@ class RequestHandle:
                 raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
             if self._error is not None:
                 raise RequestFailedError(f"request {self.request_id} failed: {self._error}") from self._error
+            asked = bool(self._events) and self._events[0].logprob is not None
+            lps = tuple(e.logprob for e in self._events) if asked else None
             return Completion(self.request_id, self.prompt, tuple(e.token for e in self._events),
-                              tuple(e.budget for e in self._events), self._reason)
+                              tuple(e.budget for e in self._events), self._reason, lps)
 
     # -- worker thread only -------------------------------------------------------------------------------
     def _push(self, event: TokenEvent) -> None:
@@ -179,6 +184,7 @@ class Service:
         self._cv = threading.Condition()  # guards everything below
         self._ids = itertools.count()
         self._inbox: deque[tuple[Request, RequestHandle]] = deque()
+        self._scores: deque[tuple[tuple[int, ...], int, Future]] = deque()  # prompts to score (echo logprobs)
         self._cancels: dict[int, str] = {}
         self._handles: dict[int, RequestHandle] = {}  # submitted and not finished
         self._closing = self._cancel_all = False
@@ -220,6 +226,22 @@ class Service:
             self._handles[rid] = handle
             self._cv.notify_all()
         return handle
+
+    def score(self, prompt: Sequence[int], k: int = 0) -> Future:
+        """Log-probabilities of prompt[1:] (`TokenLogprob`s, each with its top `k`), teacher-forced at full depth on
+        the worker thread, in a free KV slot of this engine, between batcher steps. Costs one decode step per
+        prompt token, during which this service's other requests wait. -> a Future of the list."""
+        check_int("logprobs", k, lo=0, hi=MAX_LOGPROBS)
+        g = self.generator
+        check_prompts([prompt], g.vocab_size, g.backend.max_batch)
+        check_int("prompt length", len(prompt), lo=1, hi=g.backend.max_length - 1)
+        future: Future = Future()
+        with self._cv:
+            if self._closing:
+                raise ServiceClosedError("the service is shutting down and accepts no new requests")
+            self._scores.append((tuple(int(t) for t in prompt), k, future))
+            self._cv.notify_all()
+        return future
 
     def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Completion:
         return self.submit(prompt, options, timeout_s).result()
@@ -275,16 +297,19 @@ class Service:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._inbox or self._cancels or self._closing or not self._batcher.idle)
-                inbox, cancels = list(self._inbox), dict(self._cancels)
+                self._cv.wait_for(lambda: self._inbox or self._cancels or self._closing or self._scores
+                                  or not self._batcher.idle)
+                inbox, cancels, scores = list(self._inbox), dict(self._cancels), list(self._scores)
                 self._inbox.clear()
                 self._cancels.clear()
+                self._scores.clear()
                 if self._cancel_all:
                     cancels.update({rid: "cancelled" for rid in self._handles})
                 closing = self._closing
             for request, _ in inbox:
                 self._batcher.add(request)
             self._apply_cancels(cancels)
+            self._score(scores)
             if self._batcher.idle:
                 if closing:
                     return
@@ -295,6 +320,31 @@ class Service:
                 self._fail_all(exc)
                 continue
             self._dispatch(result)
+
+    def _score(self, jobs: list[tuple[tuple[int, ...], int, Future]]) -> None:
+        """Run the scoring jobs a free slot allows; the others wait for the next loop (a slot frees as requests
+        finish), unless nothing here holds a slot: then no slot will free and they fail at once."""
+        be = self.generator.backend
+        waiting = []
+        for prompt, k, future in jobs:
+            if future.cancelled():
+                continue
+            if be.slots.num_free == 0:
+                if self._batcher.idle and future.set_running_or_notify_cancel():
+                    future.set_exception(OverloadedError("no free KV slot to score the prompt in: every slot is "
+                                                         "held by other generations on this engine"))
+                else:
+                    waiting.append((prompt, k, future))
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(score_prompt(be, prompt, k))
+            except Exception as exc:  # a backend failure fails this job, not the service
+                future.set_exception(exc)
+        if waiting:
+            with self._cv:
+                self._scores.extendleft(reversed(waiting))
 
     def _apply_cancels(self, cancels: dict[int, str]) -> None:
         now = time.monotonic()

@@ -1,6 +1,8 @@
 """HTTP server over the embeddable service (starlette + uvicorn): OpenAI-style completions, models, health, metrics.
 
-    POST /v1/completions   prompt, max_tokens, temperature, top_p, top_k, stop, seed, stream (SSE), plus
+    POST /v1/completions   prompt, max_tokens, temperature, top_p, top_k, stop, seed, stream (SSE), logprobs,
+                           echo (with logprobs: the prompt scored at full depth, one decode step per prompt
+                           token; max_tokens 0: the scored prompt only), stream_options.include_usage, plus
                            SkipDecode's speedup | max_layers + min_layers, stop_token_ids, ignore_eos, timeout
     GET  /v1/models        the one served model (OpenAI list shape); GET /v1/models/{id} the model object
     GET  /health           200 while serving, 503 while shutting down (never needs the API key)
@@ -34,6 +36,8 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from itertools import count
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -45,6 +49,7 @@ from starlette.routing import Route
 
 from skipdecode.runtime.batcher import FinishEvent, TokenEvent
 from skipdecode.runtime.errors import InputError, ScheduleError
+from skipdecode.runtime.logprobs import TokenLogprob
 from skipdecode.runtime.service import (
     OverloadedError,
     RequestFailedError,
@@ -158,6 +163,7 @@ class CompletionsApp:
         self.engine, self.service, self.model_name, self.limits = engine, service, model_name, limits
         self.drain_timeout_s, self.api_key, self.allowed_hosts = drain_timeout_s, api_key, allowed_hosts
         self.created = int(time.time())
+        self._echo_ids = count()
         # JSON, validation, tokenizing and detokenizing: off the event loop, never more than this many at once
         self.pool = ThreadPoolExecutor(text_threads, thread_name_prefix="skipdecode-text")
         self.registry = CollectorRegistry()
@@ -246,6 +252,19 @@ class CompletionsApp:
         except (InputError, ScheduleError) as exc:
             self.invalid.inc()
             return error(400, str(exc))
+        try:
+            prefix = await self._prefix(req)
+        except (InputError, ScheduleError) as exc:
+            self.invalid.inc()
+            return error(400, str(exc))
+        except OverloadedError as exc:
+            return error(503, str(exc), "overloaded_error", headers={"Retry-After": "1"})
+        except ServiceClosedError as exc:
+            return error(503, str(exc), "unavailable_error")
+        except Exception as exc:  # the backend failed while scoring the prompt
+            return error(500, f"scoring the prompt failed: {type(exc).__name__}: {exc}", "server_error")
+        if req.max_tokens == 0:
+            return self._echo_only(req, prefix)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         try:
             handle = self.service.submit(req.prompt, req.options, req.timeout_s,
@@ -258,9 +277,69 @@ class CompletionsApp:
         except ServiceClosedError as exc:
             return error(503, str(exc), "unavailable_error")
         if req.stream:
-            return StreamingResponse(self._sse(req, handle, queue), media_type="text/event-stream",
+            return StreamingResponse(self._sse(req, handle, queue, prefix), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._complete(req, handle, queue, request)
+        return await self._complete(req, handle, queue, request, prefix)
+
+    async def _prefix(self, req: CompletionRequest) -> Prefix:
+        """The echoed prompt (text, and with logprobs its tokens scored at full depth by the service: one decode
+        step per prompt token) and where the completion's text offsets start. Raises the service's errors."""
+        if not req.echo and req.logprobs is None:
+            return Prefix(None, None, 0)  # nothing to do (the common case)
+        scored = None
+        if req.echo and req.logprobs is not None:
+            scored = await asyncio.wrap_future(self.service.score(req.prompt, req.logprobs))
+        return await self._off_loop(self._make_prefix, req, scored)
+
+    def _make_prefix(self, req: CompletionRequest, scored) -> Prefix:
+        """Worker thread: detokenize the prompt and the scored entries."""
+        codec = self.engine.codec
+        text = req.prompt_text if req.prompt_text is not None else (
+            codec.decode(list(req.prompt)) if codec is not None else None)
+        if not req.echo:
+            return Prefix(None, None, len(text or ""))
+        block, end = None, len(text or "")
+        if req.logprobs is not None:
+            block, end = self._block(list(zip(req.prompt, [None, *scored], strict=True)), 0)
+        return Prefix(text, block, end)
+
+    def _token_text(self, token: int) -> str:
+        codec = self.engine.codec
+        return codec.decode([token]) if codec is not None else str(token)
+
+    def _block(self, entries: list[tuple[int, TokenLogprob | None]], offset: int) -> tuple[dict, int]:
+        """Worker thread: OpenAI's completions `logprobs` object for (token, its TokenLogprob or None), the text
+        offsets counted from `offset`, plus the ids (token strings of two ids can be equal). -> (it, next offset)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [], "token_ids": [],
+               "top_token_ids": []}
+        for token, e in entries:
+            piece = self._token_text(token)
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            out["token_ids"].append(token)
+            offset += len(piece)
+            out["token_logprobs"].append(e.logprob if e is not None else None)
+            out["top_logprobs"].append({self._token_text(t): v for t, v in e.top} if e is not None else None)
+            out["top_token_ids"].append([t for t, _ in e.top] if e is not None else None)
+        return out, offset
+
+    def _echo_only(self, req: CompletionRequest, prefix: Prefix) -> Response:
+        """max_tokens 0 with echo: the prompt (and its logprobs), nothing generated."""
+        rid = f"cmpl-echo-{next(self._echo_ids)}"
+        choice = {"index": 0, "text": prefix.text, "tokens": [], "logprobs": prefix.block, "finish_reason": "length"}
+        usage = {"prompt_tokens": len(req.prompt), "completion_tokens": 0, "total_tokens": len(req.prompt)}
+        if not req.stream:
+            return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                                 "model": self.model_name, "choices": [choice], "usage": usage,
+                                 "skipdecode": {"finish_reason": "length", "budgets": [], "mean_layers": None}})
+
+        async def events() -> AsyncIterator[str]:
+            head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            if req.include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _parse(self, body: bytes) -> CompletionRequest:
         """Worker thread: decode and validate the body (tokenizing a text prompt)."""
@@ -328,8 +407,8 @@ class CompletionsApp:
                 return
 
     async def _complete(self, req: CompletionRequest, handle: RequestHandle, queue: asyncio.Queue,
-                        request: Request) -> Response:
-        tokens, budgets, text, reason = [], [], [], None
+                        request: Request, prefix: Prefix) -> Response:
+        tokens, budgets, text, reason, lps = [], [], [], None, []
         watcher = asyncio.create_task(self._cancel_on_disconnect(request, handle))
         try:
             async for ev, delta, end in self._events(req, handle, queue):
@@ -338,6 +417,7 @@ class CompletionsApp:
                 if ev is not None:
                     tokens.append(ev.token)
                     budgets.append(ev.budget)
+                    lps.append(ev.logprob)
         finally:
             watcher.cancel()
             handle.cancel()  # no-op once finished; ends the request if this handler is cancelled
@@ -350,8 +430,16 @@ class CompletionsApp:
                          "unavailable_error")
         if reason == "error":
             return error(500, f"generation failed: {self._failure(handle)}", "server_error")
-        choice = {"index": 0, "text": "".join(text) if self.engine.codec else None, "tokens": tokens,
-                  "logprobs": None, "finish_reason": OPENAI_REASON.get(reason, reason)}
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs, _ = await self._off_loop(self._block, list(zip(tokens, lps, strict=True)), prefix.offset)
+            if prefix.block is not None:
+                logprobs = {k: prefix.block[k] + v for k, v in logprobs.items()}
+        completion = "".join(text) if self.engine.codec else None
+        if prefix.text is not None:
+            completion = prefix.text + (completion or "")
+        choice = {"index": 0, "text": completion, "tokens": tokens,
+                  "logprobs": logprobs, "finish_reason": OPENAI_REASON.get(reason, reason)}
         return JSONResponse({
             "id": f"cmpl-{handle.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": self.model_name, "choices": [choice],
@@ -360,23 +448,36 @@ class CompletionsApp:
             "skipdecode": {"finish_reason": reason, "budgets": budgets,
                            "mean_layers": sum(budgets) / len(budgets) if budgets else None}})
 
-    async def _sse(self, req: CompletionRequest, handle: RequestHandle, queue: asyncio.Queue) -> AsyncIterator[str]:
+    async def _sse(self, req: CompletionRequest, handle: RequestHandle, queue: asyncio.Queue, prefix: Prefix
+                   ) -> AsyncIterator[str]:
         head = {"id": f"cmpl-{handle.request_id}", "object": "text_completion", "model": self.model_name}
+        offset, generated = prefix.offset, 0
         try:
+            if req.echo:  # the prompt first, as its own chunk
+                choice = {"index": 0, "text": prefix.text, "logprobs": prefix.block, "finish_reason": None}
+                yield f"data: {json.dumps({**head, 'created': int(time.time()), 'choices': [choice]})}\n\n"
             async for ev, delta, reason in self._events(req, handle, queue):
                 if reason == "error":  # as OpenAI reports a failure mid-stream: an error event (clients raise)
                     failure = {"message": f"generation failed: {self._failure(handle)}", "type": "server_error",
                                "param": None, "code": None}
                     yield f"data: {json.dumps({'error': failure})}\n\n"
                     break
-                choice = {"index": 0, "text": delta if self.engine.codec else None, "logprobs": None,
+                logprobs = None
+                if ev is not None and ev.logprob is not None:
+                    logprobs, offset = await self._off_loop(self._block, [(ev.token, ev.logprob)], offset)
+                choice = {"index": 0, "text": delta if self.engine.codec else None, "logprobs": logprobs,
                           "finish_reason": OPENAI_REASON.get(reason, reason) if reason else None}
                 if ev is not None:
+                    generated += 1
                     choice.update(token=ev.token, budget=ev.budget)
                 chunk = {**head, "created": int(time.time()), "choices": [choice]}
                 if reason:
                     chunk["skipdecode"] = {"finish_reason": reason}
                 yield f"data: {json.dumps(chunk)}\n\n"
+            if req.include_usage:  # OpenAI's stream_options.include_usage: usage in a last chunk without choices
+                usage = {"prompt_tokens": len(req.prompt), "completion_tokens": generated,
+                         "total_tokens": len(req.prompt) + generated}
+                yield f"data: {json.dumps({**head, 'created': int(time.time()), 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()  # the client went away (task cancelled) or the stream ended: no-op once finished
@@ -396,6 +497,16 @@ class CompletionsApp:
         except RequestFailedError as exc:  # the stored failure of this request, reported to its client
             return str(exc)
         return "unknown failure"
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """What comes before the completion: the echoed prompt text (None without echo), its logprobs object (echo
+    with logprobs) and the text offset the completion's tokens start at."""
+
+    text: str | None
+    block: dict | None
+    offset: int
 
 
 def _advance(text: TextStream, tokens: list[int], final: bool) -> tuple[list[str], str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from skipdecode.runtime.errors import InputError
 from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.logprobs import MAX_LOGPROBS
 from skipdecode.runtime.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -22,9 +23,9 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_NAME_CHARS = 256  # model and user strings
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n",
           "user", "speedup", "max_layers", "min_layers", "stop_token_ids", "ignore_eos", "timeout",
+          "logprobs", "echo", "stream_options",
           # OpenAI fields not implemented: accepted only with a value that leaves the result unchanged
-          "logprobs", "echo", "best_of", "frequency_penalty", "presence_penalty", "logit_bias", "suffix",
-          "stream_options")
+          "best_of", "frequency_penalty", "presence_penalty", "logit_bias", "suffix")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class CompletionRequest:
     stop: tuple[str, ...]  # text stop strings (need a tokenizer)
     timeout_s: float
     model: str | None
+    max_tokens: int = 1  # 0 only with echo: the scored prompt alone (options then hold max_new_tokens 1, unused)
+    logprobs: int | None = None
+    echo: bool = False
+    include_usage: bool = False  # streaming: a last chunk with usage and no choices
+    prompt_text: str | None = None  # the prompt as sent, when it was text
 
 
 def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionRequest:
@@ -83,15 +89,35 @@ def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionReq
         raise InputError(f"timeout={show(timeout)} must be in (0, {limits.max_timeout_s:g}] seconds")
     stream, ignore_eos, speedup = _bool(body, "stream", False), _bool(body, "ignore_eos", False), _num(
         body, "speedup", None)
+    logprobs, echo = _int(body, "logprobs", None, 0, MAX_LOGPROBS), _bool(body, "echo", False)
+    include_usage = _stream_options(body.get("stream_options"))
     prompt = _prompt(body.get("prompt"), limits, codec)
     room = limits.max_length - len(prompt)
-    max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, room,
+    max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 0 if echo else 1, room,
                       f" for a {len(prompt)}-token prompt (model limit {limits.max_length} positions)")
     options = GenerateOptions(
-        max_new_tokens=max_tokens, speedup=speedup, max_layers=max_layers,
+        max_new_tokens=max(max_tokens, 1), speedup=speedup, max_layers=max_layers,
         min_layers=min_layers, sampling=sampling, stop_token_ids=tuple(stop_ids),
-        eos_token_id=None if ignore_eos else limits.eos_token_id)
-    return CompletionRequest(prompt, options, stream, stop, float(timeout), model)
+        eos_token_id=None if ignore_eos else limits.eos_token_id, logprobs=logprobs)
+    text = _one_prompt(body.get("prompt"))
+    return CompletionRequest(prompt, options, stream, stop, float(timeout), model, max_tokens, logprobs, echo,
+                             include_usage, text if isinstance(text, str) else None)
+
+
+def _stream_options(value: object) -> bool:
+    """-> include_usage."""
+    if value is None:
+        return False
+    if not isinstance(value, dict) or not set(value) <= {"include_usage"} or not isinstance(
+            value.get("include_usage", False), (bool, type(None))):
+        raise InputError(f'stream_options={show(value)} must be null or {{"include_usage": true or false}}')
+    return bool(value.get("include_usage"))
+
+
+def _one_prompt(value: object) -> object:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        return value[0]  # a one-prompt batch, as OpenAI clients send
+    return value
 
 
 def _neutral(body: dict) -> None:
@@ -101,13 +127,8 @@ def _neutral(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if _num(body, name, 0) != 0:
             raise InputError(f"{name}={show(body[name])} is not supported: only 0 (or null)")
-    checks = {"logprobs": (lambda v: v is None, "null"),
-              "echo": (lambda v: v is None or v is False, "false (or null)"),
-              "suffix": (lambda v: v is None or v == "", '"" (or null)'),
-              "logit_bias": (lambda v: v is None or v == {}, "{} (or null)"),
-              "stream_options": (lambda v: v is None or (isinstance(v, dict) and set(v) <= {"include_usage"}
-                                                         and v.get("include_usage") in (None, False)),
-                                 '{"include_usage": false} (or null)')}
+    checks = {"suffix": (lambda v: v is None or v == "", '"" (or null)'),
+              "logit_bias": (lambda v: v is None or v == {}, "{} (or null)")}
     for name, (ok, accepted) in checks.items():
         if name in body and not ok(body[name]):
             raise InputError(f"{name}={show(body[name])} is not supported: only {accepted}")
@@ -130,8 +151,7 @@ def _unicode(text: str, what: str) -> None:
 
 
 def _prompt(value: object, limits: ServerLimits, codec) -> tuple[int, ...]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]  # a one-prompt batch, as OpenAI clients send
+    value = _one_prompt(value)
     if isinstance(value, str):
         if codec is None:
             raise InputError("this engine has no tokenizer: send prompt as a list of token ids")

@@ -320,15 +320,18 @@ def test_neutral_values_of_fields_we_do_not_implement_are_accepted(served):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("logprobs", 1, "logprobs=1 is not supported: only null"),
-    ("echo", True, "echo=True is not supported: only false"),
+    ("logprobs", 6, "logprobs=6 is above the maximum 5"),
+    ("logprobs", -1, "logprobs=-1 is below the minimum 0"),
+    ("echo", 1, "echo must be true or false, got 1"),
+    ("max_tokens", 0, "max_tokens=0 is below the minimum 1"),  # 0 only with echo
     ("best_of", 2, "best_of=2 is above the maximum 1"),
     ("n", 3, "n=3 is above the maximum 1"),
     ("frequency_penalty", 0.5, "frequency_penalty=0.5 is not supported: only 0"),
     ("presence_penalty", -1, "presence_penalty=-1 is not supported"),
     ("logit_bias", {"5": 10}, "logit_bias={'5': 10} is not supported: only {}"),
     ("suffix", "end", "suffix='end' is not supported"),
-    ("stream_options", {"include_usage": True}, "stream_options={'include_usage': True} is not supported"),
+    ("stream_options", {"include_usage": 1}, "stream_options={'include_usage': 1} must be null or"),
+    ("stream_options", {"x": True}, "stream_options={'x': True} must be null or"),
     ("prompt", ["a", "b"], "batches of prompts are not supported"),
 ])
 def test_values_that_would_change_the_result_are_refused(field, value, message):
