@@ -20,3 +20,14 @@ def process_results(doc, results):
     words, size = len(doc["text"].split()), len(doc["text"].encode("utf-8"))
     return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, size),
             "bits_per_byte": (loglikelihood, size)}
+
+
+
+def all_but_last_word(doc):
+    """The cloze task's context: the verse without its last word (LAMBADA style)."""
+    return doc["text"].rsplit(" ", 1)[0]
+
+
+def last_word(doc):
+    """The cloze task's continuation: the verse's last word (with its punctuation), after a space."""
+    return " " + doc["text"].rsplit(" ", 1)[1]
