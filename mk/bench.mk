@@ -1,4 +1,4 @@
-# Benchmark (issue 5): throughput, SkipDecode speedup vs the cost model's ideal, HF generate, memory, length scaling.
+# Benchmark: throughput, SkipDecode speedup vs the cost model's ideal, HF generate, memory, length scaling.
 BENCH_OUT ?= build/bench
 BENCH_ARGS ?=
 

@@ -1,4 +1,4 @@
-# GPU side (issue 6): TensorRT plans, GPU tests and Nsight Systems profiles. See docs/GPU.md for the install story.
+# GPU side: TensorRT plans, GPU tests and Nsight Systems profiles. See docs/GPU.md for the install story.
 # `make export MODEL=opt-1.3b BACKEND=tensorrt` builds TensorRT plans with the default options;
 # `make export-trt MODEL=...` also sets the dtype and a shared timing cache.
 TRT_DTYPE ?= fp16
