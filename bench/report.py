@@ -10,7 +10,7 @@ from ..export.random_models import OPT_SHAPES
 
 SCHEMA = "skipdecode-bench/1"
 BASELINES = ("hf-generate", "ctranslate2-int8", "ctranslate2-fp32")  # rows of other systems, not of our engine
-# Issue 5's targets. They apply to the benchmark figures above, never to pytest timings.
+# The targets. They apply to the benchmark figures, never to pytest timings.
 SPEEDUP_VS_IDEAL = 0.95  # realised speedup >= 0.95 x ideal at every target speedup and batch
 FULL_VS_HF = 1.5  # full-depth runtime tokens/s >= 1.5 x HF generate, batches 1 and 8
 FULL_VS_HF_BATCHES = (1, 8)
