@@ -46,9 +46,8 @@ class SlotTable:
     Hands out the lowest free slots so used rows stay packed at the front: a decode call covers slots 0..k-1 where
     k - 1 is its highest slot, so a compact prefix keeps the rows a call pays for small."""
 
-    def __init__(self, slots: int, max_length: int) -> None:
+    def __init__(self, slots: int) -> None:
         self.slots = check_int("slots", slots, lo=1)
-        self.max_length = max_length
         self.lengths = np.zeros(slots, dtype=np.int64)  # tokens held per slot; 0 for free slots
         self._free = set(range(slots))
         self._lock = threading.Lock()

@@ -181,7 +181,7 @@ class OrtBackend(GraphBackend):
                 self.sessions[g.name] = self._capi_session(directory, g, weights)
             ort_capi.drop_resident_pages(mapped)  # the sessions compute from the packed copies now
         except BaseException:
-            self.env.close()
+            self._finalizer()  # the one Env.close, and the finalizer is done with
             raise
 
     def _capi_session(self, directory: Path, spec: GraphSpec, weights: dict) -> ort_capi.Session:

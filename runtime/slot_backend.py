@@ -56,7 +56,7 @@ class SlotBackend:
 
     def _init_slots(self) -> None:
         """Call once the attributes above are set."""
-        self.slots = SlotTable(self.max_batch, self.max_length)
+        self.slots = SlotTable(self.max_batch)
         self._lock = threading.RLock()
         self._closed = False
 
@@ -151,7 +151,7 @@ class GraphBackend(SlotBackend):
         self._gate = np.zeros(self.max_batch * self.num_layers, dtype=bool)  # row-major [n, bucket] per call
 
     def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
-        B, S = ids.shape
+        S = ids.shape[1]
         logits, kv, _keep = self._run_prefill(ids, pos, np.ascontiguousarray(mask))
         lengths = mask.sum(axis=1)
         for layer, (k_ptr, v_ptr) in enumerate(kv):

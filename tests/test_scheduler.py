@@ -35,7 +35,7 @@ def spec(rid, p=4, steps=(6, 6, 4)):
 
 # -- slots ------------------------------------------------------------------------------------------------------
 def test_slot_table_hands_out_lowest_free_and_refuses_misuse():
-    a = SlotTable(3, max_length=16)
+    a = SlotTable(3)
     assert a.allocate(2) == [0, 1] and a.allocate() == [2] and a.num_free == 0
     a.lengths[1] = 5
     a.free([1])
@@ -51,7 +51,7 @@ def test_slot_table_hands_out_lowest_free_and_refuses_misuse():
 
 
 def sched(config, slots):
-    return Scheduler(config, SlotTable(slots, max_length=64))
+    return Scheduler(config, SlotTable(slots))
 
 
 # -- admission ----------------------------------------------------------------------------------------------------

@@ -17,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.logprobs import log_softmax
 from ..runtime.schedule import make_plan, schedule_for
 from .quality import EvalConfig, eval_chunks
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     # logits [n, V] float32, targets [n] -> sum of -log softmax(logits)[target], in float64
-    x = logits.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
-    return float((lse - x[np.arange(len(targets)), targets]).sum())
+    return -sum(float(log_softmax(row)[t]) for row, t in zip(logits, targets, strict=True))
 
 
 def backend_perplexity(backend, chunks: np.ndarray, prompt_length: int, speedup: float | None,
