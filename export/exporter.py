@@ -21,7 +21,7 @@ from ..runtime.errors import EngineError, ScheduleError, check_int
 from ..runtime.integrity import hash_files
 from ..runtime.manifest import MAX_BATCH, WEIGHTS_FILE, GraphSpec, Manifest
 from ..runtime.schedule import layers_for_budget, solve_budgets
-from .graphs import DecodeGraph, PrefillGraph
+from .graphs import DecodeGraph, PrefillGraph, VerifyGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, trace, write_weights
 from .parity import check_parity, plan_parity
@@ -151,20 +151,25 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
     L, H, D, V = shape.num_layers, shape.num_heads, shape.head_dim, shape.vocab_size
     prefill = PrefillGraph(model)
     index = write_weights(prefill, tmp / WEIGHTS_FILE)
-    jobs = [("prefill", L)] + [(f"decode_b{b:03d}", b) for b in sorted(buckets, reverse=True)]
+    # the verify graph checks drafted tokens at full depth (lossless mode); it needs no bucket of its own
+    jobs = [("prefill", L)] + [(f"decode_b{b:03d}", b) for b in sorted(buckets, reverse=True)] + [("verify", L)]
     graphs = []
     for name, budget in tqdm(jobs, desc="export graphs", unit="graph", disable=not progress, file=sys.stderr):
         if name == "prefill":
             layers = tuple(range(L))
             ins, outs = C.prefill_io(L, H, D, V, dtype)
             module, args = prefill, _prefill_args()
+        elif name == "verify":
+            layers = tuple(range(L))
+            ins, outs = C.verify_io(L, H, D, V, dtype)
+            module, args = VerifyGraph(model), _verify_args(L, H, D, model.dtype)
         else:
             layers = layers_for_budget(L, budget, cfg.warmup_layers)
             ins, outs = C.decode_io(layers, H, D, V, dtype, cfg.attention)
             module = DecodeGraph(model, layers, cfg.attention)
             args = _decode_args(len(layers), H, D, model.dtype, cfg.attention)
         path = tmp / f"{name}.onnx"
-        trace(module, args, ins, outs, path, contrib_ops=name != "prefill" and cfg.attention == "gqa")
+        trace(module, args, ins, outs, path, contrib_ops=name.startswith("decode") and cfg.attention == "gqa")
         used = attach_weights(path, index, [s.name for s in (*ins, *outs)])
         graphs.append(GraphSpec(name, name.split("_")[0], path.name, budget, layers, tuple(ins), tuple(outs),
                                 tuple(used)))
@@ -187,7 +192,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
 
 
 # Example inputs for tracing: sizes >= 2 and distinct from each other so no dim is specialised.
-_B, _S, _T = 3, 7, 13
+_B, _S, _T, _V = 3, 7, 13, 4
 
 
 def _prefill_args():
@@ -201,3 +206,9 @@ def _decode_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype, a
     kv_length = (torch.tensor(_T, dtype=torch.int32),) if attention == "gqa" else ()
     gate = torch.ones(_B, n_layers, dtype=torch.bool)
     return (torch.full((_B, 1), 5, dtype=torch.long), lengths, *kv_length, gate, *past)
+
+
+def _verify_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype):
+    past = [torch.zeros(_B, heads, _T, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
+    ids = torch.full((_B, _V), 5, dtype=torch.long)
+    return (ids, torch.tensor([2, 5, 9], dtype=torch.int32), *past)

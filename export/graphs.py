@@ -33,6 +33,11 @@ class _Gemm(torch.autograd.Function):
         return g.op("Gemm", *args, transB_i=1)
 
 
+def gemm(x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
+    # x: [N, in] -> [N, out], no reshape
+    return _Gemm.apply(x, mod.weight, mod.bias)
+
+
 def linear(x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
     # x: [..., in] -> [..., out] through a 2-D Gemm with transB=1
     y = _Gemm.apply(x.reshape(-1, x.shape[-1]), mod.weight, mod.bias)
@@ -76,6 +81,35 @@ class OPTGraphBase(nn.Module):
         q = self.split_heads(linear(x, attn.q_proj) * attn.scaling)
         return q, self.split_heads(linear(x, attn.k_proj)), self.split_heads(linear(x, attn.v_proj))
 
+    def finish_rows(self, layer, residual: torch.Tensor, attn_rows: torch.Tensor) -> torch.Tensor:
+        """`finish_layer` on token rows: residual and attention output [N, hidden] (N = batch x new tokens).
+
+        Graphs that keep their hidden state 2-D call the Gemms directly: every reshape of a dynamic shape costs the
+        ONNX graph a chain of Shape/Gather/Unsqueeze/Concat ops, and at small hidden sizes those small ops took more
+        time than the matrix products (onnxruntime profile of a 12-layer, hidden-192 decode step)."""
+        h = residual + gemm(attn_rows, layer.self_attn.out_proj)
+        if not self.pre_ln:
+            h = layer.self_attn_layer_norm(h)
+        x = layer.final_layer_norm(h) if self.pre_ln else h
+        h = h + gemm(self.act(gemm(x, layer.fc1)), layer.fc2)
+        return h if self.pre_ln else layer.final_layer_norm(h)
+
+    def embed_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of every token as rows [N, hidden] (ids and positions of any shape, flattened)."""
+        dec = self.model.decoder
+        x = dec.embed_tokens(input_ids.reshape(-1))
+        if dec.project_in is not None:
+            x = gemm(x, dec.project_in)
+        return x + dec.embed_positions.weight[position_ids.reshape(-1) + dec.embed_positions.offset]
+
+    def head_rows(self, h: torch.Tensor) -> torch.Tensor:
+        dec = self.model.decoder
+        if dec.final_layer_norm is not None:
+            h = dec.final_layer_norm(h)
+        if dec.project_out is not None:
+            h = gemm(h, dec.project_out)
+        return gemm(h, self.lm_head).float()
+
     def finish_layer(self, layer, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, FFN and the layer norms in OPT's pre-LN or post-LN order."""
         B, H, S, D = attn_out.shape
@@ -116,30 +150,38 @@ class PrefillGraph(OPTGraphBase):
 
 
 class _GroupQueryAttention(torch.autograd.Function):
-    """One new token per row against a shared past/present buffer; exports as com.microsoft GroupQueryAttention.
+    """S new tokens per row against a shared past/present buffer; exports as com.microsoft GroupQueryAttention.
 
-    q, k, v: [B, 1, H*D] (q already scaled, hence scale=1); past_k/v: [B, H, T, D]; past_length: [B] int32.
-    Returns (out [B, 1, H*D], present_k, present_v) where present = past with column past_length[b] of row b set
-    to the new k/v; row b attends over columns [0, past_length[b]]. onnxruntime writes that column in place when
-    past and present are bound to one buffer. The torch forward is only used while tracing.
+    q, k, v: [B, S, H*D] (q already scaled, hence scale=1); past_k/v: [B, H, T, D]; last: [B] int32, the column of
+    each row's last new token (the op's `seqlens_k`: its total length - 1), so row b's new tokens sit at columns
+    last[b] - S + 1 .. last[b]. Returns (out [B, S, H*D], present_k, present_v) where present = past with those
+    columns set to the new k/v; new token i of row b attends causally over columns [0, last[b] - S + 1 + i].
+    onnxruntime writes the columns in place when past and present are bound to one buffer. The torch forward is
+    only used while tracing.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, past_length, kv_length, heads):
+    def forward(ctx, q, k, v, past_k, past_v, last, kv_length, heads):
         B, H, T, D = past_k.shape
+        S = q.shape[1]
         col = torch.arange(T, device=q.device)
-        here = (col[None, :] == past_length[:, None].long())[:, None, :, None]  # [B, 1, T, 1]
-        present_k = torch.where(here, k.reshape(B, 1, H, D).transpose(1, 2), past_k)
-        present_v = torch.where(here, v.reshape(B, 1, H, D).transpose(1, 2), past_v)
-        allowed = (col[None, :] <= past_length[:, None].long())[:, None, None, :]  # [B, 1, 1, T]
-        qh = q.reshape(B, 1, H, D).transpose(1, 2)
+        start = last.long() - S + 1  # [B]
+        idx = (col[None, :] - start[:, None]).clamp(0, S - 1)  # [B, T]: which new token lands at each column
+        here = ((col[None, :] >= start[:, None]) & (col[None, :] <= last[:, None].long()))[:, None, :, None]
+        new_k, new_v = (x.reshape(B, S, H, D).transpose(1, 2) for x in (k, v))  # [B, H, S, D]
+        gather = idx[:, None, :, None].expand(B, H, T, D)
+        present_k = torch.where(here, torch.gather(new_k, 2, gather), past_k)
+        present_v = torch.where(here, torch.gather(new_v, 2, gather), past_v)
+        pos = start[:, None] + torch.arange(S, device=q.device)[None, :]  # [B, S]
+        allowed = (col[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, S, T]
+        qh = q.reshape(B, S, H, D).transpose(1, 2)
         scores = masked(qh @ present_k.transpose(-1, -2), allowed)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return (probs @ present_v).transpose(1, 2).reshape(B, 1, H * D), present_k, present_v
+        return (probs @ present_v).transpose(1, 2).reshape(B, S, H * D), present_k, present_v
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, past_length, kv_length, heads):
-        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, past_length,
+    def symbolic(g, q, k, v, past_k, past_v, last, kv_length, heads):
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, last,
                                          kv_length, num_heads_i=heads, kv_num_heads_i=heads, scale_f=1.0, outputs=3)
         for value, like in ((out, q), (present_k, past_k), (present_v, past_v)):
             value.setType(like.type())  # the exporter cannot infer a contrib op's outputs
@@ -162,7 +204,7 @@ class DecodeGraph(OPTGraphBase):
         # gqa: (kv_length, gate, k_0, v_0, ...); matmul: (gate, k_0, v_0, ...); each k/v [B, H, Tmax, D]
         kv_length = rest[0] if self.attention == "gqa" else None
         gate, past = (rest[1], rest[2:]) if self.attention == "gqa" else (rest[0], rest[1:])
-        h = self.embed(input_ids, past_length.long()[:, None])  # [B, 1, hidden]; position = tokens so far
+        h = self.embed_rows(input_ids, past_length.long())  # [B, hidden]; position = tokens so far
         out = []
         for i, idx in enumerate(self.layer_ids):
             layer = self.model.decoder.layers[idx]
@@ -171,21 +213,75 @@ class DecodeGraph(OPTGraphBase):
                 attn, k, v = self.gqa(layer, x, past[2 * i], past[2 * i + 1], past_length, kv_length)
             else:
                 attn, k, v = self.masked(layer, x, past[2 * i], past[2 * i + 1], past_length)
-            h = torch.where(gate[:, i, None, None], self.finish_layer(layer, h, attn), h)
+            h = torch.where(gate[:, i, None], self.finish_rows(layer, h, attn), h)
             out += [k, v]
-        return (self.head(h[:, -1]), *out)
+        return (self.head_rows(h), *out)
 
     def gqa(self, layer, x, past_k, past_v, past_length, kv_length):
-        attn = layer.self_attn
-        q = linear(x, attn.q_proj) * attn.scaling
-        o, k, v = _GroupQueryAttention.apply(q, linear(x, attn.k_proj), linear(x, attn.v_proj), past_k, past_v,
+        # x: [B, hidden] -> attention output [B, H*D] (constant-shape reshapes only, see `finish_rows`)
+        attn, HD = layer.self_attn, self.heads * self.head_dim
+        q = (gemm(x, attn.q_proj) * attn.scaling).reshape(-1, 1, HD)
+        o, k, v = _GroupQueryAttention.apply(q, gemm(x, attn.k_proj).reshape(-1, 1, HD),
+                                             gemm(x, attn.v_proj).reshape(-1, 1, HD), past_k, past_v,
                                              past_length, kv_length, self.heads)
-        return self.split_heads(o), k, v
+        return o.reshape(-1, HD), k, v
 
     def masked(self, layer, x, past_k, past_v, past_length):
-        q, k, v = self.qkv(layer, x)  # [B, H, 1, D]
+        attn, H, D = layer.self_attn, self.heads, self.head_dim
+
+        def heads(t):  # [B, H*D] -> [B, H, 1, D]
+            return t.reshape(-1, 1, H, D).transpose(1, 2)
+
+        q, k, v = heads(gemm(x, attn.q_proj) * attn.scaling), heads(gemm(x, attn.k_proj)), heads(gemm(x, attn.v_proj))
         col = torch.arange(past_k.shape[2], device=x.device)
         allowed = (col[None, :] < past_length[:, None].long())[:, None, None, :]  # [B, 1, 1, Tmax]
         scores = torch.cat([masked(q @ past_k.transpose(-1, -2), allowed), (q * k).sum(-1, keepdim=True)], dim=-1)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-        return probs[..., :-1] @ past_v + probs[..., -1:] * v, k, v
+        o = probs[..., :-1] @ past_v + probs[..., -1:] * v  # [B, H, 1, D]
+        return o.reshape(-1, H * D), k, v
+
+
+class VerifyGraph(OPTGraphBase):
+    """S new tokens per row through every layer: the verifier of lossless (self-speculative) decoding.
+
+    Row b feeds input_ids[b, :] at columns/positions past_length[b] .. past_length[b] + S - 1, attends over its past
+    columns (< past_length[b]) and causally over the new tokens, and returns the logits of every new column
+    [B, S, V] and the new tokens' K/V [B, H, S, D] (standard ops only: onnxruntime's GroupQueryAttention takes several
+    new tokens with a past only at batch 1). Positions are clamped to the model's last one: rows of the call window
+    that are not verified, and columns past a row's budget, may run beyond it; their outputs are never used
+    (runtime/slot_backend.py). The hidden state stays [B*S, hidden] between layers (see `finish_rows`).
+    """
+
+    def __init__(self, hf_model) -> None:
+        super().__init__(hf_model)
+        self.max_position = hf_model.config.max_position_embeddings - 1
+
+    def forward(self, input_ids, past_length, *past):
+        # past: k_0, v_0, ... each [B, H, Tmax, D]
+        S = input_ids.shape[1]
+        H, D = self.heads, self.head_dim
+        steps = torch.arange(S, device=input_ids.device)
+        pos = (past_length.long()[:, None] + steps[None, :]).clamp(max=self.max_position)  # [B, S]
+        h = self.embed_rows(input_ids, pos)  # [B*S, hidden]
+        col = torch.arange(past[0].shape[2], device=h.device)
+        past_ok = (col[None, :] < past_length[:, None].long())[:, None, None, :]  # [B, 1, 1, Tmax]
+        causal = (steps[None, :] <= steps[:, None])[None, None]  # [1, 1, S, S]
+        out = []
+        for i, layer in enumerate(self.model.decoder.layers):
+            x = layer.self_attn_layer_norm(h) if self.pre_ln else h
+            attn = layer.self_attn
+
+            def heads(t):  # [B*S, H*D] -> [B, H, S, D]
+                return t.reshape(-1, S, H, D).transpose(1, 2)
+
+            past_k, past_v = past[2 * i], past[2 * i + 1]
+            q, k, v = heads(gemm(x, attn.q_proj) * attn.scaling), heads(gemm(x, attn.k_proj)), \
+                heads(gemm(x, attn.v_proj))
+            scores = torch.cat([masked(q @ past_k.transpose(-1, -2), past_ok), masked(q @ k.transpose(-1, -2), causal)],
+                               dim=-1)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(h.dtype)
+            T = past_k.shape[2]
+            o = probs[..., :T] @ past_v + probs[..., T:] @ v  # [B, H, S, D]
+            h = self.finish_rows(layer, h, o.transpose(1, 2).reshape(-1, H * D))
+            out += [k, v]
+        return (self.head_rows(h).reshape(-1, S, self.lm_head.weight.shape[0]), *out)

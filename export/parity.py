@@ -127,6 +127,8 @@ def _check_round(engine, ref, man, prompts: list, rnd: ParityRound, report: dict
                 m = len(prompts[b])
                 _record(report, "prefill.kv", keys[slot, :, :m], ref.cache[slot].keys[layer][0], tols["kv"])
                 _record(report, "prefill.kv", values[slot, :, :m], ref.cache[slot].values[layer][0], tols["kv"])
+        if man.verify() is not None:
+            _verify_step(backend, ref, man, slots, want, report)
         for bucket in rnd.buckets:
             for _ in range(rnd.steps):
                 want = _decode_step(backend, ref, man, slots, want, bucket, report)
@@ -153,6 +155,29 @@ def _decode_step(backend, ref, man, slots: list, want, bucket: int, report: dict
             _record(report, f"decode.{bucket}.kv", values[slot, :, c], ref.cache[slot].values[layer][0, :, -1],
                     tols["kv"])
     return want
+
+
+def _verify_step(backend, ref, man, slots: list, want, report: dict) -> None:
+    """Both sides verify [greedy token, two more] at full depth (lossless mode's pass), compare the logits of every
+    column and every layer's new K/V, then forget those columns (the decode steps that follow start from the
+    prompts)."""
+    tols, n = tolerances(man), len(slots)
+    columns = backend.slots.lengths[slots].copy()
+    S = int(max(1, min(3, backend.max_length - columns.max())))
+    tokens = np.zeros((n, S), dtype=np.int64)
+    tokens[:, 0] = np.argmax(want[:n], axis=-1)
+    tokens[:, 1:] = (tokens[:, :1] + np.arange(1, S)[None, :] * 7) % man.model.vocab_size
+    _record(report, "verify.logits", backend.verify_rows(slots, tokens)[slots], ref.verify_rows(slots, tokens)[slots],
+            tols["logits"])
+    for layer in range(man.num_layers):
+        keys, values = backend.kv.read(layer)
+        for b, slot in enumerate(slots):
+            c = int(columns[b])
+            _record(report, "verify.kv", keys[slot, :, c: c + S], ref.cache[slot].keys[layer][0, :, -S:], tols["kv"])
+            _record(report, "verify.kv", values[slot, :, c: c + S], ref.cache[slot].values[layer][0, :, -S:],
+                    tols["kv"])
+    backend.rewind(slots, columns.tolist())
+    ref.rewind(slots, columns.tolist())
 
 
 def _describe(entry: dict) -> str:

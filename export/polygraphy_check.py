@@ -77,6 +77,8 @@ def graph_feeds(spec: GraphSpec, man: Manifest, iterations: int = 2, seed: int =
             mask = (np.arange(seq)[None, :] >= seq - lengths[:, None]).astype(np.int64)
             ids = np.where(mask == 1, rng.integers(3, vocab, size=(batch, seq)), pad).astype(np.int64)
             feeds.append({C.INPUT_IDS: ids, C.POSITION_IDS: position_ids(mask), C.ATTENTION_MASK: mask})
+        elif spec.kind == "verify":
+            feeds.append(_verify_feed(spec, man, batch, rng, seq=3 + it))
         else:
             feeds.append(_decode_feed(spec, man, batch, rng, all_gates=(it == 0)))
     return feeds
@@ -96,6 +98,20 @@ def _decode_feed(spec: GraphSpec, man: Manifest, batch: int, rng, all_gates: boo
         feed[C.KV_LENGTH] = np.array(int(lengths.max()) + 1, dtype=np.int32)
     dtype = np.dtype(man.dtype)
     for layer in spec.layers:
+        for name in (C.past_key(layer), C.past_value(layer)):
+            feed[name] = rng.normal(0.0, 0.5, size=(batch, H, T, D)).astype(np.float16).astype(dtype)
+    return {s.name: feed[s.name] for s in spec.inputs}
+
+
+def _verify_feed(spec: GraphSpec, man: Manifest, batch: int, rng, seq: int) -> dict[str, np.ndarray]:
+    T, H = man.max_length, man.model.num_heads
+    D = man.model.hidden_size // H
+    seq = max(1, min(seq, T - 1))
+    lengths = rng.choice(np.arange(1, T - seq + 1), size=batch, replace=T - seq < batch).astype(np.int32)
+    feed = {C.INPUT_IDS: rng.integers(3, man.model.vocab_size, size=(batch, seq)).astype(np.int64),
+            C.PAST_LENGTH: lengths}
+    dtype = np.dtype(man.dtype)
+    for layer in range(man.num_layers):
         for name in (C.past_key(layer), C.past_value(layer)):
             feed[name] = rng.normal(0.0, 0.5, size=(batch, H, T, D)).astype(np.float16).astype(dtype)
     return {s.name: feed[s.name] for s in spec.inputs}
@@ -231,5 +247,7 @@ def check_backend_parity(directory: str | Path, backend: str, iterations: int = 
         return compare_engine(man, reference, candidate, table, iterations=iterations)
     if backend == "tensorrt":
         trt = TrtRunners(directory)
-        return compare_engine(man, reference, trt, table, extra_feeds=trt.extra_feeds, iterations=iterations)
+        planned = [g.name for g in man.graphs if g.kind != "verify"]  # TensorRT plans no verify graph
+        return compare_engine(man, reference, trt, table, extra_feeds=trt.extra_feeds, graphs=planned,
+                              iterations=iterations)
     raise EngineError(f"backend={backend!r}: cross-backend parity knows 'cuda' and 'tensorrt'")

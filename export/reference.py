@@ -13,6 +13,7 @@ They agree exactly when layer sets are monotone (the KV invariant) and disagree 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,20 @@ class SlotKV:
     def __init__(self, num_layers: int) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.columns: list[list[int]] = [[] for _ in range(num_layers)]  # the slot column of each cached entry
+
+    def ran(self, layer: int, columns) -> None:
+        """Record the columns whose K/V the last `update` of `layer` appended."""
+        self.columns[layer].extend(int(c) for c in columns)
+
+    def truncate(self, length: int) -> None:
+        """Forget every entry of column >= length (lossless mode's rewind)."""
+        for layer, cols in enumerate(self.columns):
+            keep = bisect.bisect_left(cols, length)
+            if keep < len(cols):
+                del cols[keep:]
+                self.keys[layer] = self.keys[layer][:, :, :keep]
+                self.values[layer] = self.values[layer][:, :, :keep]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.keys[layer_idx] is not None:
@@ -101,8 +116,9 @@ class TorchReference(SlotBackend):
             kv = self.cache[slot] = SlotKV(self.num_layers)
             causal = additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), self.dtype)
             h = self.embed(torch.from_numpy(ids[row, -n:])[None], torch.arange(n)[None])
-            for layer in self.decoder.layers:
+            for i, layer in enumerate(self.decoder.layers):
                 h = layer(h, attention_mask=causal, past_key_values=kv)
+                kv.ran(i, range(n))
             out.append(self.head(h[:, -1]).float())
         return torch.cat(out).numpy()
 
@@ -116,8 +132,34 @@ class TorchReference(SlotBackend):
             for layer, on in zip(graph, gates[row], strict=True):
                 if on:  # attends to this layer's own columns plus the new one: no mask needed
                     h = self.decoder.layers[layer](h, attention_mask=None, past_key_values=kv)
+                    kv.ran(layer, [lengths[row]])
             out[row] = self.head(h[:, -1]).float().numpy()[0]
         return out
+
+    @torch.inference_mode()
+    def _verify(self, ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        n, S = ids.shape
+        out = np.zeros((n, S, self.vocab_size), dtype=np.float32)
+        last = self.model.config.max_position_embeddings - 1
+        for row in map(int, rows):  # each row alone, every layer, causal over its past and the new tokens
+            kv, c = self.cache[row], int(lengths[row])
+            short = [i for i, cols in enumerate(kv.columns) if len(cols) != c]
+            if short:
+                raise InputError(f"slot {row}: layer {short[0]} holds {len(kv.columns[short[0]])} of its {c} columns; "
+                                 "a full-depth verify needs every layer's K/V (rewind drafted columns first)")
+            pos = torch.clamp(torch.arange(c, c + S), max=last)[None]
+            allowed = torch.arange(c + S)[None, :] <= torch.arange(c, c + S)[:, None]  # [S, c + S]
+            mask = additive_mask(allowed[None], self.dtype)
+            h = self.embed(torch.from_numpy(ids[row])[None], pos)
+            for i, layer in enumerate(self.decoder.layers):
+                h = layer(h, attention_mask=mask, past_key_values=kv)
+                kv.ran(i, range(c, c + S))
+            out[row] = self.head(h[0]).float().numpy()
+        return out
+
+    def _rewind(self, slots: list[int], lengths: list[int]) -> None:
+        for slot, n in zip(slots, lengths, strict=True):
+            self.cache[slot].truncate(n)
 
 
 def recompute_logits(model: OPTForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -22,12 +22,12 @@ from functools import lru_cache
 
 import numpy as np
 
-from .generation import GenerateOptions, check_prompts, resolve_max_length
+from .generation import DEFAULT_DRAFT_TOKENS, GenerateOptions, check_prompts, draft_bucket, resolve_max_length
 from .logprobs import TokenLogprob, token_logprob
 from .profiling import step_range
 from .sampling import Sampler
 from .schedule import layers_for_budget, make_plan
-from .scheduler import DecodeCall, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, StepPlan
+from .scheduler import DecodeCall, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, SpecRow, StepPlan
 from .slot_backend import SlotBackend
 
 
@@ -54,7 +54,11 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
     T = resolve_max_length(p, opts, backend.max_length)
     plan = make_plan(opts.schedule(backend.num_layers, backend.warmup_layers), p, T, backend.buckets)
     buckets = tuple(s.bucket for s in plan.steps[: opts.max_new_tokens - 1])
-    return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets))
+    draft = None
+    if opts.lossless:  # the schedule above is full depth (GenerateOptions refuses a SkipDecode one)
+        draft = (draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup),
+                 opts.draft_tokens or DEFAULT_DRAFT_TOKENS)
+    return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets, draft))
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class FinishEvent:
     request_id: int
     reason: str  # "eos" | "stop" | "length" | "error"
     error: str | None = None  # what went wrong, for reason "error"
+    drafted: int = 0  # lossless mode: tokens the request's drafts proposed, and how many the full model accepted
+    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class StepResult:
     decoded_rows: int  # rows advanced by decode calls
     admitted: int  # prompts prefilled
     graph_row_layers: int  # sum over calls of graph budget x rows covered: the compute the graphs were given
+    drafted: int = 0  # lossless rows: tokens drafted in this step, and how many the verify pass accepted
+    accepted: int = 0
 
 
 class _Sequence:
@@ -94,6 +102,8 @@ class _Sequence:
         self.stops = request.stops
         self.tokens: list[int] = []
         self.next_token = -1  # the last emitted token: fed at the next decode step
+        self.drafted = 0
+        self.accepted = 0
 
 
 @lru_cache(maxsize=4096)
@@ -141,19 +151,23 @@ class Batcher:
         plan = self.scheduler.plan()
         events: list[TokenEvent | FinishEvent] = []
         finished: set[int] = set()
-        work = 0
+        emitted: dict[int, int] = {}
+        work = drafted = accepted = 0
         deepest = max((c.bucket for c in plan.calls), default=self.backend.num_layers)
-        with step_range(self._steps, deepest, len(plan.rows) + len(plan.admits)):  # NVTX (runtime/profiling.py)
+        rows = len(plan.rows) + len(plan.speculative)
+        with step_range(self._steps, deepest, rows + len(plan.admits)):  # NVTX (runtime/profiling.py)
             for call in plan.calls:
                 work += call.bucket * call.num_rows
                 self._decode(call, events, finished)
+            if plan.speculative:
+                work, drafted, accepted = self._speculate(plan.speculative, events, finished, emitted, work)
             if plan.admits:
                 self._prefill(plan, events, finished)
         self._steps += 1
-        self.scheduler.commit(plan, finished)
+        self.scheduler.commit(plan, finished, emitted)
         for rid in finished:
             del self._seqs[rid]
-        return StepResult(tuple(events), len(plan.rows), len(plan.admits), work)
+        return StepResult(tuple(events), rows, len(plan.admits), work, drafted, accepted)
 
     def _prefill(self, plan: StepPlan, events: list, finished: set[int]) -> None:
         seqs = [self._seqs[a.request_id] for a in plan.admits]
@@ -169,18 +183,114 @@ class Batcher:
         for row in call.rows:  # sample before the next call: the logits are a view the backend reuses
             self._emit(self._seqs[row.request_id], logits[row.slot: row.slot + 1], row.bucket, events, finished)
 
+    def _speculate(self, rows: tuple[SpecRow, ...], events: list, finished: set[int], emitted: dict[int, int],
+                   work: int) -> tuple[int, int, int]:
+        """Lossless rows (docs/DESIGN.md, "Lossless mode"): each drafts row.drafts tokens with its shallow bucket
+        (calls of the deepest draft bucket, shallower rows gated), the drafted columns are forgotten, one verify call
+        runs [fed token, drafts...] through every layer, and each row keeps the longest prefix the full model agrees
+        with plus the full model's own next token. -> (work, drafted, accepted)."""
+        L, be = self.backend.num_layers, self.backend
+        seqs = [self._seqs[r.request_id] for r in rows]
+        slots = [r.slot for r in rows]
+        drafts: list[list[int]] = [[] for _ in rows]
+        qs: list[list[np.ndarray]] = [[] for _ in rows]  # sampled rows: the draft distributions
+        feed = np.array([s.next_token for s in seqs], dtype=np.int64)
+        bad: set[int] = set()
+        for i in range(max(r.drafts for r in rows)):
+            active = [j for j, r in enumerate(rows) if r.drafts > i]
+            bucket = max(rows[j].draft_bucket for j in active)
+            gates = np.array([gate_row(L, self._warmup, bucket, rows[j].draft_bucket) for j in active], dtype=bool)
+            logits = be.decode_rows([slots[j] for j in active], feed[active], bucket, gates)
+            work += bucket * (max(slots[j] for j in active) + 1)
+            for j in active:
+                row = logits[slots[j]]
+                if not np.isfinite(row.max()):
+                    bad.add(j)  # reported below; the verifier's logits decide nothing for this row
+                seq = seqs[j]
+                if seq.sampler.params.greedy or j in bad:
+                    d = int(np.argmax(row)) if j not in bad else 0
+                else:
+                    qs[j].append(seq.sampler.probs(row))
+                    d = seq.sampler.draw(qs[j][-1])
+                drafts[j].append(d)
+                feed[j] = d
+        be.rewind(slots, [r.column for r in rows])
+        S = max(r.drafts for r in rows) + 1
+        tokens = np.full((len(rows), S), self.backend.pad_token_id, dtype=np.int64)
+        for j, seq in enumerate(seqs):
+            tokens[j, 0] = seq.next_token
+            tokens[j, 1: 1 + len(drafts[j])] = drafts[j]
+        verified = be.verify_rows(slots, tokens)
+        work += L * (max(slots) + 1) * S
+        drafted = accepted = 0
+        for j, (r, seq) in enumerate(zip(rows, seqs, strict=True)):
+            rid = r.request_id
+            p = verified[r.slot]  # [S, V]
+            if j in bad:
+                self._fail(seq, f"the draft logits of token {len(seq.tokens)} are not finite (NaN or inf)", events,
+                           finished)
+                continue
+            out = self._accept(seq, drafts[j], qs[j], p)
+            seq.drafted += r.drafts
+            seq.accepted += len(out) - 1
+            drafted += r.drafts
+            accepted += len(out) - 1
+            for i, tok in enumerate(out):
+                if not self._record(seq, tok, p[i: i + 1], L, events, finished):
+                    break
+            emitted[rid] = len(out)
+            if rid not in finished:
+                be.rewind([r.slot], [r.column + len(out)])  # fed: the old next token and the accepted drafts
+        return work, drafted, accepted
+
+    @staticmethod
+    def _accept(seq: _Sequence, drafts: list[int], qs: list[np.ndarray], p: np.ndarray) -> list[int]:
+        """The tokens a round emits: accepted drafts, then the full model's own token. Greedy: drafts equal to the
+        full model's argmax. Sampling: speculative sampling, draft d accepted with probability min(1, p(d) / q(d)),
+        else a token from the residual max(p - q, 0); the emitted tokens are distributed as full-depth sampling."""
+        sampler = seq.sampler
+        out: list[int] = []
+        for i, d in enumerate(drafts):
+            if not np.isfinite(p[i].max()):
+                return out + [int(np.argmax(p[i]))]  # _record reports the non-finite row
+            if sampler.params.greedy:
+                best = int(np.argmax(p[i]))
+                if best != d:
+                    return out + [best]
+            else:
+                target = sampler.probs(p[i])
+                if sampler.uniform() * qs[i][d] >= target[d]:
+                    residual = np.maximum(target - qs[i], 0.0)
+                    total = residual.sum()
+                    return out + [sampler.draw(residual / total if total > 0 else target)]
+            out.append(d)
+        last = p[len(drafts)]
+        if sampler.params.greedy or not np.isfinite(last.max()):
+            return out + [int(np.argmax(last))]
+        return out + [sampler.draw(sampler.probs(last))]
+
+    def _fail(self, seq: _Sequence, what: str, events: list, finished: set[int]) -> None:
+        rid = seq.request.request_id
+        finished.add(rid)
+        events.append(FinishEvent(rid, "error", f"request {rid}: {what}: the engine's weights are corrupt or its "
+                                                "arithmetic overflowed", seq.drafted, seq.accepted))
+
     def _emit(self, seq: _Sequence, logits: np.ndarray, budget: int, events: list, finished: set[int]) -> None:
         # logits: [1, V]
-        rid, opts = seq.request.request_id, seq.request.options
         # NaN logits would make argmax pick token 0: an error, never a token. max() propagates NaN and +inf, so one
         # pass over the row finds any of them (and an all -inf row).
         if not np.isfinite(logits.max()):
-            finished.add(rid)
-            events.append(FinishEvent(rid, "error", f"request {rid}: the logits of token {len(seq.tokens)} are not "
-                                                    "finite (NaN or inf): the engine's weights are corrupt or "
-                                                    "its arithmetic overflowed"))
+            self._fail(seq, f"the logits of token {len(seq.tokens)} are not finite (NaN or inf)", events, finished)
             return
-        tok = int(seq.sampler(logits)[0])
+        self._record(seq, int(seq.sampler(logits)[0]), logits, budget, events, finished)
+
+    def _record(self, seq: _Sequence, tok: int, logits: np.ndarray, budget: int, events: list,
+                finished: set[int]) -> bool:
+        """Emit `tok` (chosen from `logits` [1, V]); -> False when the request finished (with it, or before it)."""
+        rid, opts = seq.request.request_id, seq.request.options
+        if not np.isfinite(logits.max()):
+            self._fail(seq, f"the logits of token {len(seq.tokens)} are not finite (NaN or inf)", events, finished)
+            return False
         seq.tokens.append(tok)
         # from the logits the sampler used, before the backend reuses them (nothing extra when not asked)
         lp = token_logprob(logits, tok, opts.logprobs) if opts.logprobs is not None else None
@@ -191,6 +301,7 @@ class Batcher:
             reason = "length"
         else:
             seq.next_token = tok
-            return
+            return True
         finished.add(rid)
-        events.append(FinishEvent(rid, reason))
+        events.append(FinishEvent(rid, reason, None, seq.drafted, seq.accepted))
+        return False

@@ -18,6 +18,12 @@ Decode attention comes in two flavours (manifest field `attention`):
   `past_length` and returns the new token's K/V as `new.<l>.key/value` [batch, heads, 1, head_dim]; the
   runtime writes them into column past_length[i] of row i.
 
+The verify graph (lossless mode, docs/DESIGN.md) runs `seq` new tokens per row through every layer: inputs
+`input_ids` [batch, seq] (row i's tokens at columns past_length[i] ..), `past_length` and every layer's K/V buffers;
+outputs `logits` [batch, seq, vocab] and the new tokens' K/V `new.<l>.key/value` [batch, heads, seq, head_dim] in
+standard ops for every engine (onnxruntime's GroupQueryAttention takes several new tokens only at batch 1); the
+runtime writes the accepted rows' columns into the buffers.
+
 `gate` [batch, layers of the graph] (bool) lets rows of one call run different layer sets: a row whose gate is
 off for a layer passes through it unchanged (continuous batching runs the deepest row's graph; static batches
 set every gate).
@@ -105,6 +111,20 @@ def decode_io(layers: Sequence[int], heads: int, head_dim: int, vocab: int, dtyp
         else:
             outs += [TensorSpec(new_key(layer), dtype, ("batch", heads, 1, head_dim)),
                      TensorSpec(new_value(layer), dtype, ("batch", heads, 1, head_dim))]
+    return ins, outs
+
+
+def verify_io(num_layers: int, heads: int, head_dim: int, vocab: int, dtype: str
+              ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Verify: `seq` new tokens per row through every layer against the slot buffers; logits of every new column
+    and the new columns' K/V (written into the buffers by the runtime)."""
+    kv = ("batch", heads, "max_length", head_dim)
+    new = ("batch", heads, "seq", head_dim)
+    ins = [TensorSpec(INPUT_IDS, "int64", ("batch", "seq")), TensorSpec(PAST_LENGTH, "int32", ("batch",))]
+    outs = [TensorSpec(LOGITS, "float32", ("batch", "seq", vocab))]
+    for layer in range(num_layers):
+        ins += [TensorSpec(past_key(layer), dtype, kv), TensorSpec(past_value(layer), dtype, kv)]
+        outs += [TensorSpec(new_key(layer), dtype, new), TensorSpec(new_value(layer), dtype, new)]
     return ins, outs
 
 

@@ -79,7 +79,7 @@ class CudaBackend(GraphBackend):
                      if placement == CUDA else [placement.provider])
         self.sessions = {g.name: open_session(directory, g, self.weights, providers, session_options(prepack=False))
                          for g in man.graphs}
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._bindings: dict[tuple, ort.IOBinding] = {}
 
     def _run_prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray):
         # ids, pos, mask: [B, S] host, prompts right-aligned; K/V outputs are allocated by onnxruntime on the device
@@ -101,6 +101,19 @@ class CudaBackend(GraphBackend):
 
     def _run_decode(self, spec: GraphSpec, n: int) -> None:
         binding = self._bindings.get((spec.budget, n)) or self._bind_decode(spec, n)
+        with graph_range(spec.name):
+            self.sessions[spec.name].run_with_iobinding(binding)
+
+    def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
+        key = ("verify", n, S)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self._bindings[key] = self.sessions[spec.name].io_binding()
+            ins, outs = self._verify_io(spec, n, S)
+            for bind, items in ((binding.bind_input, ins), (binding.bind_output, outs)):
+                for name, dtype, shape, ptr, on_device in items:
+                    where, dev = (self.device_type, self.device) if on_device else ("cpu", 0)
+                    bind(name, where, dev, dtype, shape, ptr)
         with graph_range(spec.name):
             self.sessions[spec.name].run_with_iobinding(binding)
 

@@ -58,14 +58,23 @@ def column_copies(rows: Iterable[int], columns: Sequence[int], heads: int, head_
                   itemsize: int) -> list[Copy2D]:
     """New K (or V) [n, H, 1, D] -> slot buffer [slots, H, T, D]: row r's vectors land at column columns[r] of slot r
     (rows bound to a call are slots 0..n-1); one copy per row (H rows of D elements)."""
+    rows = list(rows)
+    return span_copies(rows, columns, [1] * (max(rows) + 1 if rows else 0), 1, heads, head_dim, max_length, itemsize)
+
+
+def span_copies(rows: Iterable[int], columns: Sequence[int], counts: Sequence[int], seq: int, heads: int,
+                head_dim: int, max_length: int, itemsize: int) -> list[Copy2D]:
+    """New K (or V) of `seq` tokens [n, H, seq, D] -> slot buffer [slots, H, T, D]: the first counts[r] tokens of row r
+    land at columns columns[r] .. columns[r] + counts[r] - 1 of slot r; one copy per row (H rows of counts[r] x D
+    elements)."""
     col = head_dim * itemsize
     out = []
     for r in map(int, rows):  # plain ints: cuda-python and ctypes take Python ints as addresses
-        c = int(columns[r])
-        if not 0 <= c < max_length:
-            raise ValueError(f"row {r}: column {c} is outside [0, {max_length})")
+        c, n = int(columns[r]), int(counts[r])
+        if not (0 <= c and 1 <= n <= seq and c + n <= max_length):
+            raise ValueError(f"row {r}: columns [{c}, {c + n}) of {seq} new tokens do not fit in [0, {max_length})")
         out.append(Copy2D(dst=(r * heads * max_length + c) * col, dpitch=max_length * col,
-                          src=r * heads * col, spitch=col, width=col, height=heads))
+                          src=r * heads * seq * col, spitch=seq * col, width=n * col, height=heads))
     return out
 
 

@@ -5,6 +5,7 @@ checks every request passes at the boundary. Shared by the static path (runtime/
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from .errors import InputError, check_int
 from .logprobs import MAX_LOGPROBS
+from .slot_backend import MAX_VERIFY_TOKENS
 from .sampling import SamplingParams
 from .schedule import Schedule, schedule_for
 
@@ -30,9 +32,31 @@ class GenerateOptions:
     eos_token_id: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k most likely alternatives
+    # Lossless mode (self-speculative decoding): the output is full-depth decoding's (greedy: the same tokens;
+    # sampling: the same distribution); a shallow bucket drafts `draft_tokens` tokens per round and one full-depth
+    # pass checks them. None picks the measured defaults (DEFAULT_DRAFT_SPEEDUP, DEFAULT_DRAFT_TOKENS).
+    lossless: bool = False
+    draft_speedup: float | None = None  # the draft bucket: the smallest exported one with >= num_layers / this
+    draft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, lo=1)
+        if not isinstance(self.lossless, bool):
+            raise InputError(f"lossless={self.lossless!r} must be true or false")
+        if self.lossless and (self.speedup not in (None, 1, 1.0) or self.max_layers is not None
+                              or self.min_layers is not None):
+            raise InputError(f"lossless decoding runs at full depth: speedup={self.speedup}, max_layers="
+                             f"{self.max_layers}, min_layers={self.min_layers} pick a SkipDecode schedule; use "
+                             "draft_speedup to choose the draft depth")
+        if not self.lossless and (self.draft_speedup is not None or self.draft_tokens is not None):
+            raise InputError("draft_speedup and draft_tokens apply to lossless decoding only (lossless=true)")
+        if self.draft_tokens is not None:
+            check_int("draft_tokens", self.draft_tokens, lo=1, hi=MAX_VERIFY_TOKENS - 1)
+        d = self.draft_speedup
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d)
+                              or d <= 1):
+            raise InputError(f"draft_speedup={d!r} must be a number > 1 (the draft runs num_layers / draft_speedup "
+                             "layers)")
         if self.logprobs is not None:
             check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.max_length is not None:
@@ -62,6 +86,8 @@ class Generation:
     budgets: list[int]
     finish_reason: str = "length"  # "eos" | "stop" | "length"
     text: str | None = None
+    drafted: int = 0  # lossless mode: tokens drafted by the shallow graph, and how many the full model accepted
+    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +100,26 @@ class StepEvent:
     budgets: tuple[int | None, ...]
     finished: tuple[str | None, ...]  # finish_reason of rows that ended in this step
     elapsed_s: float  # since the generation started
+    # rows that ended in this step: lossless mode's drafted and accepted token counts (0 for other rows)
+    drafted: tuple[int | None, ...] = ()
+    accepted: tuple[int | None, ...] = ()
+
+
+# Lossless defaults, measured on the embedded skip-tuned model (docs/DESIGN.md, "Lossless mode").
+DEFAULT_DRAFT_SPEEDUP = 3.0
+DEFAULT_DRAFT_TOKENS = 4
+
+
+def draft_bucket(num_layers: int, buckets: Sequence[int], draft_speedup: float | None) -> int:
+    """The draft graph of lossless mode: the smallest exported bucket with at least num_layers / draft_speedup layers
+    (never the full depth: that would be a draft as slow as its check)."""
+    s = draft_speedup if draft_speedup is not None else DEFAULT_DRAFT_SPEEDUP
+    shallow = sorted(b for b in buckets if b < num_layers)
+    if not shallow:
+        raise InputError(f"lossless decoding drafts with a bucket below full depth; this engine exports only "
+                         f"{list(buckets)}: export it with --speedups")
+    want = math.ceil(num_layers / s - 1e-9)
+    return next((b for b in shallow if b >= want), shallow[-1])
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_batch: int) -> None:

@@ -52,12 +52,14 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]], opts: GenerateOptions) -> list[Generation]:
         out = [Generation(tokens=[], budgets=[]) for _ in prompts]
         for ev in self.stream(prompts, opts):
-            for gen, tok, budget, reason in zip(out, ev.tokens, ev.budgets, ev.finished, strict=True):
+            for row, (gen, tok, budget, reason) in enumerate(zip(out, ev.tokens, ev.budgets, ev.finished,
+                                                                 strict=True)):
                 if tok is not None:
                     gen.tokens.append(tok)
                     gen.budgets.append(budget)
                 if reason is not None:
                     gen.finish_reason = reason
+                    gen.drafted, gen.accepted = ev.drafted[row], ev.accepted[row]
         if self.codec is not None:
             for r in out:
                 r.text = self.codec.decode(r.tokens)
@@ -76,17 +78,29 @@ class Generator:
                 if not result.events:  # nothing running and nothing admitted: other generations hold every slot
                     raise SlotsExhaustedError(f"no KV slot of {self.backend.max_batch} is free for this batch of "
                                               f"{B}: other generations on this engine hold them")
-                tokens: list = [None] * B
-                budgets: list = [None] * B
-                finished: list = [None] * B
+                # a lossless row may emit several tokens in one step: they go out as consecutive StepEvents, each
+                # with at most one token per row
+                per_row: list[list[tuple[int, int]]] = [[] for _ in range(B)]
+                reasons: list = [None] * B
+                counts: list = [(None, None)] * B
                 for ev in result.events:
                     if isinstance(ev, TokenEvent):
-                        tokens[ev.request_id], budgets[ev.request_id] = ev.token, ev.budget
+                        per_row[ev.request_id].append((ev.token, ev.budget))
                     elif isinstance(ev, FinishEvent) and ev.reason == "error":
                         raise NonFiniteLogitsError(f"row {ev.request_id}: {ev.error}")
                     else:
-                        finished[ev.request_id] = ev.reason
-                yield StepEvent(step, tuple(tokens), tuple(budgets), tuple(finished), time.perf_counter() - start)
-                step += 1
+                        reasons[ev.request_id] = ev.reason
+                        counts[ev.request_id] = (ev.drafted, ev.accepted)
+                depth = max(1, *(len(r) for r in per_row))
+                elapsed = time.perf_counter() - start
+                for k in range(depth):
+                    tokens = tuple(r[k][0] if k < len(r) else None for r in per_row)
+                    budgets = tuple(r[k][1] if k < len(r) else None for r in per_row)
+                    last = [k == max(len(per_row[i]), 1) - 1 for i in range(B)]
+                    finished = tuple(reasons[i] if last[i] else None for i in range(B))
+                    yield StepEvent(step, tokens, budgets, finished, elapsed,
+                                    tuple(counts[i][0] if last[i] else None for i in range(B)),
+                                    tuple(counts[i][1] if last[i] else None for i in range(B)))
+                    step += 1
         finally:
             batcher.reset()

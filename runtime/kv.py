@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .device import column_copies, prefill_copies
+from .device import column_copies, prefill_copies, span_copies
 from .errors import EngineError, InputError, check_int
 
 
@@ -105,6 +105,9 @@ class KVCache:
         self.values = [memory.malloc(self.layer_bytes) for _ in range(num_layers)]
         self.new_keys = [memory.malloc(staged) for _ in range(num_layers)] if staging else []
         self.new_values = [memory.malloc(staged) for _ in range(num_layers)] if staging else []
+        self.span_keys: list[int] = []  # verify staging (reserve_span)
+        self.span_values: list[int] = []
+        self.span_tokens = 0
         memory.synchronize()
 
     def write_prompts(self, layer: int, key_src: int, value_src: int, lengths: Sequence[int], slots: Sequence[int],
@@ -122,6 +125,29 @@ class KVCache:
         self.memory.copy2d(self.keys[layer], self.new_keys[layer], plan)
         self.memory.copy2d(self.values[layer], self.new_values[layer], plan)
 
+    def reserve_span(self, tokens: int) -> None:
+        """Staging for the verify graph's new K/V of up to `tokens` columns per slot [slots, H, tokens, D] (lossless
+        mode only: allocated on its first use, kept until close)."""
+        if tokens <= self.span_tokens:
+            return
+        for ptr in (*self.span_keys, *self.span_values):
+            self.memory.free(ptr)
+        slots, H, _, D = self.shape
+        nbytes = slots * H * tokens * D * self.itemsize
+        self.span_keys = [self.memory.malloc(nbytes) for _ in self.keys]
+        self.span_values = [self.memory.malloc(nbytes) for _ in self.keys]
+        self.span_tokens = tokens
+        self.memory.synchronize()
+
+    def write_spans(self, rows: Sequence[int], columns: Sequence[int], counts: Sequence[int], seq: int) -> None:
+        """Every layer: move the first counts[r] of `seq` staged verify columns of `rows` (row r = slot r) to columns
+        columns[r] .. of slot r (one copy plan for all layers)."""
+        _, H, T, D = self.shape
+        plan = span_copies(rows, columns, counts, seq, H, D, T, self.itemsize)
+        for layer in range(len(self.keys)):
+            self.memory.copy2d(self.keys[layer], self.span_keys[layer], plan)
+            self.memory.copy2d(self.values[layer], self.span_values[layer], plan)
+
     def read(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of one layer's K and V [slots, H, T, D] (tests and parity checks; not on the decode path)."""
         out = tuple(np.empty(self.shape, dtype=self.dtype) for _ in range(2))
@@ -131,6 +157,7 @@ class KVCache:
         return out
 
     def close(self) -> None:
-        for ptr in (*self.keys, *self.values, *self.new_keys, *self.new_values):
+        for ptr in (*self.keys, *self.values, *self.new_keys, *self.new_values, *self.span_keys, *self.span_values):
             self.memory.free(ptr)
         self.keys, self.values, self.new_keys, self.new_values = [], [], [], []
+        self.span_keys, self.span_values, self.span_tokens = [], [], 0

@@ -96,10 +96,13 @@ class WeightEntry:
     nbytes: int
 
 
+GRAPH_KINDS = ("prefill", "decode", "verify")
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "verify" (lossless mode's full-depth check of drafted tokens)
     file: str
     budget: int  # layers executed
     layers: tuple[int, ...]
@@ -146,6 +149,10 @@ class Manifest:
 
     def decode(self, budget: int) -> GraphSpec:
         return next(g for g in self.graphs if g.kind == "decode" and g.budget == budget)
+
+    def verify(self) -> GraphSpec | None:
+        """The verify graph of lossless mode; None for engines exported without one."""
+        return next((g for g in self.graphs if g.kind == "verify"), None)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -235,7 +242,7 @@ def _tensor(raw: object, where: str) -> TensorSpec:
 def _graph(raw: object, where: str) -> GraphSpec:
     return GraphSpec(
         name=F.text(F.need(raw, "name", where), f"{where}.name"),
-        kind=F.text(F.need(raw, "kind", where), f"{where}.kind", ("prefill", "decode")),
+        kind=F.text(F.need(raw, "kind", where), f"{where}.kind", GRAPH_KINDS),
         file=F.file_name(F.need(raw, "file", where), f"{where}.file"),
         budget=F.integer(F.need(raw, "budget", where), f"{where}.budget", 1),
         layers=tuple(F.integer(x, f"{where}.layers", 0) for x in F.seq(F.need(raw, "layers", where),

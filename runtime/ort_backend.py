@@ -156,7 +156,7 @@ class OrtBackend(GraphBackend):
         self._setup(man, max_batch, max_length, HostRuntime())
         threads = threads or int(os.environ.get("SKIPDECODE_THREADS", "0")) or None
         self.prefill_spec = man.prefill()
-        self._bindings: dict[tuple[int, int], object] = {}
+        self._bindings: dict[tuple, object] = {}
         if self.prepack == "shared":
             self._open_shared(directory, threads)
         else:
@@ -204,6 +204,19 @@ class OrtBackend(GraphBackend):
 
     def _run_decode(self, spec: GraphSpec, n: int) -> None:
         binding = self._bindings.get((spec.budget, n)) or self._bind_decode(spec, n)
+        with graph_range(spec.name):
+            if self.env is not None:
+                binding.run()
+            else:
+                self.sessions[spec.name].run_with_iobinding(binding)
+
+    def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
+        key = ("verify", n, S)
+        binding = self._bindings.get(key)
+        if binding is None:
+            ins, outs = self._verify_io(spec, n, S)  # all in host memory here
+            binding = self._bindings[key] = self._binding(self.sessions[spec.name], [x[:4] for x in ins],
+                                                          [x[:4] for x in outs])
         with graph_range(spec.name):
             if self.env is not None:
                 binding.run()

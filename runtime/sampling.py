@@ -64,6 +64,36 @@ class Sampler:
             return np.argmax(logits, axis=-1).astype(np.int64)
         return np.array([self._sample_row(row, self._rng.random()) for row in logits], dtype=np.int64)
 
+    # -- speculative sampling (lossless mode): distributions as dense vectors --------------------------------------
+    def probs(self, row: np.ndarray) -> np.ndarray:
+        """The distribution this sampler draws from for logits `row` [V], after temperature, top-k and top-p, as a
+        dense float64 vector (zeros outside the kept tokens). Not for greedy samplers."""
+        p = self.params
+        scores = (row.astype(np.float64) - float(row.max())) / p.temperature
+        out = np.zeros(len(row), dtype=np.float64)
+        if p.top_k or p.top_p < 1.0:
+            order = np.argsort(-scores, kind="stable")
+            if p.top_k:
+                order = order[: p.top_k]
+            probs = np.exp(scores[order] - scores[order[0]])
+            probs /= probs.sum()
+            if p.top_p < 1.0:
+                keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+                probs, order = probs[:keep] / probs[:keep].sum(), order[:keep]
+            out[order] = probs
+            return out
+        np.exp(scores, out=out)
+        return out / out.sum()
+
+    def uniform(self) -> float:
+        return float(self._rng.random())
+
+    def draw(self, probs: np.ndarray) -> int:
+        """One token from a dense distribution (inverse CDF of one uniform number)."""
+        cdf = np.cumsum(probs)
+        idx = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
+        return min(idx, len(probs) - 1) if probs[min(idx, len(probs) - 1)] > 0 else int(np.flatnonzero(probs)[-1])
+
     def _sample_row(self, row: np.ndarray, u: float) -> int:
         p = self.params
         scores = (row.astype(np.float64) - float(row.max())) / p.temperature  # <= 0: exp cannot overflow

@@ -49,6 +49,9 @@ class SeqSpec:
     request_id: int
     prompt_length: int
     buckets: tuple[int, ...]
+    # lossless mode: (draft bucket, draft tokens per round). Its buckets are all full depth (what the verifier
+    # runs); a round emits 1..draft tokens + 1 of them.
+    draft: tuple[int, int] | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -108,6 +111,19 @@ class DecodeRow:
 
 
 @dataclass(frozen=True)
+class SpecRow:
+    """One lossless row of a step: draft `drafts` tokens with `draft_bucket` from column `column` of `slot`, then
+    check them (and the token fed at `column`) in one full-depth verify pass; 1..drafts + 1 tokens come out."""
+
+    request_id: int
+    slot: int
+    column: int
+    draft_bucket: int
+    drafts: int
+    step: int
+
+
+@dataclass(frozen=True)
 class DecodeCall:
     """One `decode_rows` call: the graph of `bucket` over slots 0..num_rows-1; `rows` are the rows it advances.
 
@@ -125,6 +141,7 @@ class StepPlan:
 
     calls: tuple[DecodeCall, ...]
     admits: tuple[Admit, ...]
+    speculative: tuple[SpecRow, ...] = ()  # lossless rows: draft calls and one verify call, after `calls`
 
     @cached_property  # read several times per step: the plan is immutable, so computed once
     def rows(self) -> tuple[DecodeRow, ...]:
@@ -132,7 +149,7 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.calls and not self.admits
+        return not self.calls and not self.admits and not self.speculative
 
 
 @dataclass
@@ -201,11 +218,19 @@ class Scheduler:
     # -- planning -----------------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
         """Decode every prefilled running request one step, then admit waiting ones (FIFO) into free slots."""
-        rows = tuple(DecodeRow(r.spec.request_id, r.slot, r.spec.prompt_length + r.step, r.spec.buckets[r.step],
-                               r.step)
-                     for r in sorted(self._running.values(), key=lambda r: r.slot) if r.prefilled)
-        calls = self._calls(rows)
-        return StepPlan(calls=calls, admits=self._admit())
+        rows, spec = [], []
+        for r in sorted(self._running.values(), key=lambda r: r.slot):
+            if not r.prefilled:
+                continue
+            column = r.spec.prompt_length + r.step
+            # a lossless row drafts at most the tokens it may still emit minus the verifier's own one; with none
+            # left to draft it is a plain full-depth decode row
+            drafts = min(r.spec.draft[1], len(r.spec.buckets) - r.step - 1) if r.spec.draft else 0
+            if drafts > 0:
+                spec.append(SpecRow(r.spec.request_id, r.slot, column, r.spec.draft[0], drafts, r.step))
+            else:
+                rows.append(DecodeRow(r.spec.request_id, r.slot, column, r.spec.buckets[r.step], r.step))
+        return StepPlan(calls=self._calls(tuple(rows)), admits=self._admit(), speculative=tuple(spec))
 
     def _calls(self, rows: tuple[DecodeRow, ...]) -> tuple[DecodeCall, ...]:
         if not rows:
@@ -237,18 +262,27 @@ class Scheduler:
             prefill_tokens += head.prompt_length
         return tuple(admits)
 
-    def commit(self, plan: StepPlan, finished: Iterable[int]) -> None:
-        """Record that `plan` ran; `finished` are the requests that produced their last token in it.
+    def commit(self, plan: StepPlan, finished: Iterable[int], emitted: dict[int, int] | None = None) -> None:
+        """Record that `plan` ran; `finished` are the requests that produced their last token in it, `emitted` the
+        tokens each lossless row produced (1..drafts + 1).
 
         Requests cancelled while the plan ran may be absent already; everything else must be consistent."""
         done = set(finished)
-        for row in plan.rows:
+        emitted = emitted or {}
+        advanced = [(row, 1) for row in plan.rows]
+        for row in plan.speculative:
+            n = emitted.get(row.request_id, 0)
+            if row.request_id not in done and not 1 <= n <= row.drafts + 1:
+                raise SchedulerError(f"lossless request {row.request_id} emitted {n} tokens in a round of "
+                                     f"{row.drafts} drafts")
+            advanced.append((row, n))
+        for row, n in advanced:
             run = self._running.get(row.request_id)
             if run is None:
                 continue
             if run.step != row.step:
                 raise SchedulerError(f"request {row.request_id} is at step {run.step}, plan ran step {row.step}")
-            run.step += 1
+            run.step += n
         for a in plan.admits:
             if a.request_id in self._running:
                 self._running[a.request_id].prefilled = True

@@ -12,8 +12,16 @@ checking at the slot API boundary and one lock, so graph calls from several thre
   and that their owner's next step overwrites before anything reads it (so two generations, or the two calls of a
   "group" step, never clobber each other's K/V).
 
-A subclass implements `_prefill(ids, pos, mask, slots)` (left-padded prompts) and `_decode(ids, lengths, bucket,
-gates)` over rows 0..n-1 (= slots). `GraphBackend` does that for compiled engines over a `KVCache` and leaves
+Lossless mode (self-speculative decoding, docs/DESIGN.md) adds two calls:
+
+* `verify_rows(slots, tokens)`: one full-depth pass over S new tokens per slot at columns lengths[s] .. + S - 1
+  (the verify graph); it writes their K/V in every layer (columns below max_length) and advances the lengths by S.
+* `rewind(slots, lengths)`: forget the columns at and after `lengths` (drafted or rejected tokens). Nothing is
+  erased: every reader attends only to columns below its slot's length, and a column is always written again before
+  a later length covers it.
+
+A subclass implements `_prefill(ids, pos, mask, slots)` (left-padded prompts), `_decode(ids, lengths, bucket,
+gates)` and `_verify(ids, lengths, rows)` over rows 0..n-1 (= slots). `GraphBackend` does that for compiled engines over a `KVCache` and leaves
 `_run_prefill` and `_run_decode` to the onnxruntime CPU/CUDA and TensorRT backends.
 """
 
@@ -24,6 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import contract as C
 from .errors import EngineError, InputError, check_int
 from .kv import KVCache, SlotTable
 from .manifest import GraphSpec, Manifest
@@ -43,6 +52,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 def position_ids(mask: np.ndarray) -> np.ndarray:
     """OPT position ids from the mask: running count of real tokens minus one; padding gets -1 (as HF)."""
     return (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)
+
+
+# Most new tokens one verify call takes per row (lossless mode: drafted tokens + 1). Verify staging is sized for it.
+MAX_VERIFY_TOKENS = 16
 
 
 class SlotBackend:
@@ -102,6 +115,44 @@ class SlotBackend:
             self.slots.lengths[rows] += 1
             return logits
 
+    def verify_rows(self, slots: Sequence[int], token_ids: np.ndarray) -> np.ndarray:
+        """Full-depth pass over token_ids[i] (S tokens) fed at columns lengths[slots[i]] .. + S - 1. -> logits
+        [max(slots) + 1, S, V]: row s is slot s, column j the prediction after its j-th new token; a view valid until
+        the next call. Columns at or past max_length are computed but neither written nor counted (their logits have
+        no meaning); the lengths advance by S (capped there): `rewind` keeps the accepted ones."""
+        token_ids = np.asarray(token_ids)
+        k = len(slots)
+        if k == 0 or len(set(slots)) != k or token_ids.ndim != 2 or len(token_ids) != k:
+            raise InputError(f"token ids of shape {token_ids.shape} need one row per distinct slot, got {list(slots)}")
+        S = token_ids.shape[1]
+        check_int("verify tokens per row", S, lo=1, hi=MAX_VERIFY_TOKENS)
+        with self._lock:
+            self._check_open()
+            self.slots.check_taken(slots)
+            rows = np.asarray(slots, dtype=np.int64)
+            n = int(rows.max()) + 1
+            lengths = self.slots.lengths[:n].copy()  # slots outside the call: read only, never written
+            if int(lengths[rows].max()) >= self.max_length:
+                raise InputError(f"slot {int(rows[np.argmax(lengths[rows])])} holds {int(lengths[rows].max())} "
+                                 f"tokens; a new one needs a column below max_length {self.max_length}")
+            ids = np.full((n, S), self.pad_token_id, dtype=np.int64)
+            ids[rows] = token_ids
+            logits = self._verify(ids, lengths, rows)
+            self.slots.lengths[rows] = np.minimum(lengths[rows] + S, self.max_length)
+            return logits
+
+    def rewind(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Shorten `slots` to `lengths` tokens (1 <= new length <= current): the later columns are forgotten."""
+        if len(slots) != len(lengths):
+            raise InputError(f"{len(lengths)} lengths for {len(slots)} slots")
+        with self._lock:
+            self._check_open()
+            self.slots.check_taken(slots)
+            for s, n in zip(slots, lengths, strict=True):
+                check_int(f"length of slot {s}", int(n), lo=1, hi=int(self.slots.lengths[s]))
+            self.slots.lengths[list(slots)] = lengths
+            self._rewind(list(slots), [int(n) for n in lengths])
+
     def close(self) -> None:
         """Release what the backend holds (sessions, buffers); later calls raise EngineError. Idempotent."""
         with self._lock:
@@ -119,6 +170,13 @@ class SlotBackend:
     def _decode(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
         """Rows 0..n-1 are slots 0..n-1; row i's token sits at column/position lengths[i]. -> logits [n, V]."""
         raise NotImplementedError
+
+    def _verify(self, ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """ids [n, S]: row i's tokens at columns lengths[i] ..; write the K/V of `rows` only. -> logits [n, S, V]."""
+        raise EngineError(f"{type(self).__name__} has no lossless mode (no verify pass)")
+
+    def _rewind(self, slots: list[int], lengths: list[int]) -> None:
+        """Hook for backends that keep per-slot state besides the lengths (the PyTorch reference)."""
 
 
 class GraphBackend(SlotBackend):
@@ -149,6 +207,8 @@ class GraphBackend(SlotBackend):
         self._lengths = np.zeros(self.max_batch, dtype=np.int32)
         self._kv_length = np.zeros((), dtype=np.int32)
         self._gate = np.zeros(self.max_batch * self.num_layers, dtype=bool)  # row-major [n, bucket] per call
+        self._vlogits: np.ndarray | None = None  # verify inputs/logits [n, S, V]: allocated by the first verify
+        self._vids: np.ndarray | None = None
 
     def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
         S = ids.shape[1]
@@ -173,6 +233,38 @@ class GraphBackend(SlotBackend):
             self.kv.memory.synchronize()
         return self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
 
+    def _verify(self, ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        spec = self.manifest.verify()
+        if spec is None:
+            raise EngineError("this engine has no verify graph, which lossless mode needs: export it again with this "
+                              "version of skipdecode")
+        n, S = ids.shape
+        if self._vlogits is None:  # lossless mode's buffers, on its first use
+            self._vlogits = np.zeros(self.max_batch * MAX_VERIFY_TOKENS * self.vocab_size, dtype=np.float32)
+            self._vids = np.zeros(self.max_batch * MAX_VERIFY_TOKENS, dtype=np.int64)
+            self.kv.reserve_span(MAX_VERIFY_TOKENS)
+        self._vids[: n * S] = ids.reshape(-1)
+        self._lengths[:n] = lengths
+        self._run_verify(spec, n, S)
+        self.kv.write_spans(rows, lengths, np.minimum(S, self.max_length - lengths), S)
+        self.kv.memory.synchronize()
+        return self._vlogits[: n * S * self.vocab_size].reshape(n, S, self.vocab_size)
+
+    def _verify_io(self, spec: GraphSpec, n: int, S: int) -> tuple[list, list]:
+        """(name, dtype, shape, address, on_device) of every verify input and output over slots [0, n): host
+        inputs and logits, the cache's K/V buffers, and the span staging for the new K/V."""
+        ins = [(C.INPUT_IDS, np.dtype(np.int64), [n, S], self._vids.ctypes.data, False),
+               (C.PAST_LENGTH, np.dtype(np.int32), [n], self._lengths.ctypes.data, False)]
+        outs = [(C.LOGITS, np.dtype(np.float32), [n, S, self.vocab_size], self._vlogits.ctypes.data, False)]
+        kv, new, dtype = [n, self.heads, self.max_length, self.head_dim], [n, self.heads, S, self.head_dim], \
+            self.kv.dtype
+        for layer in spec.layers:
+            ins += [(C.past_key(layer), dtype, kv, self.kv.keys[layer], True),
+                    (C.past_value(layer), dtype, kv, self.kv.values[layer], True)]
+            outs += [(C.new_key(layer), dtype, new, self.kv.span_keys[layer], True),
+                     (C.new_value(layer), dtype, new, self.kv.span_values[layer], True)]
+        return ins, outs
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
@@ -187,6 +279,10 @@ class GraphBackend(SlotBackend):
 
     def _run_decode(self, spec: GraphSpec, n: int) -> None:
         raise NotImplementedError
+
+    def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
+        """Run the verify graph over rows 0..n-1 with S tokens each (`_verify_io` says what binds where)."""
+        raise EngineError(f"{type(self).__name__} has no lossless mode (no verify graph runner)")
 
     def _release(self) -> None:
         """Drop sessions/contexts and bindings (the KV cache is freed by `close`)."""
