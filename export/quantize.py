@@ -307,9 +307,12 @@ def _rewrite(model: onnx.ModelProto, cands: dict, tensors: dict, new_weights: di
                 new = helper.make_node("DynamicQuantizeMatMul", ins, list(node.output), name=node.name + "_q",
                                        domain=MS_DOMAIN)
             replaced[index] = [new]
+    shapes = None  # the indices' rank: from the graph's inputs, else from shape inference (a flattened id tensor)
     for index, node in enumerate(graph.node):  # token embeddings tied to a quantized head
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] in tensors:
-            new_nodes = _gather_node(node, tensors[node.input[0]], cfg, graph)
+            if shapes is None:
+                shapes = onnx.shape_inference.infer_shapes(model).graph
+            new_nodes = _gather_node(node, tensors[node.input[0]], cfg, shapes)
             if new_nodes:
                 replaced[index] = new_nodes
     if not replaced:

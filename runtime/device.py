@@ -72,7 +72,7 @@ def span_copies(rows: Iterable[int], columns: Sequence[int], counts: Sequence[in
     for r in map(int, rows):  # plain ints: cuda-python and ctypes take Python ints as addresses
         c, n = int(columns[r]), int(counts[r])
         if not (0 <= c and 1 <= n <= seq and c + n <= max_length):
-            raise ValueError(f"row {r}: columns [{c}, {c + n}) of {seq} new tokens do not fit in [0, {max_length})")
+            raise ValueError(f"row {r}: columns [{c}, {c + n}) ({n} of {seq} new tokens) are outside [0, {max_length})")
         out.append(Copy2D(dst=(r * heads * max_length + c) * col, dpitch=max_length * col,
                           src=r * heads * seq * col, spitch=seq * col, width=n * col, height=heads))
     return out

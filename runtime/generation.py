@@ -13,9 +13,9 @@ import numpy as np
 
 from .errors import InputError, check_int
 from .logprobs import MAX_LOGPROBS
-from .slot_backend import MAX_VERIFY_TOKENS
 from .sampling import SamplingParams
 from .schedule import Schedule, schedule_for
+from .slot_backend import MAX_VERIFY_TOKENS
 
 
 @dataclass(frozen=True)

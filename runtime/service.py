@@ -86,6 +86,8 @@ class Completion:
     budgets: tuple[int, ...]  # layers each token ran (its own bucket; the prefill's token: all layers)
     finish_reason: str  # "eos" | "stop" | "length" | "cancelled" | "timeout"
     logprobs: tuple[TokenLogprob, ...] | None = None  # per token, when the options asked for logprobs
+    drafted: int = 0  # lossless mode: tokens drafted, and how many of them the full model accepted
+    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class ServiceStats:
     running: int
     last_batch_size: int
     tokens_per_s: float  # over the trailing metrics window
+    draft_tokens: int = 0  # lossless requests: tokens drafted by the shallow graphs, and accepted by the verifier
+    accepted_draft_tokens: int = 0
 
     @property
     def mean_layers_per_token(self) -> float:
@@ -120,6 +124,7 @@ class RequestHandle:
         self._events: list[TokenEvent] = []
         self._reason: str | None = None
         self._error: BaseException | None = None
+        self._drafts = (0, 0)  # lossless mode: (drafted, accepted), from its FinishEvent
 
     def __iter__(self) -> Iterator[TokenEvent]:
         i = 0
@@ -146,6 +151,12 @@ class RequestHandle:
         with self._cv:
             return self._reason is not None
 
+    @property
+    def drafts(self) -> tuple[int, int]:
+        """Lossless mode: (tokens drafted, tokens the full model accepted), once the request has finished."""
+        with self._cv:
+            return self._drafts
+
     def result(self, timeout: float | None = None) -> Completion:
         with self._cv:
             if not self._cv.wait_for(lambda: self._reason is not None, timeout):
@@ -155,7 +166,7 @@ class RequestHandle:
             asked = bool(self._events) and self._events[0].logprob is not None
             lps = tuple(e.logprob for e in self._events) if asked else None
             return Completion(self.request_id, self.prompt, tuple(e.token for e in self._events),
-                              tuple(e.budget for e in self._events), self._reason, lps)
+                              tuple(e.budget for e in self._events), self._reason, lps, *self._drafts)
 
     # -- worker thread only -------------------------------------------------------------------------------
     def _push(self, event: TokenEvent) -> None:
@@ -258,7 +269,8 @@ class Service:
                 generated_tokens=c["tokens"], layers_executed=c["layers"], decode_steps=c["steps"],
                 decoded_rows=c["rows"], graph_row_layers=c["graph_row_layers"],
                 queue_depth=len(self._inbox) + self._waiting, running=self._running,
-                last_batch_size=self._last_batch, tokens_per_s=sum(window) / span)
+                last_batch_size=self._last_batch, tokens_per_s=sum(window) / span,
+                draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"])
 
     def shutdown(self, cancel: bool = False, timeout_s: float | None = None) -> None:
         """Stop accepting requests; then finish every in-flight one (cancel=False) or end each with
@@ -370,6 +382,7 @@ class Service:
                     del handles[ev.request_id]
             else:
                 error = NonFiniteLogitsError(ev.error) if ev.reason == "error" else None
+                handles[ev.request_id]._drafts = (ev.drafted, ev.accepted)
                 self._end(ev.request_id, ev.reason, error)
         with self._cv:
             c = self._counts
@@ -378,6 +391,8 @@ class Service:
             c["steps"] += bool(result.decoded_rows)
             c["rows"] += result.decoded_rows
             c["graph_row_layers"] += result.graph_row_layers
+            c["drafted"] += result.drafted
+            c["accepted"] += result.accepted
             self._last_batch = result.decoded_rows
             self._window.append((time.monotonic(), tokens))
             while self._window and self._window[0][0] < time.monotonic() - self.config.metrics_window_s:

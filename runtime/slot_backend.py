@@ -21,8 +21,9 @@ Lossless mode (self-speculative decoding, docs/DESIGN.md) adds two calls:
   a later length covers it.
 
 A subclass implements `_prefill(ids, pos, mask, slots)` (left-padded prompts), `_decode(ids, lengths, bucket,
-gates)` and `_verify(ids, lengths, rows)` over rows 0..n-1 (= slots). `GraphBackend` does that for compiled engines over a `KVCache` and leaves
-`_run_prefill` and `_run_decode` to the onnxruntime CPU/CUDA and TensorRT backends.
+gates)` and `_verify(ids, lengths, rows)` over rows 0..n-1 (= slots). `GraphBackend` does that for compiled engines
+over a `KVCache` and leaves `_run_prefill`, `_run_decode` and `_run_verify` to the onnxruntime CPU/CUDA and TensorRT
+backends (TensorRT has no verify plan: no lossless mode).
 """
 
 from __future__ import annotations

@@ -35,6 +35,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-length", type=int, help="schedule length T (default prompt + max new tokens)")
     add_schedule_args(p)
+    g = p.add_argument_group("lossless mode (full-depth output, SkipDecode graphs as drafts)")
+    g.add_argument("--lossless", action="store_true",
+                   help="self-speculative decoding: a shallow bucket drafts tokens, one full-depth pass checks them; "
+                        "greedy output is token-identical to full depth, sampled output has its distribution")
+    g.add_argument("--draft-speedup", type=float,
+                   help="draft depth: the smallest exported bucket with >= layers / this (default 3)")
+    g.add_argument("--draft-tokens", type=int, help="tokens drafted per round, 1..15 (default 4)")
     g = p.add_argument_group("sampling (default greedy)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -143,7 +150,8 @@ def options_from_args(args, eos_token_id: int | None):
         max_new_tokens=args.max_new_tokens, speedup=args.speedup, max_layers=args.max_layers,
         min_layers=args.min_layers, warmup_layers=args.warmup_layers, max_length=args.max_length,
         sampling=sampling, eos_token_id=None if args.ignore_eos else eos_token_id,
-        stop_token_ids=tuple(args.stop_token_ids))
+        stop_token_ids=tuple(args.stop_token_ids), lossless=getattr(args, "lossless", False),
+        draft_speedup=getattr(args, "draft_speedup", None), draft_tokens=getattr(args, "draft_tokens", None))
 
 
 def cmd_generate(args) -> int:
@@ -168,13 +176,16 @@ def cmd_generate(args) -> int:
     results = gen.generate(prompts, opts)
     elapsed = time.perf_counter() - t0
     for prompt, r in zip(prompts, results, strict=True):
+        lossless = {"drafted": r.drafted, "accepted": r.accepted,
+                    "acceptance_rate": r.accepted / r.drafted if r.drafted else None} if opts.lossless else None
         if args.json:
             print(json.dumps({"prompt_tokens": prompt, "tokens": r.tokens, "text": r.text,
-                              "budgets": r.budgets, "finish_reason": r.finish_reason}))
+                              "budgets": r.budgets, "finish_reason": r.finish_reason, "lossless": lossless}))
         else:
             print(r.text if r.text is not None else " ".join(map(str, r.tokens)))
+            extra = (f", lossless: {r.accepted}/{r.drafted} drafted tokens accepted" if lossless else "")
             print(f"  [{len(r.tokens)} tokens, mean layers {sum(r.budgets) / len(r.budgets):.2f}, "
-                  f"{r.finish_reason}]", file=sys.stderr)
+                  f"{r.finish_reason}{extra}]", file=sys.stderr)
     n = sum(len(r.tokens) for r in results)
     print(f"{n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tokens/s, batch {len(prompts)})", file=sys.stderr)
     return 0

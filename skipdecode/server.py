@@ -148,6 +148,14 @@ class ServiceCollector:
                                 value=s.decoded_rows / s.decode_steps if s.decode_steps else 0.0)
         yield GaugeMetricFamily("skipdecode_mean_layers_per_token", "Mean decoder layers executed per token",
                                 value=s.mean_layers_per_token)
+        yield CounterMetricFamily("skipdecode_draft_tokens", "Lossless mode: tokens drafted by the shallow graphs",
+                                  value=s.draft_tokens)
+        yield CounterMetricFamily("skipdecode_accepted_draft_tokens",
+                                  "Lossless mode: drafted tokens the full-depth verifier accepted",
+                                  value=s.accepted_draft_tokens)
+        yield GaugeMetricFamily("skipdecode_draft_acceptance_rate",
+                                "Lossless mode: accepted / drafted tokens since start (0 before any draft)",
+                                value=s.accepted_draft_tokens / s.draft_tokens if s.draft_tokens else 0.0)
         yield GaugeMetricFamily("skipdecode_graph_layers_per_row",
                                 "Mean graph layers per decoded row (> layers per token when shallow rows are gated "
                                 "inside a deeper graph)",
@@ -446,7 +454,8 @@ class CompletionsApp:
             "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": len(tokens),
                       "total_tokens": len(req.prompt) + len(tokens)},
             "skipdecode": {"finish_reason": reason, "budgets": budgets,
-                           "mean_layers": sum(budgets) / len(budgets) if budgets else None}})
+                           "mean_layers": sum(budgets) / len(budgets) if budgets else None,
+                           **self._lossless(req, handle)}})
 
     async def _sse(self, req: CompletionRequest, handle: RequestHandle, queue: asyncio.Queue, prefix: Prefix
                    ) -> AsyncIterator[str]:
@@ -481,6 +490,13 @@ class CompletionsApp:
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()  # the client went away (task cancelled) or the stream ended: no-op once finished
+
+    @staticmethod
+    def _lossless(req: CompletionRequest, handle: RequestHandle) -> dict:
+        if not req.options.lossless:
+            return {}
+        drafted, accepted = handle.drafts
+        return {"lossless": {"drafted": drafted, "accepted": accepted}}
 
     @staticmethod
     async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:

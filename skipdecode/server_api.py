@@ -16,6 +16,7 @@ from skipdecode.runtime.errors import InputError
 from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.logprobs import MAX_LOGPROBS
 from skipdecode.runtime.sampling import SamplingParams
+from skipdecode.runtime.slot_backend import MAX_VERIFY_TOKENS
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -23,7 +24,7 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_NAME_CHARS = 256  # model and user strings
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n",
           "user", "speedup", "max_layers", "min_layers", "stop_token_ids", "ignore_eos", "timeout",
-          "logprobs", "echo", "stream_options",
+          "logprobs", "echo", "stream_options", "lossless", "draft_speedup", "draft_tokens",
           # OpenAI fields not implemented: accepted only with a value that leaves the result unchanged
           "best_of", "frequency_penalty", "presence_penalty", "logit_bias", "suffix")
 
@@ -98,7 +99,9 @@ def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionReq
     options = GenerateOptions(
         max_new_tokens=max(max_tokens, 1), speedup=speedup, max_layers=max_layers,
         min_layers=min_layers, sampling=sampling, stop_token_ids=tuple(stop_ids),
-        eos_token_id=None if ignore_eos else limits.eos_token_id, logprobs=logprobs)
+        eos_token_id=None if ignore_eos else limits.eos_token_id, logprobs=logprobs,
+        lossless=_bool(body, "lossless", False), draft_speedup=_num(body, "draft_speedup", None),
+        draft_tokens=_int(body, "draft_tokens", None, 1, MAX_VERIFY_TOKENS - 1))
     text = _one_prompt(body.get("prompt"))
     return CompletionRequest(prompt, options, stream, stop, float(timeout), model, max_tokens, logprobs, echo,
                              include_usage, text if isinstance(text, str) else None)

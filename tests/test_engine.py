@@ -62,8 +62,9 @@ def test_graphs_share_one_weights_file(engine_dir):
     out = engine_dir[2]
     man = json.loads((out / "manifest.json").read_text())
     files = {g["file"] for g in man["graphs"]}
-    assert len(files) == 1 + len(man["buckets"] if "buckets" in man else [g for g in man["graphs"]
-                                                                           if g["kind"] == "decode"])
+    # prefill, one graph per bucket, and the verify graph of lossless mode
+    assert len(files) == 2 + len([g for g in man["graphs"] if g["kind"] == "decode"])
+    assert [g["kind"] for g in man["graphs"]].count("verify") == 1
     weights_size = (out / WEIGHTS_FILE).stat().st_size
     for f in files:
         model = onnx.load(str(out / f), load_external_data=False)

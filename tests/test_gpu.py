@@ -19,7 +19,14 @@ from skipdecode.export.tensorrt_build import (
     weights_as_inputs,
 )
 from skipdecode.runtime import contract as C
-from skipdecode.runtime.device import DEVICE_ALIGN, HostRuntime, apply_copies, column_copies, prefill_copies
+from skipdecode.runtime.device import (
+    DEVICE_ALIGN,
+    HostRuntime,
+    apply_copies,
+    column_copies,
+    prefill_copies,
+    span_copies,
+)
 from skipdecode.runtime.errors import BackendError, EngineError
 from skipdecode.runtime.kv import KVCache
 from skipdecode.runtime.manifest import load_manifest
@@ -156,6 +163,27 @@ def test_column_copy_plan_matches_the_layout():
     np.testing.assert_array_equal(dst, want)
     with pytest.raises(ValueError, match="outside"):
         column_copies([0], [T], H, D, T, 4)
+
+
+def test_span_copy_plan_writes_each_rows_accepted_columns():
+    """The verify pass's staged K/V [n, H, S, D] -> the first counts[r] columns from columns[r] of slot r."""
+    H, D, T, slots, S = 2, 3, 10, 4, 3
+    rng = np.random.default_rng(2)
+    memory = HostRuntime()
+    cache = KVCache(memory, 2, H, D, slots, T, "float32", staging=False)
+    cache.reserve_span(S)
+    keys = rng.normal(size=(slots, H, T, D)).astype(np.float32)
+    new = rng.normal(size=(slots, H, S, D)).astype(np.float32)
+    memory.h2d(cache.keys[1], keys)
+    memory.h2d(cache.span_keys[1], new)
+    rows, columns, counts = np.array([0, 3]), np.array([2, 0, 0, 8]), np.array([3, 0, 0, 2])
+    cache.write_spans(rows, columns, counts, S)
+    want = keys.copy()
+    want[0, :, 2:5] = new[0]
+    want[3, :, 8:10] = new[3, :, :2]  # only the columns below max_length
+    np.testing.assert_array_equal(cache.read(1)[0], want)
+    with pytest.raises(ValueError, match="outside"):
+        span_copies([0], [8], [3], S, H, D, T, 4)
 
 
 # -- tensorrt.json -----------------------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Lossless mode (self-speculative decoding): shallow bucket graphs draft, the verify graph checks at full depth.
+
+Greedy output must be token-identical to full-depth decoding whatever the draft depth, the draft length, the batch
+and the other requests sharing the steps; sampled output must follow the full-depth distribution. The negative
+controls show the checks can fail: without the verifier the output changes, and the draft's own distribution fails
+the statistical test.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from skipdecode.export.exporter import ExportConfig, export  # noqa: E402
+from skipdecode.export.random_models import build_random_opt  # noqa: E402
+from skipdecode.export.reference import TorchReference  # noqa: E402
+from skipdecode.runtime.batcher import Batcher  # noqa: E402
+from skipdecode.runtime.engine import Engine  # noqa: E402
+from skipdecode.runtime.errors import EngineError, InputError  # noqa: E402
+from skipdecode.runtime.generation import GenerateOptions, draft_bucket  # noqa: E402
+from skipdecode.runtime.generator import Generator  # noqa: E402
+from skipdecode.runtime.sampling import SamplingParams  # noqa: E402
+from skipdecode.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerError, SeqSpec  # noqa: E402
+from skipdecode.runtime.service import Service  # noqa: E402
+
+from .conftest import PROMPTS  # noqa: E402
+
+EMBEDDED = "models/tiny-opt-kjv/skip-tuned"
+
+
+@pytest.fixture(scope="module")
+def kjv_engine(tmp_path_factory):
+    """The embedded skip-tuned model: its shallow buckets agree with full depth often (drafts get accepted), so
+    rounds accept different numbers of tokens; random-weight models mostly reject."""
+    out = tmp_path_factory.mktemp("lossless") / "kjv"
+    export(ExportConfig(model=EMBEDDED, out=out, speedups=(2.0, 3.0, 5.0), max_batch=4, max_length=96),
+           progress=False)
+    with Engine.load(out) as engine:
+        yield engine
+
+
+KJV_PROMPTS = ["And God said unto Moses,", "In the beginning", "Blessed are the poor in spirit: for",
+               "And it came to pass"]
+
+
+def full_and_lossless(engine, prompts, max_new, **lossless):
+    full = engine.generate(prompts, GenerateOptions(max_new_tokens=max_new))
+    fast = engine.generate(prompts, GenerateOptions(max_new_tokens=max_new, lossless=True, **lossless))
+    return full, fast
+
+
+@pytest.mark.parametrize("draft_tokens,draft_speedup", [(1, 2.0), (3, 3.0), (4, 5.0), (7, 2.0), (15, 3.0)])
+def test_greedy_is_token_identical_to_full_depth_on_random_models(engine_dir, draft_tokens, draft_speedup):
+    style, _, out = engine_dir
+    engine = Engine.load(out)
+    full, fast = full_and_lossless(engine, PROMPTS, 20, draft_tokens=draft_tokens, draft_speedup=draft_speedup)
+    for f, g in zip(full, fast, strict=True):
+        assert g.tokens == f.tokens, style
+        assert g.budgets == [engine.backend.num_layers] * len(g.tokens)  # every token from the full model
+        assert g.finish_reason == f.finish_reason
+        assert 0 <= g.accepted <= g.drafted and g.drafted > 0
+
+
+@pytest.mark.parametrize("draft_tokens,draft_speedup", [(2, 2.0), (4, 3.0), (6, 5.0)])
+def test_greedy_is_token_identical_on_the_skip_tuned_model(kjv_engine, draft_tokens, draft_speedup):
+    prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS]
+    full, fast = full_and_lossless(kjv_engine, prompts, 40, draft_tokens=draft_tokens, draft_speedup=draft_speedup)
+    assert [g.tokens for g in fast] == [f.tokens for f in full]
+    rates = [g.accepted / g.drafted for g in fast]
+    assert all(0 < r < 1 for r in rates), rates  # rounds accepted some drafts and rejected others
+    assert sum(g.accepted for g in fast) > 0
+
+
+def test_the_static_stream_emits_one_token_per_row_per_event(kjv_engine):
+    prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS[:2]]
+    opts = GenerateOptions(max_new_tokens=30, lossless=True, draft_tokens=4)
+    rows: list[list[int]] = [[], []]
+    for ev in kjv_engine.stream(prompts, opts):
+        for row, tok in enumerate(ev.tokens):
+            if tok is not None:
+                rows[row].append(tok)
+    assert rows == [g.tokens for g in kjv_engine.generate(prompts, GenerateOptions(max_new_tokens=30))]
+
+
+def test_negative_control_without_the_verifier_the_output_changes(kjv_engine, monkeypatch):
+    """Accept every draft (no check): the output must differ from full depth, so the identity above means
+    something."""
+    prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS]
+
+    def accept_all(seq, drafts, qs, p):
+        return list(drafts) + [int(np.argmax(p[len(drafts)]))]
+
+    monkeypatch.setattr(Batcher, "_accept", staticmethod(accept_all))
+    full, fast = full_and_lossless(kjv_engine, prompts, 40, draft_tokens=4, draft_speedup=5.0)
+    assert [g.tokens for g in fast] != [f.tokens for f in full]
+
+
+def test_continuous_batching_mixes_lossless_skipdecode_and_full_depth_requests(kjv_engine):
+    """Requests of all three kinds share steps (and slots) in one Service; each equals its solo generation."""
+    prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS]
+    kinds = [GenerateOptions(max_new_tokens=24, lossless=True, draft_tokens=3),
+             GenerateOptions(max_new_tokens=17, speedup=2.0),
+             GenerateOptions(max_new_tokens=31, lossless=True, draft_tokens=6, draft_speedup=5.0),
+             GenerateOptions(max_new_tokens=12)]
+    jobs = [(prompts[i % 4], kinds[(i * 3) % 4]) for i in range(10)]
+    with Service(kjv_engine) as svc:
+        handles = [svc.submit(p, o) for p, o in jobs]
+        results = [h.result(60) for h in handles]
+        stats = svc.stats()
+    for (prompt, opts), res in zip(jobs, results, strict=True):
+        solo = kjv_engine.generate([prompt], opts)[0]
+        assert list(res.tokens) == solo.tokens
+        if opts.lossless:
+            assert res.drafted > 0 and 0 <= res.accepted <= res.drafted
+            full = kjv_engine.generate([prompt], GenerateOptions(max_new_tokens=opts.max_new_tokens))[0]
+            assert list(res.tokens) == full.tokens
+    assert stats.draft_tokens == sum(r.drafted for r in results)
+    assert stats.accepted_draft_tokens == sum(r.accepted for r in results)
+
+
+def test_stop_tokens_and_length_limits_cut_a_round(kjv_engine):
+    prompt = kjv_engine.encode(KJV_PROMPTS[0])
+    full = kjv_engine.generate([prompt], GenerateOptions(max_new_tokens=40))[0]
+    stop = full.tokens[9]  # a token the full model emits as its 10th
+    first = full.tokens.index(stop)
+    for n in (1, 2, 5, 13):
+        opts = GenerateOptions(max_new_tokens=n, lossless=True, draft_tokens=6, stop_token_ids=(stop,))
+        got = kjv_engine.generate([prompt], opts)[0]
+        want = full.tokens[: min(n, first + 1)]
+        assert got.tokens == want
+        assert got.finish_reason == ("stop" if len(want) == first + 1 else "length")
+
+
+def test_engine_logprobs_in_lossless_mode_are_the_full_models(kjv_engine):
+    prompt = kjv_engine.encode(KJV_PROMPTS[1])
+    with Service(kjv_engine) as svc:
+        full = svc.generate(prompt, GenerateOptions(max_new_tokens=12, logprobs=2))
+        fast = svc.generate(prompt, GenerateOptions(max_new_tokens=12, logprobs=2, lossless=True, draft_tokens=5))
+    assert fast.tokens == full.tokens
+    for a, b in zip(fast.logprobs, full.logprobs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+# -- sampling: the output distribution is the full model's --------------------------------------------------------
+
+VOCAB = 6
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    """A 6-token model whose shallow buckets disagree with full depth (draft != target distribution)."""
+    model = build_random_opt("tiny-preln", seed=3, init_std=0.08, vocab_size=VOCAB).eval()
+    return model
+
+
+def exact_pair_distribution(model, prompt, temperature):
+    """P(token 2, token 3) of full-depth sampling (token 1 marginalised), from uncached forward passes."""
+    def probs(seq):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, -1].double()
+        return torch.softmax(logits / temperature, -1).numpy()
+
+    p1 = probs(prompt)
+    out = np.zeros((VOCAB, VOCAB))
+    for a in range(VOCAB):
+        p2 = probs(prompt + [a])
+        for b in range(VOCAB):
+            out[b] += p1[a] * p2[b] * probs(prompt + [a, b])  # out[b, c] = sum_a P(a) P(b | a) P(c | a, b)
+    return out
+
+
+def sampled_pairs(gen, prompt, opts, n):
+    counts = np.zeros((VOCAB, VOCAB))
+    batch = gen.backend.max_batch
+    for start in range(0, n, batch):
+        for g in gen.generate([prompt] * batch, replace(opts, sampling=SamplingParams(1.0, seed=start))):
+            counts[g.tokens[1], g.tokens[2]] += 1
+    return counts
+
+
+def chi2_pvalue(counts, expected_p):
+    from scipy.stats import chisquare
+    n = counts.sum()
+    keep = expected_p.reshape(-1) * n >= 5  # the usual validity condition; the rest pooled
+    obs = np.append(counts.reshape(-1)[keep], counts.reshape(-1)[~keep].sum())
+    exp = np.append(expected_p.reshape(-1)[keep] * n, expected_p.reshape(-1)[~keep].sum() * n)
+    return chisquare(obs[exp > 0], exp[exp > 0]).pvalue
+
+
+def test_speculative_sampling_matches_the_full_depth_distribution(small_vocab, tmp_path):
+    """4000 sampled continuations (temperature 1) per mode. Tokens 2 and 3 come from lossless rounds (token 1 is
+    the prefill's). Their joint frequencies must fit the exact full-depth distribution: chi-square p-value above
+    1e-3 (a correct sampler fails this 1 time in 1000). The negative control, the draft model's own sampling,
+    must fail it."""
+    small_vocab.save_pretrained(tmp_path / "ckpt")
+    export(ExportConfig(model=str(tmp_path / "ckpt"), out=tmp_path / "eng", speedups=(3.0,), max_batch=50,
+                       max_length=16), progress=False)
+    engine = Engine.load(tmp_path / "eng")
+    prompt = [2, 4, 3]
+    exact = exact_pair_distribution(small_vocab.float(), prompt, 1.0)
+    assert exact.sum() == pytest.approx(1.0)
+    # 4 tokens: the prefill's, then a round of 2 drafts covering tokens 2-4 (the pair is drawn inside one round)
+    lossless = GenerateOptions(max_new_tokens=4, lossless=True, draft_tokens=2, draft_speedup=3.0)
+    counts = sampled_pairs(engine, prompt, lossless, 4000)
+    assert chi2_pvalue(counts, exact) > 1e-3
+    draft = draft_bucket(engine.backend.num_layers, engine.backend.buckets, 3.0)
+    shallow = GenerateOptions(max_new_tokens=4, max_layers=draft, min_layers=draft)
+    assert chi2_pvalue(sampled_pairs(engine, prompt, shallow, 4000), exact) < 1e-3
+
+
+# -- the slot API, the scheduler and the options ------------------------------------------------------------------
+
+def test_verify_rows_and_rewind_match_the_reference_and_check_their_input(engine_dir, tiny_model):
+    style, model = tiny_model
+    if style != engine_dir[0]:
+        pytest.skip("one pairing per style")
+    backend = Engine.load(engine_dir[2]).backend
+    ref = TorchReference(model, max_batch=backend.max_batch)
+    prompts = [[2, 5, 7, 9], [2, 3], [2, 4, 6, 8, 10, 12]]
+    for be in (backend, ref):
+        slots = be.slots.allocate(3)
+        be.prefill_rows(prompts, slots)
+        be.decode_rows([0, 2], np.array([5, 6]), 2, np.ones((2, 2), dtype=bool))  # a shallow draft column
+        be.rewind([0, 2], [4, 6])
+    tokens = np.array([[11, 12, 13], [21, 22, 23]])
+    got = backend.verify_rows([0, 2], tokens)[[0, 2]]
+    want = ref.verify_rows([0, 2], tokens)[[0, 2]]
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    assert backend.slots.lengths[:3].tolist() == [7, 2, 9]
+    with pytest.raises(InputError, match="length of slot 0"):
+        backend.rewind([0], [8])  # longer than it holds
+    with pytest.raises(InputError, match="verify tokens per row"):
+        backend.verify_rows([1], np.zeros((1, 17), dtype=np.int64))
+    with pytest.raises(InputError, match="one row per distinct slot"):
+        backend.verify_rows([1, 1], np.zeros((2, 2), dtype=np.int64))
+
+
+def test_lossless_options_are_checked():
+    with pytest.raises(InputError, match="full depth"):
+        GenerateOptions(max_new_tokens=4, lossless=True, speedup=2.0)
+    with pytest.raises(InputError, match="lossless decoding only"):
+        GenerateOptions(max_new_tokens=4, draft_tokens=3)
+    with pytest.raises(InputError, match="draft_tokens"):
+        GenerateOptions(max_new_tokens=4, lossless=True, draft_tokens=16)
+    with pytest.raises(InputError, match="draft_speedup"):
+        GenerateOptions(max_new_tokens=4, lossless=True, draft_speedup=1.0)
+    with pytest.raises(InputError, match="exports only"):
+        draft_bucket(12, (12,), 3.0)
+    assert draft_bucket(12, (1, 2, 3, 4, 6, 12), 3.0) == 4
+    assert draft_bucket(12, (1, 2, 3, 4, 6, 12), 5.0) == 3
+    assert draft_bucket(12, (5, 12), 20.0) == 5  # the shallowest exported one
+
+
+def test_scheduler_lossless_rounds_shrink_at_the_end_and_commit_checks_counts():
+    from skipdecode.runtime.kv import SlotTable
+    sched = Scheduler(SchedulerConfig(max_batch=2, max_tokens_in_flight=100), SlotTable(2))
+    sched.submit(SeqSpec(7, 3, (12,) * 5, draft=(4, 4)))  # 6 tokens: 1 from the prefill, 5 from rounds
+    plan = sched.plan()
+    sched.commit(plan, ())
+    plan = sched.plan()
+    (row,) = plan.speculative
+    assert (row.drafts, row.column, row.draft_bucket) == (4, 3, 4)
+    with pytest.raises(SchedulerError, match="emitted 6 tokens"):
+        sched.commit(plan, (), {7: 6})
+    sched.commit(plan, (), {7: 3})  # 3 of 5 left tokens: 2 remain, so at most 1 draft
+    plan = sched.plan()
+    assert plan.speculative[0].drafts == 1
+    sched.commit(plan, (), {7: 1})
+    plan = sched.plan()  # one token left: a plain full-depth decode row, no drafting
+    assert not plan.speculative and plan.rows[0].bucket == 12
+
+
+def test_an_engine_without_a_verify_graph_refuses_lossless_with_a_clear_error(kjv_engine, monkeypatch):
+    monkeypatch.setattr(type(kjv_engine.manifest), "verify", lambda self: None)
+    with pytest.raises(EngineError, match="no verify graph"):
+        kjv_engine.generate([[2, 5]], GenerateOptions(max_new_tokens=4, lossless=True))
+    assert kjv_engine.backend.slots.num_free == kjv_engine.backend.max_batch  # nothing leaked
+
+
+def test_the_reference_backend_runs_lossless_mode_too(tiny_model):
+    style, model = tiny_model
+    ref = TorchReference(model, max_batch=3)
+    gen = Generator(ref, None, 1, None, model.config.vocab_size)
+    full = gen.generate(PROMPTS, GenerateOptions(max_new_tokens=10))
+    fast = gen.generate(PROMPTS, GenerateOptions(max_new_tokens=10, lossless=True, draft_tokens=3))
+    assert [g.tokens for g in fast] == [f.tokens for f in full], style
+
+
+def test_draft_lengths_and_depths_all_agree_on_one_batch(kjv_engine):
+    prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS[:3]]
+    want = [g.tokens for g in kjv_engine.generate(prompts, GenerateOptions(max_new_tokens=20))]
+    for k, s in itertools.product((1, 2, 8), (2.0, 5.0)):
+        opts = GenerateOptions(max_new_tokens=20, lossless=True, draft_tokens=k, draft_speedup=s)
+        assert [g.tokens for g in kjv_engine.generate(prompts, opts)] == want, (k, s)
