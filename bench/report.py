@@ -25,6 +25,10 @@ INT8_VS_CT2 = 1.0
 INT8_SKIP_VS_CT2 = {"opt-125m": 2.0, "opt-1.3b": 2.5}
 # Step growth with past length <= 1.25 x attention's own growth, plus 2% of the shortest step: on a 2-core shared
 # machine a difference of two ~equal medians is rarely below that, so a zero-growth attention would fail on noise.
+# Lossless mode: >= 1.5 x full-depth tokens/s at batch 1 on the embedded skip-tuned model (the default backend), and
+# greedy tokens identical to full depth in every lossless row
+LOSSLESS_SPEEDUP = 1.5
+LOSSLESS_AT = ("embedded", "onnxruntime", 1)
 LENGTH_GROWTH = 1.25
 LENGTH_NOISE = 0.02
 MIB = 2**20
@@ -102,6 +106,13 @@ def evaluate_targets(out: dict) -> dict:
         checks.append(_check("step growth with past length <= 1.25 x attention's (+2% noise floor)", value,
                              LENGTH_GROWTH, s["step_growth_ms"] <= allowed, model=s["model"], backend=s["backend"],
                              batch=s["batch"]))
+    for r in out.get("lossless", []):
+        checks.append(_check("lossless tokens identical to full depth", float(r["identical"]), 1.0, r["identical"],
+                             model=r["model"], backend=r["backend"], batch=r["batch"]))
+        if (r["model"], r["backend"], r["batch"]) == LOSSLESS_AT:
+            checks.append(_check(f"lossless >= {LOSSLESS_SPEEDUP:g} x full-depth tokens/s", r["speedup"],
+                                 LOSSLESS_SPEEDUP, r["speedup"] >= LOSSLESS_SPEEDUP, model=r["model"],
+                                 backend=r["backend"], batch=r["batch"]))
     return {"all_met": all(c["met"] for c in checks), "checks": checks}
 
 
@@ -162,6 +173,7 @@ def markdown(out: dict) -> str:
     for c in out["cost_models"]:
         lines.append(f"| {c['model']} | {c['backend']} | {c['batch']} | {c['fixed_s'] * 1e3:.2f} | "
                      f"{c['per_layer_s'] * 1e3:.3f} | {c['fixed_fraction']:.0%} | {c['r2']:.3f} |")
+    lines += _lossless_lines(out.get("lossless", []))
     lines += _memory_lines(out["memory"]) + _scaling_lines(out["length_scaling"]) + _target_lines(out)
     return "\n".join(lines) + "\n"
 
@@ -233,6 +245,22 @@ def _scaling_lines(scaling: list[dict]) -> list[str]:
     for s in scaling:
         lines.append(f"\n{s['model']}: step grows {s['step_slope_us_per_token']:.2f} µs per past token, "
                      f"attention alone (x {s['num_layers']} layers) {s['attention_slope_us_per_token']:.2f} µs.")
+    return lines
+
+
+def _lossless_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Lossless mode", "",
+             "Self-speculative decoding: a shallow bucket drafts, the verify graph checks at full depth. `speedup` is "
+             "the decode-time ratio to full depth on the same backend in the same rounds; `identical`: the greedy "
+             "tokens equal full depth's.", "",
+             "| model | backend | batch | draft | draft tokens | tokens/s | speedup | end to end | acceptance | "
+             "identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['draft_speedup']:g}x | "
+                     f"{r['draft_tokens']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['e2e_speedup']:.2f} | "
+                     f"{r['acceptance_rate']:.2f} | {'yes' if r['identical'] else '**no**'} |")
     return lines
 
 

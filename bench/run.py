@@ -79,6 +79,10 @@ class BenchConfig:
     seed: int = 0
     quick: bool = False
     weight_gbps: float | None = None  # measured at the start of a run (env.memory_read_gbps)
+    # lossless mode rows: (draft speedup, draft tokens) pairs, timed in the same rounds as the speedups, on these
+    # backends (greedy: their tokens are checked against the same round's full-depth run)
+    lossless: tuple[tuple[float, int], ...] = ((3.0, 4),)
+    lossless_backends: tuple[str, ...] = ("onnxruntime", "onnxruntime-int8")
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m != EMBEDDED and m not in OPT_SHAPES and m not in TINY_SHAPES]
@@ -95,6 +99,8 @@ class BenchConfig:
                              f"in max_length {self.max_length}")
         if self.max_new_tokens < 2 or self.repeats < 1 or min(self.speedups, default=2) < 1:
             raise ValueError("max_new_tokens >= 2, repeats >= 1 and speedups >= 1 are required")
+        for ds, k in self.lossless:
+            GenerateOptions(max_new_tokens=2, lossless=True, draft_speedup=ds, draft_tokens=k)  # names a bad value
 
     @property
     def all_speedups(self) -> tuple[float, ...]:
@@ -189,6 +195,9 @@ class _Runs:
     prefill: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
+    tokens: list = field(default_factory=list)  # the last run's tokens per row
+    drafted: int = 0  # lossless runs: over all repeats
+    accepted: int = 0
 
 
 def _repeats(cfg: BenchConfig, measurements: int) -> Iterator[int]:
@@ -205,10 +214,15 @@ def _timed_generate(engine, prompts, opts: GenerateOptions, runs: _Runs) -> None
     t0 = time.perf_counter()
     events = list(engine.stream(prompts, opts))
     runs.total.append(time.perf_counter() - t0)
-    if len(events) != opts.max_new_tokens:
-        raise RuntimeError(f"generation stopped after {len(events)} of {opts.max_new_tokens} tokens")
+    # one event per step; lossless rows may emit several tokens in a step, as consecutive events
+    runs.tokens = [tuple(ev.tokens[i] for ev in events if ev.tokens[i] is not None) for i in range(len(prompts))]
+    short = [len(t) for t in runs.tokens if len(t) != opts.max_new_tokens]
+    if short:
+        raise RuntimeError(f"generation stopped after {short[0]} of {opts.max_new_tokens} tokens")
     runs.prefill.append(events[0].elapsed_s)  # prefill + sampling of the first token
     runs.decode.append(events[-1].elapsed_s - events[0].elapsed_s)
+    runs.drafted += sum(n for ev in events for n in ev.drafted if n)  # set on each row's last event
+    runs.accepted += sum(n for ev in events for n in ev.accepted if n)
 
 
 def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None],
@@ -222,11 +236,12 @@ def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callabl
     max_length = min(cfg.max_length, load_manifest(directory).max_length)  # a model may have fewer positions
     engine = Engine.load(directory, threads=cfg.threads, max_batch=max(cfg.batches), max_length=max_length,
                          prepack=prepack)
-    out: dict = {"results": [], "cost_models": [], "length_scaling": []}
+    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": []}
     for batch in cfg.batches:
-        rows, cm = _bench_batch(engine, model.name, backend, batch, cfg, log, baselines)
+        rows, cm, lossless = _bench_batch(engine, model.name, backend, batch, cfg, log, baselines)
         out["results"] += rows
         out["cost_models"].append(cm)
+        out["lossless"] += lossless
     if backend == cfg.backends[0]:
         be = engine.backend
         lengths = tuple(n for n in cfg.scaling_lengths if n < be.max_length)
@@ -249,6 +264,10 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
     cm = cost.fit_cost_model(list(buckets_s), list(buckets_s.values()))
     runs = {s: _Runs() for s in cfg.all_speedups}
     options = {s: GenerateOptions(max_new_tokens=N, speedup=s) for s in runs}
+    if backend in cfg.lossless_backends:  # keyed (draft speedup, draft tokens)
+        for ds, k in cfg.lossless:
+            runs[(ds, k)] = _Runs()
+            options[(ds, k)] = GenerateOptions(max_new_tokens=N, lossless=True, draft_speedup=ds, draft_tokens=k)
     timers = [(b, b.runner(prompts, N), b.runner(prompts, 1), _Runs()) for b in baselines]
     for s in runs:  # warm-up: session caches, bindings per (bucket, rows)
         _timed_generate(engine, prompts, options[s], _Runs())
@@ -261,8 +280,14 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
             r.total.append(run_n())
             r.prefill.append(run_1())
             r.decode.append(r.total[-1] - r.prefill[-1])
-    rows = []
+    rows, lossless = [], []
     for s, r in runs.items():
+        if isinstance(s, tuple):
+            lossless.append(_lossless_row(name, backend, batch, s, r, runs[1.0], N))
+            log(f"[{name} {backend} b{batch}] lossless (draft {s[0]:g}x, {s[1]} tokens): "
+                f"{lossless[-1]['tokens_per_s']:.1f} tok/s, {lossless[-1]['speedup']:.2f}x full depth, acceptance "
+                f"{lossless[-1]['acceptance_rate']:.2f}, identical tokens {lossless[-1]['identical']}")
+            continue
         steps = cost.step_buckets(be.num_layers, be.warmup_layers, be.buckets, s, p, N)
         row = _row(name, backend, batch, s, r, N, be.num_layers, steps)
         # paired by round: a round's full-depth and skip runs were timed back to back, so drift cancels
@@ -284,7 +309,19 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
              "fixed_fraction": cm.fixed_s / cm.step_s(be.num_layers),
              "mean_past_length": float(np.mean([len(x) for x in prompts])) + N // 2,
              "bucket_ms": {str(b): t * 1e3 for b, t in buckets_s.items()}}
-    return rows, entry
+    return rows, entry, lossless
+
+
+def _lossless_row(model: str, backend: str, batch: int, key: tuple[float, int], r: _Runs, full: _Runs, N: int
+                  ) -> dict:
+    """Lossless mode next to full depth on the same backend, paired by round (drift cancels)."""
+    decode = statistics.median(r.decode)
+    return {"model": model, "backend": backend, "batch": batch, "draft_speedup": key[0], "draft_tokens": key[1],
+            "max_new_tokens": N, "tokens_per_s": batch * (N - 1) / decode,
+            "speedup": statistics.median(f / d for f, d in zip(full.decode, r.decode, strict=True)),
+            "e2e_speedup": statistics.median(f / d for f, d in zip(full.total, r.total, strict=True)),
+            "acceptance_rate": r.accepted / r.drafted if r.drafted else 0.0,
+            "identical": r.tokens == full.tokens, "repeats": len(r.decode)}
 
 
 def _roofline(man, steps: Sequence[int], step_ms: float, gbps: float | None) -> dict:
@@ -337,7 +374,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
     load_at_start = load_average()
     cfg = replace(cfg, weight_gbps=cfg.weight_gbps or memory_read_gbps())
     log(f"weight-streaming bandwidth {cfg.weight_gbps:.1f} GB/s (the batch-1 roofline)")
-    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "memory_models": [], "skipped": []}
+    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": [], "memory_models": [],
+                 "skipped": []}
     for name in cfg.models:
         model = prepare_model(name, cfg, log)
         backends = list(cfg.backends)

@@ -151,27 +151,32 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
     L, H, D, V = shape.num_layers, shape.num_heads, shape.head_dim, shape.vocab_size
     prefill = PrefillGraph(model)
     index = write_weights(prefill, tmp / WEIGHTS_FILE)
-    # the verify graph checks drafted tokens at full depth (lossless mode); it needs no bucket of its own
+    # the verify graphs check drafted tokens at full depth (lossless mode): any batch in standard ops, and for gqa
+    # engines one row in place (faster: attention over the row's own length, no K/V copies)
     jobs = [("prefill", L)] + [(f"decode_b{b:03d}", b) for b in sorted(buckets, reverse=True)] + [("verify", L)]
+    if cfg.attention == "gqa":
+        jobs.append(("verify_row", L))
     graphs = []
     for name, budget in tqdm(jobs, desc="export graphs", unit="graph", disable=not progress, file=sys.stderr):
         if name == "prefill":
             layers = tuple(range(L))
             ins, outs = C.prefill_io(L, H, D, V, dtype)
             module, args = prefill, _prefill_args()
-        elif name == "verify":
-            layers = tuple(range(L))
-            ins, outs = C.verify_io(L, H, D, V, dtype)
-            module, args = VerifyGraph(model), _verify_args(L, H, D, model.dtype)
+        elif name.startswith("verify"):
+            layers, attention = tuple(range(L)), "gqa" if name == "verify_row" else "matmul"
+            ins, outs = C.verify_io(L, H, D, V, dtype, attention)
+            module, args = VerifyGraph(model, attention), _verify_args(L, H, D, model.dtype, attention)
         else:
             layers = layers_for_budget(L, budget, cfg.warmup_layers)
             ins, outs = C.decode_io(layers, H, D, V, dtype, cfg.attention)
             module = DecodeGraph(model, layers, cfg.attention)
             args = _decode_args(len(layers), H, D, model.dtype, cfg.attention)
         path = tmp / f"{name}.onnx"
-        trace(module, args, ins, outs, path, contrib_ops=name.startswith("decode") and cfg.attention == "gqa")
+        trace(module, args, ins, outs, path, contrib_ops=name != "prefill" and name != "verify"
+              and cfg.attention == "gqa")
         used = attach_weights(path, index, [s.name for s in (*ins, *outs)])
-        graphs.append(GraphSpec(name, name.split("_")[0], path.name, budget, layers, tuple(ins), tuple(outs),
+        kind = name if name == "verify_row" else name.split("_")[0]
+        graphs.append(GraphSpec(name, kind, path.name, budget, layers, tuple(ins), tuple(outs),
                                 tuple(used)))
     quantization = {}
     if cfg.quantize is not None:
@@ -208,7 +213,11 @@ def _decode_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype, a
     return (torch.full((_B, 1), 5, dtype=torch.long), lengths, *kv_length, gate, *past)
 
 
-def _verify_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype):
+def _verify_args(n_layers: int, heads: int, head_dim: int, dtype: torch.dtype, attention: str):
+    if attention == "gqa":  # one row: batch 1 is the only size its graph runs
+        past = [torch.zeros(1, heads, _T, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
+        return (torch.full((1, _V), 5, dtype=torch.long), torch.tensor([5], dtype=torch.int32),
+                torch.tensor(5 + _V, dtype=torch.int32), *past)
     past = [torch.zeros(_B, heads, _T, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
     ids = torch.full((_B, _V), 5, dtype=torch.long)
     return (ids, torch.tensor([2, 5, 9], dtype=torch.int32), *past)

@@ -252,12 +252,14 @@ class VerifyGraph(OPTGraphBase):
     (runtime/slot_backend.py). The hidden state stays [B*S, hidden] between layers (see `finish_rows`).
     """
 
-    def __init__(self, hf_model) -> None:
+    def __init__(self, hf_model, attention: str = "matmul") -> None:
         super().__init__(hf_model)
         self.max_position = hf_model.config.max_position_embeddings - 1
+        self.attention = attention  # "gqa": one row per call, K/V written in place (the `verify_row` graph)
 
-    def forward(self, input_ids, past_length, *past):
-        # past: k_0, v_0, ... each [B, H, Tmax, D]
+    def forward(self, input_ids, past_length, *rest):
+        # matmul: (k_0, v_0, ...); gqa: (kv_length, k_0, v_0, ...); each k/v [B, H, Tmax, D]
+        kv_length, past = (rest[0], rest[1:]) if self.attention == "gqa" else (None, rest)
         S = input_ids.shape[1]
         H, D = self.heads, self.head_dim
         steps = torch.arange(S, device=input_ids.device)
@@ -275,6 +277,15 @@ class VerifyGraph(OPTGraphBase):
                 return t.reshape(-1, S, H, D).transpose(1, 2)
 
             past_k, past_v = past[2 * i], past[2 * i + 1]
+            if self.attention == "gqa":  # onnxruntime takes several new tokens with a past only at batch 1
+                last = (past_length + (S - 1)).to(torch.int32)
+                o, k, v = _GroupQueryAttention.apply((gemm(x, attn.q_proj) * attn.scaling).reshape(-1, S, H * D),
+                                                     gemm(x, attn.k_proj).reshape(-1, S, H * D),
+                                                     gemm(x, attn.v_proj).reshape(-1, S, H * D), past_k, past_v,
+                                                     last, kv_length, H)
+                h = self.finish_rows(layer, h, o.reshape(-1, H * D))
+                out += [k, v]
+                continue
             q, k, v = heads(gemm(x, attn.q_proj) * attn.scaling), heads(gemm(x, attn.k_proj)), \
                 heads(gemm(x, attn.v_proj))
             scores = torch.cat([masked(q @ past_k.transpose(-1, -2), past_ok), masked(q @ k.transpose(-1, -2), causal)],

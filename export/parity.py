@@ -178,6 +178,19 @@ def _verify_step(backend, ref, man, slots: list, want, report: dict) -> None:
                     tols["kv"])
     backend.rewind(slots, columns.tolist())
     ref.rewind(slots, columns.tolist())
+    if man.verify("verify_row") is not None:  # one row: the in-place graph of gqa engines
+        one = slots[-1:]
+        _record(report, "verify_row.logits", backend.verify_rows(one, tokens[-1:])[one],
+                ref.verify_rows(one, tokens[-1:])[one], tols["logits"])
+        for layer in range(man.num_layers):
+            keys, values = backend.kv.read(layer)
+            c = int(columns[-1])
+            _record(report, "verify_row.kv", keys[one[0], :, c: c + S], ref.cache[one[0]].keys[layer][0, :, -S:],
+                    tols["kv"])
+            _record(report, "verify_row.kv", values[one[0], :, c: c + S], ref.cache[one[0]].values[layer][0, :, -S:],
+                    tols["kv"])
+        backend.rewind(one, columns[-1:].tolist())
+        ref.rewind(one, columns[-1:].tolist())
 
 
 def _describe(entry: dict) -> str:

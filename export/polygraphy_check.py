@@ -77,8 +77,8 @@ def graph_feeds(spec: GraphSpec, man: Manifest, iterations: int = 2, seed: int =
             mask = (np.arange(seq)[None, :] >= seq - lengths[:, None]).astype(np.int64)
             ids = np.where(mask == 1, rng.integers(3, vocab, size=(batch, seq)), pad).astype(np.int64)
             feeds.append({C.INPUT_IDS: ids, C.POSITION_IDS: position_ids(mask), C.ATTENTION_MASK: mask})
-        elif spec.kind == "verify":
-            feeds.append(_verify_feed(spec, man, batch, rng, seq=3 + it))
+        elif spec.kind.startswith("verify"):
+            feeds.append(_verify_feed(spec, man, 1 if spec.kind == "verify_row" else batch, rng, seq=3 + it))
         else:
             feeds.append(_decode_feed(spec, man, batch, rng, all_gates=(it == 0)))
     return feeds
@@ -109,7 +109,7 @@ def _verify_feed(spec: GraphSpec, man: Manifest, batch: int, rng, seq: int) -> d
     seq = max(1, min(seq, T - 1))
     lengths = rng.choice(np.arange(1, T - seq + 1), size=batch, replace=T - seq < batch).astype(np.int32)
     feed = {C.INPUT_IDS: rng.integers(3, man.model.vocab_size, size=(batch, seq)).astype(np.int64),
-            C.PAST_LENGTH: lengths}
+            C.PAST_LENGTH: lengths, C.KV_LENGTH: np.array(int(lengths.max()) + seq, dtype=np.int32)}
     dtype = np.dtype(man.dtype)
     for layer in range(man.num_layers):
         for name in (C.past_key(layer), C.past_value(layer)):
@@ -247,7 +247,7 @@ def check_backend_parity(directory: str | Path, backend: str, iterations: int = 
         return compare_engine(man, reference, candidate, table, iterations=iterations)
     if backend == "tensorrt":
         trt = TrtRunners(directory)
-        planned = [g.name for g in man.graphs if g.kind != "verify"]  # TensorRT plans no verify graph
+        planned = [g.name for g in man.graphs if not g.kind.startswith("verify")]  # TensorRT plans no verify graph
         return compare_engine(man, reference, trt, table, extra_feeds=trt.extra_feeds, graphs=planned,
                               iterations=iterations)
     raise EngineError(f"backend={backend!r}: cross-backend parity knows 'cuda' and 'tensorrt'")

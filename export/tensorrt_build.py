@@ -131,8 +131,8 @@ def build_plans(directory: str | Path, man: Manifest, cfg: TrtBuildConfig = TrtB
     cache = builder.create_builder_config().create_timing_cache(cache_bytes)
     runtime = trt.Runtime(logger)
     plans, sources, profiles, inputs, activations = {}, {}, {}, {}, {}
-    # the verify graph (lossless mode) is not built: TensorRT engines run SkipDecode, not lossless drafting
-    for spec in (g for g in man.graphs if g.kind != "verify"):
+    # the verify graphs (lossless mode) are not built: TensorRT engines run SkipDecode, not lossless drafting
+    for spec in (g for g in man.graphs if not g.kind.startswith("verify")):
         src = directory / spec.file
         if cfg.weights == "inputs":
             onnx_path = out / spec.file

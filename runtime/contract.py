@@ -22,7 +22,9 @@ The verify graph (lossless mode, docs/DESIGN.md) runs `seq` new tokens per row t
 `input_ids` [batch, seq] (row i's tokens at columns past_length[i] ..), `past_length` and every layer's K/V buffers;
 outputs `logits` [batch, seq, vocab] and the new tokens' K/V `new.<l>.key/value` [batch, heads, seq, head_dim] in
 standard ops for every engine (onnxruntime's GroupQueryAttention takes several new tokens only at batch 1); the
-runtime writes the accepted rows' columns into the buffers.
+runtime writes the accepted rows' columns into the buffers. gqa engines also carry `verify_row`, the same pass for one
+row with GroupQueryAttention writing in place (inputs as above plus `kv_length`; outputs `present.*`), which the
+runtime uses for calls that verify a single row.
 
 `gate` [batch, layers of the graph] (bool) lets rows of one call run different layer sets: a row whose gate is
 off for a layer passes through it unchanged (continuous batching runs the deepest row's graph; static batches
@@ -114,17 +116,23 @@ def decode_io(layers: Sequence[int], heads: int, head_dim: int, vocab: int, dtyp
     return ins, outs
 
 
-def verify_io(num_layers: int, heads: int, head_dim: int, vocab: int, dtype: str
+def verify_io(num_layers: int, heads: int, head_dim: int, vocab: int, dtype: str, attention: str = "matmul"
               ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Verify: `seq` new tokens per row through every layer against the slot buffers; logits of every new column
-    and the new columns' K/V (written into the buffers by the runtime)."""
+    """Verify: `seq` new tokens per row through every layer against the slot buffers; logits of every new column.
+    matmul: outputs the new columns' K/V (written into the buffers by the runtime), any batch. gqa (the `verify_row`
+    graph of gqa engines): one row, the K/V written in place (present = past), `kv_length` = past_length + seq."""
     kv = ("batch", heads, "max_length", head_dim)
     new = ("batch", heads, "seq", head_dim)
     ins = [TensorSpec(INPUT_IDS, "int64", ("batch", "seq")), TensorSpec(PAST_LENGTH, "int32", ("batch",))]
+    if attention == "gqa":
+        ins.append(TensorSpec(KV_LENGTH, "int32", ()))
     outs = [TensorSpec(LOGITS, "float32", ("batch", "seq", vocab))]
     for layer in range(num_layers):
         ins += [TensorSpec(past_key(layer), dtype, kv), TensorSpec(past_value(layer), dtype, kv)]
-        outs += [TensorSpec(new_key(layer), dtype, new), TensorSpec(new_value(layer), dtype, new)]
+        if attention == "gqa":
+            outs += [TensorSpec(present_key(layer), dtype, kv), TensorSpec(present_value(layer), dtype, kv)]
+        else:
+            outs += [TensorSpec(new_key(layer), dtype, new), TensorSpec(new_value(layer), dtype, new)]
     return ins, outs
 
 

@@ -105,7 +105,7 @@ class CudaBackend(GraphBackend):
             self.sessions[spec.name].run_with_iobinding(binding)
 
     def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
-        key = ("verify", n, S)
+        key = (spec.kind, n, S)
         binding = self._bindings.get(key)
         if binding is None:
             binding = self._bindings[key] = self.sessions[spec.name].io_binding()

@@ -224,6 +224,12 @@ class HostRuntime:
     def d2h(self, host: np.ndarray, src: int) -> None:
         ctypes.memmove(host.ctypes.data, src, host.nbytes)
 
+    def as_array(self, ptr: int, shape: Sequence[int], dtype) -> np.ndarray:
+        """An ndarray view of host memory at `ptr` (no copy): host-only fast paths index it directly."""
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape))
+        return np.frombuffer((ctypes.c_uint8 * (n * dtype.itemsize)).from_address(ptr), dtype=dtype).reshape(shape)
+
     def copy2d(self, dst_base: int, src_base: int, copies: Iterable[Copy2D]) -> None:
         for c in copies:  # one strided numpy copy per Copy2D (what cudaMemcpy2D does in one call)
             _strided(dst_base + c.dst, c.dpitch, c.width, c.height)[...] = _strided(src_base + c.src, c.spitch,

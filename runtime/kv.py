@@ -108,6 +108,7 @@ class KVCache:
         self.span_keys: list[int] = []  # verify staging (reserve_span)
         self.span_values: list[int] = []
         self.span_tokens = 0
+        self._views: dict = {}  # host-memory views for write_spans, per new-token count
         memory.synchronize()
 
     def write_prompts(self, layer: int, key_src: int, value_src: int, lengths: Sequence[int], slots: Sequence[int],
@@ -134,6 +135,7 @@ class KVCache:
             self.memory.free(ptr)
         slots, H, _, D = self.shape
         nbytes = slots * H * tokens * D * self.itemsize
+        self._views = {}
         self.span_keys = [self.memory.malloc(nbytes) for _ in self.keys]
         self.span_values = [self.memory.malloc(nbytes) for _ in self.keys]
         self.span_tokens = tokens
@@ -143,10 +145,27 @@ class KVCache:
         """Every layer: move the first counts[r] of `seq` staged verify columns of `rows` (row r = slot r) to columns
         columns[r] .. of slot r (one copy plan for all layers)."""
         _, H, T, D = self.shape
-        plan = span_copies(rows, columns, counts, seq, H, D, T, self.itemsize)
+        plan = span_copies(rows, columns, counts, seq, H, D, T, self.itemsize)  # validates, whatever the memory
+        if hasattr(self.memory, "as_array"):  # host memory: one numpy slice assignment per row and buffer
+            self._write_spans_host(rows, columns, counts, seq)
+            return
         for layer in range(len(self.keys)):
             self.memory.copy2d(self.keys[layer], self.span_keys[layer], plan)
             self.memory.copy2d(self.values[layer], self.span_values[layer], plan)
+
+    def _write_spans_host(self, rows, columns, counts, seq: int) -> None:
+        slots, H, T, D = self.shape
+        pairs = self._views.get(seq)
+        if pairs is None:  # staged K/V of a call with `seq` new tokens: [n, H, seq, D] from the buffer's start
+            as_array = self.memory.as_array
+            pairs = self._views[seq] = [
+                (as_array(dst, self.shape, self.dtype), as_array(src, (slots, H, seq, D), self.dtype))
+                for dst, src in (*zip(self.keys, self.span_keys, strict=True),
+                                 *zip(self.values, self.span_values, strict=True))]
+        for r in map(int, rows):
+            c, n = int(columns[r]), int(counts[r])
+            for dst, src in pairs:
+                dst[r, :, c: c + n] = src[r, :, :n]
 
     def read(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of one layer's K and V [slots, H, T, D] (tests and parity checks; not on the decode path)."""
@@ -160,4 +179,4 @@ class KVCache:
         for ptr in (*self.keys, *self.values, *self.new_keys, *self.new_values, *self.span_keys, *self.span_values):
             self.memory.free(ptr)
         self.keys, self.values, self.new_keys, self.new_values = [], [], [], []
-        self.span_keys, self.span_values, self.span_tokens = [], [], 0
+        self.span_keys, self.span_values, self.span_tokens, self._views = [], [], 0, {}

@@ -96,13 +96,15 @@ class WeightEntry:
     nbytes: int
 
 
-GRAPH_KINDS = ("prefill", "decode", "verify")
+GRAPH_KINDS = ("prefill", "decode", "verify", "verify_row")
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
-    kind: str  # "prefill" | "decode" | "verify" (lossless mode's full-depth check of drafted tokens)
+    # "prefill" | "decode" | "verify" (lossless mode's full-depth check of drafted tokens, any batch) | "verify_row"
+    # (the same for one row, in place: gqa engines)
+    kind: str
     file: str
     budget: int  # layers executed
     layers: tuple[int, ...]
@@ -150,9 +152,9 @@ class Manifest:
     def decode(self, budget: int) -> GraphSpec:
         return next(g for g in self.graphs if g.kind == "decode" and g.budget == budget)
 
-    def verify(self) -> GraphSpec | None:
-        """The verify graph of lossless mode; None for engines exported without one."""
-        return next((g for g in self.graphs if g.kind == "verify"), None)
+    def verify(self, kind: str = "verify") -> GraphSpec | None:
+        """A verify graph of lossless mode ("verify" or "verify_row"); None for engines exported without one."""
+        return next((g for g in self.graphs if g.kind == kind), None)
 
     def to_json(self) -> str:
         d = asdict(self)

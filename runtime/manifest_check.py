@@ -25,14 +25,15 @@ def _check_graphs(man: Manifest) -> None:
     kinds = [g.kind for g in man.graphs]
     if kinds.count("prefill") != 1:
         raise EngineError(f"manifest lists {kinds.count('prefill')} prefill graphs; expected exactly 1")
-    if kinds.count("verify") > 1:
-        raise EngineError(f"manifest lists {kinds.count('verify')} verify graphs; expected at most 1")
+    for kind in ("verify", "verify_row"):
+        if kinds.count(kind) > 1:
+            raise EngineError(f"manifest lists {kinds.count(kind)} {kind} graphs; expected at most 1")
     if L not in man.buckets:
         raise EngineError(f"manifest decode buckets {list(man.buckets)} lack the full-depth budget num_layers={L}")
     if len(set(man.buckets)) != len(man.buckets):
         raise EngineError(f"manifest decode buckets {list(man.buckets)} list a budget twice")
     for g in man.graphs:
-        if g.kind in ("prefill", "verify"):
+        if g.kind in ("prefill", "verify", "verify_row"):
             want = tuple(range(L))
         else:
             try:

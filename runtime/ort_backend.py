@@ -211,7 +211,7 @@ class OrtBackend(GraphBackend):
                 self.sessions[spec.name].run_with_iobinding(binding)
 
     def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
-        key = ("verify", n, S)
+        key = (spec.kind, n, S)
         binding = self._bindings.get(key)
         if binding is None:
             ins, outs = self._verify_io(spec, n, S)  # all in host memory here

@@ -244,26 +244,50 @@ class GraphBackend(SlotBackend):
             self._vlogits = np.zeros(self.max_batch * MAX_VERIFY_TOKENS * self.vocab_size, dtype=np.float32)
             self._vids = np.zeros(self.max_batch * MAX_VERIFY_TOKENS, dtype=np.int64)
             self.kv.reserve_span(MAX_VERIFY_TOKENS)
-        self._vids[: n * S] = ids.reshape(-1)
-        self._lengths[:n] = lengths
-        self._run_verify(spec, n, S)
-        self.kv.write_spans(rows, lengths, np.minimum(S, self.max_length - lengths), S)
-        self.kv.memory.synchronize()
+        row_spec = self.manifest.verify("verify_row")
+        if row_spec is not None and len(rows) == 1 and lengths[rows[0]] + S <= self.max_length:
+            # one row, in place: its slot's K/V are written by the graph itself (no staging, no copies)
+            r = int(rows[0])
+            self._vids[r * S: (r + 1) * S] = ids[r]
+            self._lengths[r] = lengths[r]
+            self._kv_length[()] = int(lengths[r]) + S
+            self._run_verify(row_spec, r, S)
+        else:
+            self._vids[: n * S] = ids.reshape(-1)
+            self._lengths[:n] = lengths
+            self._run_verify(spec, n, S)
+            self.kv.write_spans(rows, lengths, np.minimum(S, self.max_length - lengths), S)
+            self.kv.memory.synchronize()
         return self._vlogits[: n * S * self.vocab_size].reshape(n, S, self.vocab_size)
 
     def _verify_io(self, spec: GraphSpec, n: int, S: int) -> tuple[list, list]:
-        """(name, dtype, shape, address, on_device) of every verify input and output over slots [0, n): host
-        inputs and logits, the cache's K/V buffers, and the span staging for the new K/V."""
-        ins = [(C.INPUT_IDS, np.dtype(np.int64), [n, S], self._vids.ctypes.data, False),
-               (C.PAST_LENGTH, np.dtype(np.int32), [n], self._lengths.ctypes.data, False)]
-        outs = [(C.LOGITS, np.dtype(np.float32), [n, S, self.vocab_size], self._vlogits.ctypes.data, False)]
-        kv, new, dtype = [n, self.heads, self.max_length, self.head_dim], [n, self.heads, S, self.head_dim], \
-            self.kv.dtype
+        """(name, dtype, shape, address, on_device) of every input and output of a verify graph: "verify" over slots
+        [0, n) (host inputs and logits, the cache's K/V buffers, the span staging for the new K/V), or "verify_row"
+        over the one slot `n` (its rows of the same buffers, K/V written in place)."""
+        kv_dtype, V, H, T, D = self.kv.dtype, self.vocab_size, self.heads, self.max_length, self.head_dim
+        i64, i32, f32 = np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32)
+        if spec.kind == "verify_row":
+            r, layer_row = n, H * T * D * kv_dtype.itemsize
+            ins = [(C.INPUT_IDS, i64, [1, S], self._vids.ctypes.data + r * S * 8, False),
+                   (C.PAST_LENGTH, i32, [1], self._lengths.ctypes.data + r * 4, False),
+                   (C.KV_LENGTH, i32, [], self._kv_length.ctypes.data, False)]
+            outs = [(C.LOGITS, f32, [1, S, V], self._vlogits.ctypes.data + r * S * V * 4, False)]
+            for layer in spec.layers:
+                k_ptr, v_ptr = self.kv.keys[layer] + r * layer_row, self.kv.values[layer] + r * layer_row
+                ins += [(C.past_key(layer), kv_dtype, [1, H, T, D], k_ptr, True),
+                        (C.past_value(layer), kv_dtype, [1, H, T, D], v_ptr, True)]
+                outs += [(C.present_key(layer), kv_dtype, [1, H, T, D], k_ptr, True),
+                         (C.present_value(layer), kv_dtype, [1, H, T, D], v_ptr, True)]
+            return ins, outs
+        ins = [(C.INPUT_IDS, i64, [n, S], self._vids.ctypes.data, False),
+               (C.PAST_LENGTH, i32, [n], self._lengths.ctypes.data, False)]
+        outs = [(C.LOGITS, f32, [n, S, V], self._vlogits.ctypes.data, False)]
+        kv, new = [n, H, T, D], [n, H, S, D]
         for layer in spec.layers:
-            ins += [(C.past_key(layer), dtype, kv, self.kv.keys[layer], True),
-                    (C.past_value(layer), dtype, kv, self.kv.values[layer], True)]
-            outs += [(C.new_key(layer), dtype, new, self.kv.span_keys[layer], True),
-                     (C.new_value(layer), dtype, new, self.kv.span_values[layer], True)]
+            ins += [(C.past_key(layer), kv_dtype, kv, self.kv.keys[layer], True),
+                    (C.past_value(layer), kv_dtype, kv, self.kv.values[layer], True)]
+            outs += [(C.new_key(layer), kv_dtype, new, self.kv.span_keys[layer], True),
+                     (C.new_value(layer), kv_dtype, new, self.kv.span_values[layer], True)]
         return ins, outs
 
     def close(self) -> None:
@@ -282,7 +306,8 @@ class GraphBackend(SlotBackend):
         raise NotImplementedError
 
     def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
-        """Run the verify graph over rows 0..n-1 with S tokens each (`_verify_io` says what binds where)."""
+        """Run a verify graph with S tokens per row: "verify" over rows 0..n-1, "verify_row" over row n alone
+        (`_verify_io` says what binds where)."""
         raise EngineError(f"{type(self).__name__} has no lossless mode (no verify graph runner)")
 
     def _release(self) -> None:

@@ -148,7 +148,7 @@ class TrtBackend(GraphBackend):
         self.itemsize = self.kv.itemsize
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engines = {g.name: self._load_engine(directory, g) for g in man.graphs if g.kind != "verify"}
+        self.engines = {g.name: self._load_engine(directory, g) for g in man.graphs if not g.kind.startswith("verify")}
         self._allocate(directory)
         self.contexts = {name: self._context(name) for name in self.engines}
         self._shapes: dict[str, tuple] = {}  # graph -> input shapes last set on its context

@@ -36,6 +36,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peers", type=_names,
                    help="ctranslate2-int8,ctranslate2-fp32 (default both; the peers extra installs ctranslate2)")
     p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 peers")
+    p.add_argument("--lossless", type=_lossless_pairs,
+                   help="lossless rows as DRAFT_SPEEDUP:DRAFT_TOKENS pairs, e.g. 3:4,5:6 (default 3:4)")
+    p.add_argument("--no-lossless", action="store_true", help="skip the lossless-mode rows")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
     p.add_argument("--cache-dir", type=Path, help="random checkpoints and engines (default engines/bench)")
@@ -43,6 +46,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("build/bench"),
                    help="bench.json, bench.md and bench.png go here (default build/bench)")
     p.add_argument("--json", type=Path, help="write the JSON here instead of OUT_DIR/bench.json")
+
+
+def _lossless_pairs(text: str) -> tuple[tuple[float, int], ...]:
+    try:
+        pairs = tuple((float(a), int(b)) for a, b in (item.split(":") for item in text.split(",")))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DRAFT_SPEEDUP:DRAFT_TOKENS pairs like 3:4,5:6") from exc
+    return pairs
 
 
 def config_from_args(args):
@@ -57,6 +68,7 @@ def config_from_args(args):
                            repeats=args.repeats, min_time_s=args.min_time, threads=args.threads, backends=args.backends,
                            hf=False if args.no_hf else None, memory=False if args.no_memory else None,
                            peers=() if args.no_peers else args.peers,
+                           lossless=() if args.no_lossless else args.lossless,
                            cache_dir=args.cache_dir, rebuild=args.rebuild or None)
     except ValueError as exc:  # the config names the bad value and its limit
         raise InputError(str(exc)) from exc

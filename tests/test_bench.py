@@ -74,12 +74,21 @@ def test_json_interface(bench_run):
     assert all(p["step_ms"] > 0 and p["attention_ms"] > 0 for p in scaling["points"])
     assert len(out["cost_models"]) == 6 and all(c["per_layer_s"] > 0 for c in out["cost_models"])
     assert out["memory"]["models"][0]["all_buckets_int8_bytes"] > 0
+    # lossless rows (default draft 3x, 4 tokens) on the default and int8 backends, greedy tokens equal full depth's
+    lossless = out["lossless"]
+    assert {(r["backend"], r["batch"]) for r in lossless} == {(b, n) for b in ("onnxruntime", "onnxruntime-int8")
+                                                              for n in (1, 2)}
+    for r in lossless:
+        assert r["identical"] and r["speedup"] > 0 and 0 <= r["acceptance_rate"] <= 1
+        assert (r["draft_speedup"], r["draft_tokens"]) == (3.0, 4)
+    assert any(c["target"] == "lossless tokens identical to full depth" and c["met"] for c in checks)
 
 
 def test_report_files_and_cache(bench_run):
     tmp, args, out = bench_run
     md = (tmp / "out" / "bench.md").read_text()
     assert "| tiny-preln | onnxruntime | 2 | 3x |" in md and "## Targets" in md and "3x speedup (ideal)" in md
+    assert "## Lossless mode" in md and "| tiny-preln | onnxruntime | 1 | 3x | 4 |" in md
     assert (tmp / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
     # a second run reuses the cached engine instead of exporting again
     model = prepare_model("tiny-preln", config_from_args(args), log=print)
@@ -156,6 +165,12 @@ def test_targets_evaluation():
     skip = checks[("SkipDecode", 3.0)]
     assert skip["stand_in_for"] == "opt-1.3b" and skip["value"] == pytest.approx(5.2) and skip["met"]
     assert checks[("all", None)]["met"] and checks[("step", None)]["met"]
+    lossless = {"model": "embedded", "backend": "onnxruntime", "batch": 1, "speedup": 1.4, "identical": True}
+    out["lossless"] = [lossless, lossless | {"batch": 8, "identical": False}]
+    found = [(c["target"], c["batch"], c["met"]) for c in evaluate_targets(out)["checks"] if "lossless" in c["target"]]
+    assert found == [("lossless tokens identical to full depth", 1, True), ("lossless >= 1.5 x full-depth tokens/s",
+                                                                              1, False),
+                     ("lossless tokens identical to full depth", 8, False)]
 
 
 def test_markdown_of_a_synthetic_result():
@@ -173,6 +188,8 @@ def test_markdown_of_a_synthetic_result():
     (("--models", "opt-7b"), "unknown model 'opt-7b'"),
     (("--batches", "64"), "must lie in [1, max_batch=32]"),
     (("--backends", "tensorrt"), "unknown backend 'tensorrt'"),
+    (("--lossless", "3:16"), "draft_tokens=16"),
+    (("--lossless", "1:4"), "draft_speedup=1.0"),
 ])
 def test_bad_arguments(argv, message):
     with pytest.raises(InputError, match=message.replace("[", r"\[")):
