@@ -80,9 +80,10 @@ class BenchConfig:
     quick: bool = False
     weight_gbps: float | None = None  # measured at the start of a run (env.memory_read_gbps)
     # lossless mode rows: (draft speedup, draft tokens) pairs, timed in the same rounds as the speedups, on these
-    # backends (greedy: their tokens are checked against the same round's full-depth run)
+    # backends (greedy: their tokens are checked against the same round's full-depth run; int8 engines are exact
+    # only up to MatMulNBits' rounding, docs/DESIGN.md §8, so they are not in the default)
     lossless: tuple[tuple[float, int], ...] = ((3.0, 4),)
-    lossless_backends: tuple[str, ...] = ("onnxruntime", "onnxruntime-int8")
+    lossless_backends: tuple[str, ...] = ("onnxruntime",)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m != EMBEDDED and m not in OPT_SHAPES and m not in TINY_SHAPES]
