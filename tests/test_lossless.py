@@ -215,11 +215,10 @@ def test_speculative_sampling_matches_the_full_depth_distribution(small_vocab, t
 
 # -- the slot API, the scheduler and the options ------------------------------------------------------------------
 
-def test_verify_rows_and_rewind_match_the_reference_and_check_their_input(engine_dir, tiny_model):
-    style, model = tiny_model
-    if style != engine_dir[0]:
-        pytest.skip("one pairing per style")
-    backend = Engine.load(engine_dir[2]).backend
+def test_verify_rows_and_rewind_match_the_reference_and_check_their_input(engine_dir):
+    style, _, out = engine_dir
+    model = build_random_opt(style, seed=0, init_std=0.15)  # the engine's checkpoint (tests/conftest.py)
+    backend = Engine.load(out).backend
     ref = TorchReference(model, max_batch=backend.max_batch)
     prompts = [[2, 5, 7, 9], [2, 3], [2, 4, 6, 8, 10, 12]]
     for be in (backend, ref):
