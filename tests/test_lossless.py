@@ -296,3 +296,33 @@ def test_draft_lengths_and_depths_all_agree_on_one_batch(kjv_engine):
     for k, s in itertools.product((1, 2, 8), (2.0, 5.0)):
         opts = GenerateOptions(max_new_tokens=20, lossless=True, draft_tokens=k, draft_speedup=s)
         assert [g.tokens for g in kjv_engine.generate(prompts, opts)] == want, (k, s)
+
+
+# -- over HTTP -----------------------------------------------------------------------------------------------------
+
+def test_http_lossless_requests_equal_full_depth_and_report_acceptance(kjv_engine):
+    pytest.importorskip("starlette", reason="the HTTP server needs the serve extra")
+    import httpx
+
+    from skipdecode.server import create_app
+
+    from .serving_fakes import serve_in_thread
+
+    def complete(url, **body):
+        r = httpx.post(url + "/v1/completions", json={"prompt": KJV_PROMPTS[0], "max_tokens": 24, **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with Service(kjv_engine) as svc, serve_in_thread(create_app(kjv_engine, svc, "kjv")) as (url, _):
+        full = complete(url)
+        fast = complete(url, lossless=True, draft_tokens=5, draft_speedup=3)
+        bad = httpx.post(url + "/v1/completions", json={"prompt": "a", "lossless": True, "speedup": 2}, timeout=30)
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+    assert fast["choices"][0]["tokens"] == full["choices"][0]["tokens"]
+    assert fast["choices"][0]["text"] == full["choices"][0]["text"]
+    counts = fast["skipdecode"]["lossless"]
+    assert counts["drafted"] > 0 and 0 <= counts["accepted"] <= counts["drafted"]
+    assert "lossless" not in full["skipdecode"]
+    assert bad.status_code == 400 and "full depth" in bad.json()["error"]["message"]
+    assert f"skipdecode_draft_tokens_total {float(counts['drafted'])}" in metrics
+    assert f"skipdecode_accepted_draft_tokens_total {float(counts['accepted'])}" in metrics
