@@ -27,7 +27,7 @@ from .logprobs import TokenLogprob, token_logprob
 from .profiling import step_range
 from .sampling import Sampler
 from .schedule import layers_for_budget, make_plan
-from .scheduler import DecodeCall, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, SpecRow, StepPlan
+from .scheduler import DecodeCall, Draft, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, SpecRow, StepPlan
 from .slot_backend import SlotBackend
 
 
@@ -56,8 +56,8 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
     buckets = tuple(s.bucket for s in plan.steps[: opts.max_new_tokens - 1])
     draft = None
     if opts.lossless:  # the schedule above is full depth (GenerateOptions refuses a SkipDecode one)
-        draft = (draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup),
-                 opts.draft_tokens or DEFAULT_DRAFT_TOKENS)
+        draft = Draft(draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup),
+                      opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=opts.draft_tokens is None)
     return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets, draft))
 
 
@@ -104,6 +104,13 @@ class _Sequence:
         self.next_token = -1  # the last emitted token: fed at the next decode step
         self.drafted = 0
         self.accepted = 0
+
+
+# Lossless drafting stops early for a row whose draft gives its token less than this probability (the draft's own
+# softmax): such a token is often rejected, and every draft built on it is wasted. Measured on the embedded model at
+# batch 1 (greedy, draft 3x): 6 drafts per round went from 0.82x to 1.03x full depth and the accepted share of
+# drafted tokens from 0.39 to 0.74; 4 drafts stayed within noise (1.01x vs 0.98x).
+DRAFT_STOP_BELOW = 0.6
 
 
 @lru_cache(maxsize=4096)
@@ -196,8 +203,11 @@ class Batcher:
         qs: list[list[np.ndarray]] = [[] for _ in rows]  # sampled rows: the draft distributions
         feed = np.array([s.next_token for s in seqs], dtype=np.int64)
         bad: set[int] = set()
-        for i in range(max(r.drafts for r in rows)):
-            active = [j for j, r in enumerate(rows) if r.drafts > i]
+        limit = [r.drafts for r in rows]  # lowered when a row's draft is unsure of its token
+        for i in range(max(limit)):
+            active = [j for j in range(len(rows)) if limit[j] > i]
+            if not active:
+                break
             bucket = max(rows[j].draft_bucket for j in active)
             gates = np.array([gate_row(L, self._warmup, bucket, rows[j].draft_bucket) for j in active], dtype=bool)
             logits = be.decode_rows([slots[j] for j in active], feed[active], bucket, gates)
@@ -209,13 +219,17 @@ class Batcher:
                 seq = seqs[j]
                 if seq.sampler.params.greedy or j in bad:
                     d = int(np.argmax(row)) if j not in bad else 0
+                    confidence = 1.0 / float(np.exp(row - row[d]).sum()) if j not in bad else 0.0
                 else:
                     qs[j].append(seq.sampler.probs(row))
                     d = seq.sampler.draw(qs[j][-1])
+                    confidence = float(qs[j][-1].max())
                 drafts[j].append(d)
                 feed[j] = d
+                if confidence < DRAFT_STOP_BELOW:  # a later draft would build on a likely miss
+                    limit[j] = i + 1
         be.rewind(slots, [r.column for r in rows])
-        S = max(r.drafts for r in rows) + 1
+        S = max(len(d) for d in drafts) + 1
         tokens = np.full((len(rows), S), self.backend.pad_token_id, dtype=np.int64)
         for j, seq in enumerate(seqs):
             tokens[j, 0] = seq.next_token
@@ -231,9 +245,9 @@ class Batcher:
                            finished)
                 continue
             out = self._accept(seq, drafts[j], qs[j], p)
-            seq.drafted += r.drafts
+            seq.drafted += len(drafts[j])
             seq.accepted += len(out) - 1
-            drafted += r.drafts
+            drafted += len(drafts[j])
             accepted += len(out) - 1
             for i, tok in enumerate(out):
                 if not self._record(seq, tok, p[i: i + 1], L, events, finished):

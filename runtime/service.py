@@ -63,6 +63,7 @@ class ServiceConfig:
     strategy: str = "gate"
     default_timeout_s: float | None = None
     metrics_window_s: float = 10.0  # tokens/s is measured over this trailing window
+    max_speculative_rows: int = 1  # lossless requests draft automatically in steps with at most this many of them
 
     def __post_init__(self) -> None:
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 1:
@@ -75,7 +76,7 @@ class ServiceConfig:
     def scheduler_config(self, slots: int, max_length: int) -> SchedulerConfig:
         batch = self.max_batch or slots
         return SchedulerConfig(batch, self.max_tokens_in_flight or batch * max_length, self.max_prefill_tokens,
-                               self.strategy)
+                               self.strategy, self.max_speculative_rows)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from skipdecode.runtime.errors import EngineError, InputError  # noqa: E402
 from skipdecode.runtime.generation import GenerateOptions, draft_bucket  # noqa: E402
 from skipdecode.runtime.generator import Generator  # noqa: E402
 from skipdecode.runtime.sampling import SamplingParams  # noqa: E402
-from skipdecode.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerError, SeqSpec  # noqa: E402
+from skipdecode.runtime.scheduler import Draft, Scheduler, SchedulerConfig, SchedulerError, SeqSpec  # noqa: E402
 from skipdecode.runtime.service import Service  # noqa: E402
 
 from .conftest import PROMPTS  # noqa: E402
@@ -258,7 +258,7 @@ def test_lossless_options_are_checked():
 def test_scheduler_lossless_rounds_shrink_at_the_end_and_commit_checks_counts():
     from skipdecode.runtime.kv import SlotTable
     sched = Scheduler(SchedulerConfig(max_batch=2, max_tokens_in_flight=100), SlotTable(2))
-    sched.submit(SeqSpec(7, 3, (12,) * 5, draft=(4, 4)))  # 6 tokens: 1 from the prefill, 5 from rounds
+    sched.submit(SeqSpec(7, 3, (12,) * 5, draft=Draft(4, 4, auto=False)))  # 6 tokens: the prefill's, 5 in rounds
     plan = sched.plan()
     sched.commit(plan, ())
     plan = sched.plan()
@@ -272,6 +272,39 @@ def test_scheduler_lossless_rounds_shrink_at_the_end_and_commit_checks_counts():
     sched.commit(plan, (), {7: 1})
     plan = sched.plan()  # one token left: a plain full-depth decode row, no drafting
     assert not plan.speculative and plan.rows[0].bucket == 12
+
+
+@pytest.mark.parametrize("limit, auto, alone, together", [(1, True, 1, 0), (2, True, 1, 2), (0, True, 0, 0),
+                                                         (1, False, 1, 2)])
+def test_automatic_drafting_only_in_steps_with_few_lossless_rows(limit, auto, alone, together):
+    """Without an explicit draft length, lossless rows speculate only while a step has at most
+    max_speculative_rows of them; the others decode at full depth (the same tokens, no verify pass). `alone`,
+    `together`: speculating rows with one lossless request running, then with two."""
+    from skipdecode.runtime.kv import SlotTable
+    sched = Scheduler(SchedulerConfig(max_batch=3, max_tokens_in_flight=100, max_speculative_rows=limit),
+                      SlotTable(3))
+    sched.submit(SeqSpec(1, 3, (12,) * 9, draft=Draft(4, 4, auto=auto)))
+    sched.submit(SeqSpec(2, 3, (6,) * 9))  # a SkipDecode request
+    sched.commit(sched.plan(), ())  # both prefilled
+    plan = sched.plan()
+    assert len(plan.speculative) == alone
+    assert sorted(r.bucket for r in plan.rows) == ([6] if alone else [6, 12])
+    sched.submit(SeqSpec(3, 3, (12,) * 9, draft=Draft(4, 4, auto=auto)))
+    sched.commit(plan, (), {r.request_id: 1 for r in plan.speculative})
+    plan = sched.plan()  # request 3 is prefilled in this step
+    sched.commit(plan, (), {r.request_id: 1 for r in plan.speculative})
+    plan = sched.plan()
+    assert len(plan.speculative) == together and len(plan.rows) == 3 - together
+
+
+def test_a_batch_of_lossless_rows_without_a_draft_length_decodes_at_full_depth_speed_path(kjv_engine):
+    prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS[:3]]
+    auto = kjv_engine.generate(prompts, GenerateOptions(max_new_tokens=12, lossless=True))
+    assert [g.drafted for g in auto] == [0, 0, 0]  # three lossless rows per step: no drafting by default
+    full = kjv_engine.generate(prompts, GenerateOptions(max_new_tokens=12))
+    assert [g.tokens for g in auto] == [g.tokens for g in full]
+    alone = kjv_engine.generate(prompts[:1], GenerateOptions(max_new_tokens=12, lossless=True))[0]
+    assert alone.drafted > 0 and alone.tokens == full[0].tokens
 
 
 def test_an_engine_without_a_verify_graph_refuses_lossless_with_a_clear_error(kjv_engine, monkeypatch):
