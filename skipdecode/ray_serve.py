@@ -221,6 +221,8 @@ def app_builder(args: dict[str, Any]):
     if "engine" not in args:
         raise InputError("app_builder needs `engine`: an engine directory every node mounts, or an archive URI")
     replica = {k: v for k, v in args.items() if k in replica_keys}
+    if "://" not in replica["engine"] and os.path.isdir(replica["engine"]):
+        replica["engine"] = os.path.abspath(replica["engine"])  # replicas do not run in this directory
     if isinstance(replica.get("allowed_hosts"), str):  # "a,b" or "*" as on the command line
         names = [h.strip() for h in replica["allowed_hosts"].split(",") if h.strip()]
         replica["allowed_hosts"] = None if "*" in names else tuple(dict.fromkeys([*LOOPBACK_HOSTS, *names]))

@@ -196,6 +196,19 @@ def test_serve_parser_takes_the_ray_options():
             deployment.max_ongoing_requests) == (2, 1, 4, 2.0, 16)
 
 
+def test_the_serve_run_config_file_is_valid_for_ray_and_for_the_app_builder(tiny_engine):
+    """configs/ray_serve.yaml: Ray's own schema accepts it and app_builder builds the app from its args."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ray_serve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "skipdecode.ray_serve:app_builder"
+    built = ray_serve.app_builder({**app["args"], "engine": str(tiny_engine)})
+    assert type(built).__name__ == "Application"
+
+
 def run_asgi(app, path="/x"):
     """Call an ASGI app once -> the messages it sent."""
     sent = []
