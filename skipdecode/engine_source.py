@@ -77,11 +77,22 @@ def engine_name(source: str) -> str:
     return name
 
 
+def normalize_source(source: str) -> str:
+    """A source as every replica can read it, wherever it runs: an existing local directory as an absolute path,
+    an existing local archive file as its file:// URI; URIs and other paths unchanged."""
+    if "://" in source:
+        return source
+    path = Path(source)
+    if path.is_dir():
+        return str(path.resolve())
+    return path.resolve().as_uri() if path.is_file() else source
+
+
 def check_source(source: str) -> None:
     """Reject what no replica could resolve, before anything is deployed. Raises InputError naming the value."""
-    if not source:
-        raise InputError("engine source is empty: give an engine directory or a file://, http:// or https:// "
-                         "URI of a tar archive of one")
+    if not isinstance(source, str) or not source:
+        raise InputError(f"engine source {source!r} is not a path or URI: give an engine directory or a file://, "
+                         "http:// or https:// URI of a tar archive of one")
     scheme = urllib.parse.urlsplit(source).scheme
     if "://" in source and scheme not in ARCHIVE_SCHEMES:
         raise InputError(f"engine URI scheme {scheme!r} of {source!r} is not supported (supported: "

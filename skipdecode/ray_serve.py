@@ -37,8 +37,9 @@ from typing import Any
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from skipdecode.engine_source import check_source, engine_name, resolve_engine
+from skipdecode.engine_source import check_source, engine_name, is_archive_uri, normalize_source, resolve_engine
 from skipdecode.runtime.errors import InputError, check_int
+from skipdecode.runtime.manifest import load_manifest
 
 APP_NAME = "skipdecode"
 DEPLOYMENT_NAME = "SkipDecodeEngine"
@@ -221,8 +222,8 @@ def app_builder(args: dict[str, Any]):
     if "engine" not in args:
         raise InputError("app_builder needs `engine`: an engine directory every node mounts, or an archive URI")
     replica = {k: v for k, v in args.items() if k in replica_keys}
-    if "://" not in replica["engine"] and os.path.isdir(replica["engine"]):
-        replica["engine"] = os.path.abspath(replica["engine"])  # replicas do not run in this directory
+    check_source(replica["engine"])
+    replica["engine"] = normalize_source(replica["engine"])  # replicas do not run in this directory
     if isinstance(replica.get("allowed_hosts"), str):  # "a,b" or "*" as on the command line
         names = [h.strip() for h in replica["allowed_hosts"].split(",") if h.strip()]
         replica["allowed_hosts"] = None if "*" in names else tuple(dict.fromkeys([*LOOPBACK_HOSTS, *names]))
@@ -292,12 +293,10 @@ def proxy_middlewares() -> list:
 def settings_from_args(args) -> tuple[ReplicaSettings, DeploymentSettings]:
     """The serve command's arguments as settings; a local engine path becomes absolute (replicas do not run in
     this directory)."""
-    from skipdecode.engine_source import is_archive_uri
     from skipdecode.serve_cli import allowed_hosts
 
-    engine = args.engine if "://" in args.engine or is_archive_uri(args.engine) else os.path.abspath(args.engine)
     replica = ReplicaSettings(
-        engine=engine, model_name=args.model_name or engine_name(args.engine),
+        engine=normalize_source(args.engine), model_name=args.model_name or engine_name(args.engine),
         manifest_sha256=args.manifest_sha256, cache_dir=args.engine_cache, verify=args.verify,
         threads=args.threads, max_length=args.max_length, prepack=args.prepack, max_batch=args.max_batch,
         max_queue=args.max_queue, max_tokens_in_flight=args.max_tokens_in_flight,
@@ -362,34 +361,58 @@ def local_ray_environment(env) -> None:
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
     """`skipdecode serve --ray`: start (or join, with --address) Ray, deploy, serve until SIGINT/SIGTERM, stop."""
     import ray
 
     replica, deployment = settings_from_args(args)
     local = args.address is None
-    if local:
-        local_ray_environment(os.environ)
-        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, logging_level="warning")
-        check_local_capacity(deployment, ray.cluster_resources().get("CPU", 0.0))
-    else:
-        ray.init(address=args.address, logging_level="warning")
+    if local and not is_archive_uri(replica.engine):
+        load_manifest(replica.engine)  # the replicas run here: a wrong path fails now, not in each replica
     stop = threading.Event()
+    # A signal in the middle of ray.init would leave the processes it had started so far behind: hold signals
+    # until it returns, then stop cleanly if one came. While deploying, a signal interrupts like Ctrl-C.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        if local:
+            local_ray_environment(os.environ)
+            ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, logging_level="warning")
+        else:
+            ray.init(address=args.address, logging_level="warning")
+        if stop.is_set():
+            return 1
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
+        if local:
+            check_local_capacity(deployment, ray.cluster_resources().get("CPU", 0.0))
         serve.start(http_options=http_options(args.host, args.port, args.max_timeout, args.keep_alive_timeout))
-        deploy(replica, deployment, timeout_s=args.ray_start_timeout)
+        try:
+            deploy(replica, deployment, timeout_s=args.ray_start_timeout)
+        except (RuntimeError, TimeoutError) as exc:  # Ray's deployment failure, or replicas never ready
+            print(f"skipdecode serve: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        for sig in (signal.SIGINT, signal.SIGTERM):  # from here on, a signal stops serving
+            signal.signal(sig, lambda *_: stop.set())
         count = (f"{deployment.min_replicas}..{deployment.max_replicas} replicas (autoscaling)"
                  if deployment.autoscaling else f"{deployment.replicas} replica(s)")
         print(f"skipdecode serve --ray: {replica.engine} on http://{args.host}:{args.port} ({count}, "
               f"{deployment.replica_cpus:g} CPU each, Ray {'local' if local else args.address})",
               file=sys.stderr, flush=True)
         stop.wait()
+    except KeyboardInterrupt:  # a signal while deploying: stop what was started, no traceback
+        print("skipdecode serve: interrupted while deploying; stopping", file=sys.stderr, flush=True)
+        return 130
     finally:
-        if local:
-            serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s), then the proxy and controller stop
-        else:
-            serve.delete(APP_NAME)  # leave the cluster's Serve (and other applications) running
-        ray.shutdown()
+        try:
+            if ray.is_initialized() and local:
+                serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s), then the proxy and controller stop
+            elif ray.is_initialized():
+                serve.delete(APP_NAME)  # leave the cluster's Serve (and other applications) running
+        finally:
+            ray.shutdown()  # also stops what a local ray.init had started when it was interrupted
     return 0

@@ -35,7 +35,7 @@ from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.errors import EngineError, InputError  # noqa: E402
 
 from skipdecode import ray_serve  # noqa: E402
-from skipdecode.engine_source import engine_name, resolve_engine  # noqa: E402
+from skipdecode.engine_source import engine_name, normalize_source, resolve_engine  # noqa: E402
 from skipdecode.server_api import ServerLimits, parse_completion  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -96,7 +96,7 @@ def http_files(tmp_path):
         thread.join(10)
 
 
-def test_local_path_and_file_uri_of_a_directory_are_used_in_place(tiny_engine, tmp_path):
+def test_local_path_and_file_uri_of_a_directory_are_used_in_place(tiny_engine, tmp_path, monkeypatch):
     for source in (str(tiny_engine), tiny_engine.as_uri()):
         got = resolve_engine(source, tmp_path / "cache")
         assert got.path == tiny_engine and not got.verified  # Engine.load verifies a shared path itself
@@ -108,6 +108,10 @@ def test_local_path_and_file_uri_of_a_directory_are_used_in_place(tiny_engine, t
     with pytest.raises(InputError, match="manifest_sha256='abc' must be 64 hex digits"):
         resolve_engine(str(tiny_engine), manifest_sha256="abc")
     assert engine_name("https://h/x/tiny-opt-kjv.tar.gz") == "tiny-opt-kjv" and engine_name(str(tiny_engine)) == "tiny"
+    archive = make_archive(tiny_engine, tmp_path / "e.tar.gz")
+    monkeypatch.chdir(tmp_path)  # relative paths become what a replica elsewhere can read
+    assert normalize_source("e.tar.gz") == archive.as_uri() and normalize_source(".") == str(tmp_path)
+    assert normalize_source("https://h/e.tar.gz") == "https://h/e.tar.gz"
 
 
 def test_archive_is_downloaded_once_per_cache_by_concurrent_replicas_and_verified(tiny_engine, tmp_path, http_files):
@@ -497,3 +501,38 @@ def test_shutdown_leaves_no_process_behind(cluster):
         time.sleep(0.2)
     assert not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left}
     assert not ray.is_initialized()
+
+
+def test_the_serve_command_runs_on_ray_and_a_sigterm_leaves_no_process_behind(tiny_engine, tmp_path):
+    """`skipdecode serve --ray` as a user runs it (after the module's instance is down: one Ray at a time here)."""
+    import signal
+    import subprocess
+    import sys
+
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "skipdecode.serve_cli", "--engine", str(tiny_engine),
+                                 "--ray", "--replicas", "1", "--port", str(port), "--ray-cpus", "2"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while "skipdecode serve --ray: " not in log.read_text():  # deployed: serving until a signal
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        r = httpx.post(url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": 4, "stream": True}, timeout=30)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        started = descendants(proc.pid)
+        assert len(started) >= 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    deadline = time.monotonic() + 30
+    while (left := {p for p in started if running(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left}
