@@ -213,6 +213,38 @@ def test_the_serve_run_config_file_is_valid_for_ray_and_for_the_app_builder(tiny
     assert type(built).__name__ == "Application"
 
 
+def test_health_check_fails_only_when_the_batching_worker_is_gone(tiny_engine, monkeypatch):
+    """Ray replaces a replica whose check_health raises: one whose service worker died (requests would wait
+    forever), not one that is shutting down."""
+    from types import SimpleNamespace
+
+    from skipdecode.runtime.generation import GenerateOptions
+    from skipdecode.runtime.service import Service
+
+    check = ray_serve.SkipDecodeEngine.func_or_class.check_health
+    engine = Engine.load(tiny_engine)
+    svc = Service(engine)
+    check(SimpleNamespace(service=svc))
+    assert svc.alive
+    svc.shutdown()
+    assert not svc.alive
+    check(SimpleNamespace(service=svc))  # stopped on purpose: healthy enough to drain and exit
+    broken = Service(engine)
+
+    def crash(*args):
+        raise RuntimeError("injected worker crash")
+    monkeypatch.setattr(broken, "_apply_cancels", crash)
+    monkeypatch.setattr("threading.excepthook", lambda args: None)  # the injected crash is expected
+    broken.submit([2, 3], GenerateOptions(max_new_tokens=2))
+    deadline = time.monotonic() + 10
+    while broken.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="worker thread of this replica has stopped"):
+        check(SimpleNamespace(service=broken))
+    broken.shutdown()
+    engine.close()
+
+
 def run_asgi(app, path="/x"):
     """Call an ASGI app once -> the messages it sent."""
     sent = []
