@@ -356,9 +356,12 @@ def check_local_capacity(deployment: DeploymentSettings, cpus: float) -> None:
 
 def local_ray_environment(env) -> None:
     """Environment a local Ray instance's processes inherit (set before `ray.init` starts them): the proxy's
-    middleware, and no usage reporting (Ray's default today, pinned so a machine without network never tries)."""
+    middleware; no usage reporting (Ray's default today, pinned so a machine without network never tries); and
+    30 s instead of 5 s for the proxy to report ready, since on a small, busy machine (2 cores, replicas loading)
+    the controller otherwise kills a proxy that is merely slow to start (seen at a load of 4 on 2 cores)."""
     env.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 
 def _interrupt(signum, frame) -> None:
