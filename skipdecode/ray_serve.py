@@ -386,7 +386,13 @@ def run(args) -> int:
             local_ray_environment(os.environ)
             ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, logging_level="warning")
         else:
-            ray.init(address=args.address, logging_level="warning")
+            try:
+                ray.init(address=args.address, logging_level="warning")
+            except (ConnectionError, RuntimeError) as exc:  # wrong address, or no / another auth token
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"could not join the Ray cluster at --address {args.address!r}: {first}. Check the "
+                                 "address; with token authentication, set RAY_AUTH_MODE=token and the cluster's "
+                                 "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here as on its nodes") from None
         if stop.is_set():
             return 1
         for sig in (signal.SIGINT, signal.SIGTERM):
