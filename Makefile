@@ -16,11 +16,12 @@ EXPORT_SPEEDUPS ?= 2,3,5
 # Targets of later features (training, evaluation) live in mk/*.mk.
 -include mk/*.mk
 
-# Create .venv/ and install the package with the export (torch CPU, transformers, onnx), dev, serve and peers extras.
+# Create .venv/ and install the package with the export (torch CPU, transformers, onnx), dev, serve, peers and ray
+# (Ray Serve scale-out) extras.
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev,serve,peers]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve,peers,ray]'
 
 # Run the test suite (tiny OPT models built in-process; no downloads).
 test:

@@ -300,6 +300,12 @@ class Service:
         with self._cv:
             return self._closing
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs. It exits only after shutdown(), so False on a service that was not
+        shut down means no request will ever progress: a supervisor's health check (Ray Serve's) restarts it."""
+        return self._thread.is_alive()
+
     def _cancel(self, request_id: int, reason: str) -> None:
         with self._cv:
             if request_id in self._handles:

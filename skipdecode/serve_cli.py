@@ -85,6 +85,35 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=int, default=512,
                    help="open connections; one beyond it is closed at once")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    add_ray_arguments(p)
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """Scale-out (skipdecode/ray_serve.py): the same app on Ray Serve replicas; --engine may then be an archive URI."""
+    g = p.add_argument_group("scale-out on Ray Serve (pip install -e .[ray]; --header-timeout and "
+                             "--max-connections do not apply: Ray's proxy serves HTTP)")
+    g.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: one engine per replica, Ray's HTTP proxy in front; --engine may be a "
+                        "file://, http:// or https:// URI of a tar archive of the engine, downloaded once per machine")
+    g.add_argument("--replicas", type=int, default=1, help="replicas (with autoscaling: the initial count)")
+    g.add_argument("--address", help="join this Ray cluster ('auto' or HOST:PORT of a `ray start --head`) instead of "
+                                     "starting a local Ray instance")
+    g.add_argument("--min-replicas", type=int, help="autoscaling lower bound (with --max-replicas)")
+    g.add_argument("--max-replicas", type=int, help="autoscaling upper bound (with --min-replicas)")
+    g.add_argument("--target-ongoing-requests", type=float, default=8.0,
+                   help="autoscaling target: requests in flight per replica")
+    g.add_argument("--max-ongoing-requests", type=int, default=64,
+                   help="requests Ray sends one replica at once (its batch plus its queue)")
+    g.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting in Ray for a free replica before 503 with Retry-After")
+    g.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves per replica; also its default --threads")
+    g.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray instance (default: every core)")
+    g.add_argument("--engine-cache", help="per-machine directory archive URIs are unpacked into "
+                                          "(default: $SKIPDECODE_ENGINE_CACHE or ~/.cache/skipdecode/engines)")
+    g.add_argument("--manifest-sha256", help="sha256 of the engine's manifest.json: replicas refuse any other export")
+    g.add_argument("--ray-start-timeout", type=float, default=300.0,
+                   help="seconds for every replica to load its engine and report healthy")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -93,7 +122,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args) -> int:
-    """Load the engine, start the service and serve until SIGINT/SIGTERM; then drain and stop."""
+    """Load the engine, start the service and serve until SIGINT/SIGTERM; then drain and stop. With --ray: the
+    same app on Ray Serve replicas (skipdecode/ray_serve.py)."""
+    if getattr(args, "ray", False):
+        return run_ray(args)
     from pathlib import Path
 
     import uvicorn
@@ -121,6 +153,16 @@ def run_serve(args) -> int:
     uvicorn.Server(uvicorn_config(app, net, host=args.host, port=args.port, log_level=args.log_level,
                                   timeout_graceful_shutdown=int(args.drain_timeout))).run()
     return 0
+
+
+def run_ray(args) -> int:
+    from skipdecode.runtime.errors import InputError
+    try:
+        from skipdecode import ray_serve
+    except ImportError as exc:
+        raise InputError(f"--ray needs Ray Serve ({exc}): pip install -e '.[ray]'") from None
+    warn_if_exposed(args.host, args.api_key)
+    return ray_serve.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

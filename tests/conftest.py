@@ -36,3 +36,15 @@ def engine_dir(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / style
     export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0, 3.0, 5.0), max_batch=4), progress=False)
     return style, ckpt, out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """One tiny exported engine (4 KV slots, 128 positions) shared by the scale-out test modules."""
+    from skipdecode.export.exporter import ExportConfig, export
+    from skipdecode.export.random_models import build_random_opt
+    root = tmp_path_factory.mktemp("ray-engine")
+    build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
+    export(ExportConfig(model=str(root / "ckpt"), out=root / "tiny", speedups=(2.0, 3.0), max_batch=4),
+           progress=False)
+    return root / "tiny"

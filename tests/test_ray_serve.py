@@ -1,0 +1,446 @@
+"""Scale-out on Ray Serve (skipdecode/ray_serve.py) and engine distribution (skipdecode/engine_source.py).
+
+Without a cluster: engine sources (shared path, archive over file:// and loopback http, fetched once per cache
+under concurrent replicas, verified, pinned), settings validation, the proxy middleware's error shapes.
+With one local Ray instance for the module (2 replicas of a tiny engine, 4 logical CPUs on a 2-core machine): 40
+concurrent requests, plain and streamed, mixed speedups, each equal to a solo `engine.generate`; backpressure as
+503 with Retry-After from both the replica and Ray's proxy; a replica killed under load fails only its own
+requests, with a clear error, and comes back; shutdown leaves no process behind. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+for _module in ("httpx", "starlette", "uvicorn", "prometheus_client"):  # the `serve` extra
+    pytest.importorskip(_module, reason="the HTTP server needs the serve extra: pip install -e .[serve]")
+pytest.importorskip("ray.serve", reason="Ray Serve tests need the ray extra: pip install -e .[ray]")
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from skipdecode.runtime.engine import Engine  # noqa: E402
+from skipdecode.runtime.errors import InputError  # noqa: E402
+
+from skipdecode import ray_serve  # noqa: E402
+from skipdecode.server_api import ServerLimits, parse_completion  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+
+
+# -- settings and the proxy middleware (no Ray cluster) ----------------------------------------------------------
+def test_settings_name_the_bad_value_and_the_limit(tiny_engine):
+    with pytest.raises(InputError, match="replicas=0 is below the minimum 1"):
+        ray_serve.DeploymentSettings(replicas=0)
+    with pytest.raises(InputError, match="min_replicas=2 and max_replicas=None: give both bounds"):
+        ray_serve.DeploymentSettings(min_replicas=2)
+    with pytest.raises(InputError, match="max_replicas=1 is below the minimum 2"):
+        ray_serve.DeploymentSettings(replicas=2, min_replicas=2, max_replicas=1)
+    with pytest.raises(InputError, match=r"replicas=5 \(the initial count\) must be within min_replicas=1 and "
+                                         "max_replicas=4"):
+        ray_serve.DeploymentSettings(replicas=5, min_replicas=1, max_replicas=4)
+    with pytest.raises(InputError, match="replica_cpus=0 must be a number > 0"):
+        ray_serve.DeploymentSettings(replica_cpus=0)
+    with pytest.raises(InputError, match="max_queue=0 is below the minimum 1"):
+        ray_serve.ReplicaSettings(engine=str(tiny_engine), max_queue=0)
+    with pytest.raises(InputError, match=r"unknown argument\(s\) \['replica'\]"):
+        ray_serve.app_builder({"engine": str(tiny_engine), "replica": 2})
+    opts = ray_serve.DeploymentSettings(replicas=2, min_replicas=1, max_replicas=3).options()
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2,
+                                          "target_ongoing_requests": 8.0} and "num_replicas" not in opts
+    assert ray_serve.DeploymentSettings(replicas=2).options()["num_replicas"] == 2
+    with pytest.raises(InputError, match="3 replicas x 1 CPUs = 3 CPUs, above the 2 CPUs of this local Ray"):
+        ray_serve.check_local_capacity(ray_serve.DeploymentSettings(replicas=3), 2.0)
+
+
+def test_serve_parser_takes_the_ray_options():
+    from skipdecode.cli import build_parser
+    args = build_parser().parse_args(["serve", "--engine", "https://h/e.tar.gz", "--ray", "--replicas", "2",
+                                      "--address", "auto", "--min-replicas", "1", "--max-replicas", "4",
+                                      "--replica-cpus", "2", "--max-ongoing-requests", "16"])
+    replica, deployment = ray_serve.settings_from_args(args)
+    assert replica.engine == "https://h/e.tar.gz" and replica.model_name == "e"
+    assert (deployment.replicas, deployment.min_replicas, deployment.max_replicas, deployment.replica_cpus,
+            deployment.max_ongoing_requests) == (2, 1, 4, 2.0, 16)
+
+
+def test_the_serve_run_config_file_is_valid_for_ray_and_for_the_app_builder(tiny_engine):
+    """configs/ray_serve.yaml: Ray's own schema accepts it and app_builder builds the app from its args."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ray_serve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "skipdecode.ray_serve:app_builder"
+    built = ray_serve.app_builder({**app["args"], "engine": str(tiny_engine)})
+    assert type(built).__name__ == "Application"
+
+
+def test_health_check_fails_only_when_the_batching_worker_is_gone(tiny_engine, monkeypatch):
+    """Ray replaces a replica whose check_health raises: one whose service worker died (requests would wait
+    forever), not one that is shutting down."""
+    from types import SimpleNamespace
+
+    from skipdecode.runtime.generation import GenerateOptions
+    from skipdecode.runtime.service import Service
+
+    check = ray_serve.SkipDecodeEngine.func_or_class.check_health
+    engine = Engine.load(tiny_engine)
+    svc = Service(engine)
+    check(SimpleNamespace(service=svc))
+    assert svc.alive
+    svc.shutdown()
+    assert not svc.alive
+    check(SimpleNamespace(service=svc))  # stopped on purpose: healthy enough to drain and exit
+    broken = Service(engine)
+
+    def crash(*args):
+        raise RuntimeError("injected worker crash")
+    monkeypatch.setattr(broken, "_apply_cancels", crash)
+    monkeypatch.setattr("threading.excepthook", lambda args: None)  # the injected crash is expected
+    broken.submit([2, 3], GenerateOptions(max_new_tokens=2))
+    deadline = time.monotonic() + 10
+    while broken.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="worker thread of this replica has stopped"):
+        check(SimpleNamespace(service=broken))
+    broken.shutdown()
+    engine.close()
+
+
+def run_asgi(app, path="/x"):
+    """Call an ASGI app once -> the messages it sent."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    asyncio.run(app({"type": "http", "path": path, "method": "GET", "headers": []}, receive, send))
+    return sent
+
+
+def test_proxy_middleware_turns_a_lost_replica_into_the_servers_error_shapes():
+    async def no_answer(scope, receive, send):  # what Ray's proxy does when the replica died before answering
+        return
+
+    async def cut_stream(scope, receive, send):  # ... and when it died mid-stream
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+
+    async def complete(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    start, body = run_asgi(ray_serve.ReplicaLossMiddleware(no_answer))
+    assert start["status"] == 502
+    assert json.loads(body["body"])["error"]["code"] == "replica_failed"
+    sent = run_asgi(ray_serve.ReplicaLossMiddleware(cut_stream))
+    assert len(sent) == 3 and sent[-1]["more_body"] is False
+    lines = sent[-1]["body"].decode().split("\n\n")
+    assert json.loads(lines[0][len("data: "):])["error"]["code"] == "replica_failed" and lines[1] == "data: [DONE]"
+    assert len(run_asgi(ray_serve.ReplicaLossMiddleware(complete))) == 2  # untouched
+
+
+# -- a local Ray instance: 2 replicas ------------------------------------------------------------------------------
+def children_of() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            out.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    tree, out, todo = children_of(), set(), [pid]
+    while todo:
+        for c in tree.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Cluster:
+    """The module's local Ray instance and the processes it started (recorded as they appear)."""
+
+    def __init__(self, url: str, engine: Path, before: set[int]) -> None:
+        self.url, self.engine, self.before, self.seen = url, engine, before, set()
+        self.up = True
+        self.record()
+
+    def record(self) -> None:
+        self.seen |= descendants(os.getpid()) - self.before
+
+    def shutdown(self) -> None:
+        if self.up:
+            self.record()
+            self.up = False
+            serve.shutdown()
+            ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_engine):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("the process checks read /proc (Linux)")
+    before = descendants(os.getpid())
+    saved = dict(os.environ)
+    ray_serve.local_ray_environment(os.environ)  # the proxy middleware; inherited by the processes ray.init starts
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 logging_level="error", object_store_memory=100 * 2**20)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    port = free_port()
+    c = Cluster(f"http://127.0.0.1:{port}", tiny_engine, before)
+    try:
+        serve.start(http_options=ray_serve.http_options("127.0.0.1", port, 60.0, 5.0))
+        # 2 running rows per replica: requests queue on each, so a killed replica always holds some
+        ray_serve.deploy(ray_serve.ReplicaSettings(engine=str(tiny_engine), model_name="tiny", threads=1,
+                                                   max_batch=2),
+                         ray_serve.DeploymentSettings(replicas=2, replica_cpus=1, health_check_period_s=1),
+                         timeout_s=120)
+        wait_for_replicas(c.url, 2, timeout_s=60)
+        c.record()
+        yield c
+    finally:
+        c.shutdown()
+
+
+def wait_for_replicas(url: str, count: int, timeout_s: float, exclude: str | None = None) -> set[str]:
+    """Send small requests until `count` distinct replicas (other than `exclude`) have answered through the proxy
+    (its routing table follows the controller's with a delay) -> their names."""
+    deadline, names = time.monotonic() + timeout_s, set()
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": 1}, timeout=10)
+        except httpx.HTTPError:
+            r = None
+        if r is not None and r.status_code == 200:
+            names.add(r.headers[ray_serve.REPLICA_HEADER])
+            if len(names - {exclude}) >= count:
+                return names
+        time.sleep(0.05)
+    raise AssertionError(f"{count} replicas did not answer within {timeout_s} s (answered: {sorted(names)})")
+
+
+def bodies(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        body = {"prompt": [int(t) for t in rng.integers(3, 200, int(rng.integers(1, 16)))],
+                "max_tokens": int(rng.integers(4, 40)), "stream": bool(i % 2)}
+        if i % 3:
+            body["speedup"] = [2.0, 3.0][i % 2]
+        if i % 4 == 1:
+            body.update(temperature=0.8, top_p=0.9, seed=i)
+        out.append(body)
+    return out
+
+
+async def complete(client: httpx.AsyncClient, url: str, body: dict, started: list | None = None) -> dict:
+    """One request -> {"replica", "status", "tokens", "reason", "error"}. A stream's error event is its error.
+    `started` gets the replica's name when a stream's response starts."""
+    out = {"replica": None, "status": None, "tokens": [], "reason": None, "error": None}
+    if not body.get("stream"):
+        r = await client.post(url + "/v1/completions", json=body)
+        out.update(replica=r.headers.get(ray_serve.REPLICA_HEADER), status=r.status_code)
+        if r.status_code == 200:
+            data = r.json()
+            out.update(tokens=data["choices"][0]["tokens"], reason=data["skipdecode"]["finish_reason"])
+        else:
+            out["error"] = r.json()["error"]
+        return out
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        out.update(replica=r.headers.get(ray_serve.REPLICA_HEADER), status=r.status_code)
+        if r.status_code != 200:  # refused or failed before the stream started: a JSON error
+            out["error"] = json.loads(await r.aread())["error"]
+            return out
+        if started is not None and out["replica"] is not None:
+            started.append(out["replica"])
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                out["error"] = event["error"]
+                continue
+            choice = event["choices"][0]
+            if "token" in choice:
+                out["tokens"].append(choice["token"])
+            out["reason"] = choice["finish_reason"] and event["skipdecode"]["finish_reason"] or out["reason"]
+    return out
+
+
+def solo(engine: Engine, body: dict) -> tuple[list[int], str]:
+    limits = ServerLimits(max_length=engine.backend.max_length, vocab_size=engine.vocab_size,
+                          eos_token_id=engine.eos_token_id)
+    r = engine.generate([list(body["prompt"])], parse_completion(body, limits, None).options)[0]
+    return list(r.tokens), r.finish_reason
+
+
+def test_40_concurrent_requests_each_equal_a_solo_run(cluster):
+    work = bodies(40)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.wait_for(asyncio.gather(*[complete(client, cluster.url, b) for b in work]), 90)
+    results = asyncio.run(main())
+    ref = Engine.load(cluster.engine)
+    for body, got in zip(work, results, strict=True):
+        assert got["status"] == 200 and got["error"] is None, (body, got)
+        assert (got["tokens"], got["reason"]) == solo(ref, body), body
+    assert len({r["replica"] for r in results}) == 2  # both replicas served
+    models = httpx.get(cluster.url + "/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert httpx.get(cluster.url + "/health", timeout=10).json()["status"] == "ok"
+    assert "skipdecode_requests_submitted_total" in httpx.get(cluster.url + "/metrics", timeout=10).text
+    bad = httpx.post(cluster.url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": -1}, timeout=10)
+    assert bad.status_code == 400 and "max_tokens=-1 is below the minimum 1" in bad.json()["error"]["message"]
+
+
+def test_backpressure_reaches_the_client_as_503_with_retry_after(cluster):
+    """A replica with one running slot and one queued request. Ray forwarding everything: the replica refuses what
+    its queue cannot take (OverloadedError). Ray forwarding one at a time and queueing one: Ray's proxy refuses."""
+    replica = ray_serve.ReplicaSettings(engine=str(cluster.engine), threads=1, max_batch=1, max_queue=1)
+    body = {"prompt": [2, 5], "max_tokens": 120, "ignore_eos": True}
+
+    def burst(n: int, ongoing: int, queued: int) -> list[httpx.Response]:
+        ray_serve.deploy(replica, ray_serve.DeploymentSettings(replicas=1, max_ongoing_requests=ongoing,
+                                                               max_queued_requests=queued),
+                         timeout_s=120, name="bp", route_prefix="/bp")
+        wait_for_replicas(cluster.url + "/bp", 1, timeout_s=60)
+        cluster.record()
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+                return await asyncio.wait_for(asyncio.gather(
+                    *[client.post(cluster.url + "/bp/v1/completions", json=body) for _ in range(n)]), 60)
+        return asyncio.run(main())
+    try:
+        by_replica = burst(30, ongoing=32, queued=32)
+        by_ray = burst(10, ongoing=1, queued=1)
+    finally:
+        serve.delete("bp")
+    for responses in (by_replica, by_ray):
+        assert {r.status_code for r in responses} == {200, 503}, [r.status_code for r in responses]
+        assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+    refused = [r for r in by_replica if r.status_code == 503]
+    assert all(r.json()["error"]["type"] == "overloaded_error" for r in refused), refused[0].text
+    assert "the queue limit is 1; retry later" in refused[0].json()["error"]["message"]
+    refused = [r for r in by_ray if r.status_code == 503]
+    assert all("Request dropped due to backpressure" in r.text for r in refused), refused[0].text
+
+
+def test_a_replica_killed_under_load_fails_only_its_requests_and_comes_back(cluster):
+    work = [{"prompt": [2, 5 + i], "max_tokens": 120, "ignore_eos": True, "stream": i % 4 != 3,
+             **({"speedup": 2.0} if i % 2 else {})} for i in range(32)]
+    started: list[str] = []
+    victim = None
+
+    async def main():
+        nonlocal victim
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            jobs = asyncio.gather(*[complete(client, cluster.url, b, started) for b in work])
+            deadline = time.monotonic() + 30
+            while (len(started) < 12 or len(set(started)) < 2) and time.monotonic() < deadline and not jobs.done():
+                await asyncio.sleep(0.005)
+            assert len(set(started)) == 2, f"streams started on {set(started)} only: cannot tell whose fail"
+            # kill the replica most streams started on: it holds running and queued requests now
+            victim = max(set(started), key=started.count)
+            await asyncio.to_thread(ray.kill, ray.get_actor(victim, namespace="serve"), no_restart=True)
+            return await asyncio.wait_for(jobs, 90)  # none may hang
+    results = asyncio.run(main())
+    ref = Engine.load(cluster.engine)
+    failed = [r for r in results if r["error"] is not None]
+    assert failed, "the killed replica was running none of the requests"
+    for body, got in zip(work, results, strict=True):
+        if got["error"] is None:
+            assert got["status"] == 200 and (got["tokens"], got["reason"]) == solo(ref, body), body
+            continue
+        assert got["error"]["code"] == "replica_failed" and "retry the request" in got["error"]["message"]
+        # a started stream gets its error as an event; a request the replica had not answered, a JSON 502
+        assert got["status"] == 502 or (body["stream"] and got["status"] == 200), got
+        if got["replica"] is not None:
+            assert got["replica"] == victim  # only the killed replica's requests fail
+    assert any(r["error"] is None and r["replica"] != victim for r in results)
+    # Ray starts a replacement: two live replicas answer again
+    assert victim not in wait_for_replicas(cluster.url, 2, timeout_s=90, exclude=victim)
+    cluster.record()
+
+
+def test_shutdown_leaves_no_process_behind(cluster):
+    started = set(cluster.seen)
+    assert len(started) >= 4  # gcs, raylet, controller, proxy, replicas: the check below means something
+    cluster.shutdown()
+    deadline = time.monotonic() + 30
+    while (left := {p for p in started if running(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left}
+    assert not ray.is_initialized()
+
+
+def test_the_serve_command_runs_on_ray_and_a_sigterm_leaves_no_process_behind(tiny_engine, tmp_path):
+    """`skipdecode serve --ray` as a user runs it (after the module's instance is down: one Ray at a time here)."""
+    import signal
+    import subprocess
+    import sys
+
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "skipdecode.serve_cli", "--engine", str(tiny_engine),
+                                 "--ray", "--replicas", "1", "--port", str(port), "--ray-cpus", "2"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while "skipdecode serve --ray: " not in log.read_text():  # deployed: serving until a signal
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        r = httpx.post(url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": 4, "stream": True}, timeout=30)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        started = descendants(proc.pid)
+        assert len(started) >= 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    deadline = time.monotonic() + 30
+    while (left := {p for p in started if running(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left}
