@@ -81,8 +81,9 @@ class BenchConfig:
     weight_gbps: float | None = None  # measured at the start of a run (env.memory_read_gbps)
     # lossless mode rows: (draft speedup, draft tokens) pairs, timed in the same rounds as the speedups, on these
     # backends (greedy: their tokens are checked against the same round's full-depth run; int8 engines are exact
-    # only up to MatMulNBits' rounding, docs/DESIGN.md §8, so they are not in the default)
-    lossless: tuple[tuple[float, int], ...] = ((3.0, 4),)
+    # only up to MatMulNBits' rounding, docs/DESIGN.md §8, so they are not in the default). Draft tokens 0: the
+    # automatic default (4 tokens, drafting only in steps with one lossless row).
+    lossless: tuple[tuple[float, int], ...] = ((3.0, 0), (3.0, 4))
     lossless_backends: tuple[str, ...] = ("onnxruntime",)
 
     def __post_init__(self) -> None:
@@ -100,8 +101,8 @@ class BenchConfig:
                              f"in max_length {self.max_length}")
         if self.max_new_tokens < 2 or self.repeats < 1 or min(self.speedups, default=2) < 1:
             raise ValueError("max_new_tokens >= 2, repeats >= 1 and speedups >= 1 are required")
-        for ds, k in self.lossless:
-            GenerateOptions(max_new_tokens=2, lossless=True, draft_speedup=ds, draft_tokens=k)  # names a bad value
+        for ds, k in self.lossless:  # names a bad value
+            GenerateOptions(max_new_tokens=2, lossless=True, draft_speedup=ds, draft_tokens=k or None)
 
     @property
     def all_speedups(self) -> tuple[float, ...]:
@@ -268,7 +269,8 @@ def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, 
     if backend in cfg.lossless_backends:  # keyed (draft speedup, draft tokens)
         for ds, k in cfg.lossless:
             runs[(ds, k)] = _Runs()
-            options[(ds, k)] = GenerateOptions(max_new_tokens=N, lossless=True, draft_speedup=ds, draft_tokens=k)
+            options[(ds, k)] = GenerateOptions(max_new_tokens=N, lossless=True, draft_speedup=ds,
+                                               draft_tokens=k or None)
     timers = [(b, b.runner(prompts, N), b.runner(prompts, 1), _Runs()) for b in baselines]
     for s in runs:  # warm-up: session caches, bindings per (bucket, rows)
         _timed_generate(engine, prompts, options[s], _Runs())
