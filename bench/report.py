@@ -260,7 +260,8 @@ def _lossless_lines(rows: list[dict]) -> list[str]:
              "identical |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['draft_speedup']:g}x | "
-                     f"{r['draft_tokens'] or 'auto'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['e2e_speedup']:.2f} | "
+                     f"{r['draft_tokens'] or 'auto'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
+                     f"{r['e2e_speedup']:.2f} | "
                      f"{r['acceptance_rate']:.2f} | {'yes' if r['identical'] else '**no**'} |")
     return lines
 

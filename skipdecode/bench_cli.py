@@ -37,8 +37,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="ctranslate2-int8,ctranslate2-fp32 (default both; the peers extra installs ctranslate2)")
     p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 peers")
     p.add_argument("--lossless", type=_lossless_pairs,
-                   help="lossless rows as DRAFT_SPEEDUP:DRAFT_TOKENS pairs, e.g. 3:4,5:6; 0 draft tokens = the automatic "
-                        "default (default 3:0,3:4)")
+                   help="lossless rows as DRAFT_SPEEDUP:DRAFT_TOKENS pairs, e.g. 3:4,5:6; 0 draft tokens = the "
+                        "automatic default (default 3:0,3:4)")
     p.add_argument("--no-lossless", action="store_true", help="skip the lossless-mode rows")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
