@@ -33,6 +33,11 @@ from .errors import InputError, SkipDecodeError, check_int
 from .kv import SlotTable
 
 STRATEGIES = ("gate", "group")
+# Automatic lossless drafting backs off after this many rounds in a row with no draft accepted, for up to
+# BACKOFF_MAX steps (random-weight opt-125m, whose shallow graphs never agree with full depth: 0.60x full depth at
+# batch 1 without the backoff).
+BACKOFF_AFTER = 2
+BACKOFF_MAX = 64
 
 
 class SchedulerError(SkipDecodeError):
@@ -175,6 +180,8 @@ class _Running:
     slot: int
     step: int = 0  # decode steps done
     prefilled: bool = False
+    misses: int = 0  # automatic lossless drafting: rounds in a row whose drafts were all rejected ...
+    resume_at: int = 0  # ... and the step from which it drafts again (backoff)
 
 
 class Scheduler:
@@ -241,9 +248,11 @@ class Scheduler:
         for r in running:
             column, draft = r.spec.prompt_length + r.step, r.spec.draft
             # a lossless row drafts at most the tokens it may still emit minus the verifier's own one; with none
-            # left to draft (or in a step too full for automatic drafting) it is a plain full-depth decode row
-            drafts = min(draft.tokens, len(r.spec.buckets) - r.step - 1) if draft and (auto_ok or not draft.auto) \
-                else 0
+            # left to draft (or, drafting automatically, in a step too full for it or while backing off) it is a
+            # plain full-depth decode row
+            auto = draft is not None and draft.auto
+            drafting = draft is not None and (not auto or (auto_ok and r.step >= r.resume_at))
+            drafts = min(draft.tokens, len(r.spec.buckets) - r.step - 1) if drafting else 0
             if drafts > 0:
                 spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step))
             else:
@@ -280,6 +289,19 @@ class Scheduler:
             prefill_tokens += head.prompt_length
         return tuple(admits)
 
+    @staticmethod
+    def _backoff(run: _Running, accepted: bool) -> None:
+        """Automatic drafting pauses for a request whose drafts keep failing (a draft model that disagrees with
+        the full one makes every round cost a draft and a verify pass for one token): after BACKOFF_AFTER rounds in
+        a row with nothing accepted it decodes at full depth for 2, 4, ... up to BACKOFF_MAX steps, then tries
+        again."""
+        if accepted:
+            run.misses = 0
+            return
+        run.misses += 1
+        if run.misses >= BACKOFF_AFTER:
+            run.resume_at = run.step + min(2 ** (run.misses - BACKOFF_AFTER + 1), BACKOFF_MAX)
+
     def commit(self, plan: StepPlan, finished: Iterable[int], emitted: dict[int, int] | None = None) -> None:
         """Record that `plan` ran; `finished` are the requests that produced their last token in it, `emitted` the
         tokens each lossless row produced (1..drafts + 1).
@@ -301,6 +323,8 @@ class Scheduler:
             if run.step != row.step:
                 raise SchedulerError(f"request {row.request_id} is at step {run.step}, plan ran step {row.step}")
             run.step += n
+            if isinstance(row, SpecRow) and run.spec.draft.auto:
+                self._backoff(run, accepted=n > 1)
         for a in plan.admits:
             if a.request_id in self._running:
                 self._running[a.request_id].prefilled = True

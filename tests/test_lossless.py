@@ -290,9 +290,9 @@ def test_automatic_drafting_only_in_steps_with_few_lossless_rows(limit, auto, al
     assert len(plan.speculative) == alone
     assert sorted(r.bucket for r in plan.rows) == ([6] if alone else [6, 12])
     sched.submit(SeqSpec(3, 3, (12,) * 9, draft=Draft(4, 4, auto=auto)))
-    sched.commit(plan, (), {r.request_id: 1 for r in plan.speculative})
+    sched.commit(plan, (), {r.request_id: 2 for r in plan.speculative})  # one draft accepted: no backoff
     plan = sched.plan()  # request 3 is prefilled in this step
-    sched.commit(plan, (), {r.request_id: 1 for r in plan.speculative})
+    sched.commit(plan, (), {r.request_id: 2 for r in plan.speculative})
     plan = sched.plan()
     assert len(plan.speculative) == together and len(plan.rows) == 3 - together
 
@@ -359,3 +359,38 @@ def test_http_lossless_requests_equal_full_depth_and_report_acceptance(kjv_engin
     assert bad.status_code == 400 and "full depth" in bad.json()["error"]["message"]
     assert f"skipdecode_draft_tokens_total {float(counts['drafted'])}" in metrics
     assert f"skipdecode_accepted_draft_tokens_total {float(counts['accepted'])}" in metrics
+
+
+def test_automatic_drafting_backs_off_while_drafts_keep_failing():
+    from skipdecode.runtime.kv import SlotTable
+    from skipdecode.runtime.scheduler import BACKOFF_AFTER
+    sched = Scheduler(SchedulerConfig(max_batch=1, max_tokens_in_flight=500), SlotTable(1))
+    sched.submit(SeqSpec(1, 3, (12,) * 200, draft=Draft(4, 4, auto=True)))
+    sched.commit(sched.plan(), ())
+    pattern = []
+    for _ in range(40):
+        plan = sched.plan()
+        pattern.append("d" if plan.speculative else ".")
+        sched.commit(plan, (), {r.request_id: 1 for r in plan.speculative})  # every draft rejected
+    # BACKOFF_AFTER failed rounds, then pauses of 2, 4, 8, ... full-depth steps between single tries
+    want = "d" * BACKOFF_AFTER + ".." + "d" + "...." + "d" + "." * 8 + "d" + "." * 16 + "d" + "." * 32
+    assert "".join(pattern) == want[:40]
+    sched.commit(sched.plan(), (), {})  # a step at full depth or a try: either way it advances
+    plan = sched.plan()
+    while not plan.speculative:
+        sched.commit(plan, ())
+        plan = sched.plan()
+    sched.commit(plan, (), {1: 3})  # a round that accepted drafts resets the backoff
+    assert sched.plan().speculative
+
+
+def test_random_weight_drafts_fall_back_to_full_depth(engine_dir):
+    """On a random model the shallow graphs rarely agree with full depth: automatic drafting backs off, so most
+    steps are plain full-depth decodes and the output is still full depth's."""
+    _, _, out = engine_dir
+    engine = Engine.load(out)
+    prompt = [2, 17, 29, 41]
+    full = engine.generate([prompt], GenerateOptions(max_new_tokens=60))[0]
+    auto = engine.generate([prompt], GenerateOptions(max_new_tokens=60, lossless=True))[0]
+    assert auto.tokens == full.tokens
+    assert auto.drafted < 59 // 2  # far fewer drafts than one per token
