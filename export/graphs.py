@@ -1,4 +1,4 @@
-"""Torch modules that are traced into the prefill graph and the per-bucket decode graphs.
+"""Torch modules that are traced into the prefill graph, the per-bucket decode graphs and the verify graphs.
 
 They reuse the HF model's modules (and so its parameter names: `model.decoder.layers.3.fc1.weight`, ...) but
 wire attention themselves, because the decode graph reads a preallocated KV buffer instead of a growing cache
@@ -38,12 +38,6 @@ def gemm(x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
     return _Gemm.apply(x, mod.weight, mod.bias)
 
 
-def linear(x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
-    # x: [..., in] -> [..., out] through a 2-D Gemm with transB=1
-    y = _Gemm.apply(x.reshape(-1, x.shape[-1]), mod.weight, mod.bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 class OPTGraphBase(nn.Module):
     """Holds `model` and `lm_head` under the same attribute names as `OPTForCausalLM` (same parameter names)."""
 
@@ -57,36 +51,15 @@ class OPTGraphBase(nn.Module):
         self.pre_ln = bool(cfg.do_layer_norm_before)
         self.act = hf_model.model.decoder.layers[0].activation_fn
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        dec = self.model.decoder
-        x = dec.embed_tokens(input_ids)
-        if dec.project_in is not None:
-            x = linear(x, dec.project_in)
-        return x + dec.embed_positions.weight[position_ids + dec.embed_positions.offset]
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        dec = self.model.decoder
-        if dec.final_layer_norm is not None:
-            h = dec.final_layer_norm(h)
-        if dec.project_out is not None:
-            h = linear(h, dec.project_out)
-        return linear(h, self.lm_head).float()
-
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, S, H*D] -> [B, H, S, D]
-        return x.reshape(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
-
-    def qkv(self, layer, x: torch.Tensor):
-        attn = layer.self_attn
-        q = self.split_heads(linear(x, attn.q_proj) * attn.scaling)
-        return q, self.split_heads(linear(x, attn.k_proj)), self.split_heads(linear(x, attn.v_proj))
-
     def finish_rows(self, layer, residual: torch.Tensor, attn_rows: torch.Tensor) -> torch.Tensor:
-        """`finish_layer` on token rows: residual and attention output [N, hidden] (N = batch x new tokens).
+        """Output projection, residual, FFN and the layer norms in OPT's pre-LN or post-LN order, on token rows:
+        residual and attention output [N, hidden] (N = batch x tokens).
 
-        Graphs that keep their hidden state 2-D call the Gemms directly: every reshape of a dynamic shape costs the
-        ONNX graph a chain of Shape/Gather/Unsqueeze/Concat ops, and at small hidden sizes those small ops took more
-        time than the matrix products (onnxruntime profile of a 12-layer, hidden-192 decode step)."""
+        Every graph keeps its hidden state as rows and calls the Gemms directly: a Linear on [B, S, hidden] traces
+        into a chain of Shape/Gather/Unsqueeze/Concat/Reshape ops around each Gemm, and at small hidden sizes those
+        small ops took more time than the matrix products (onnxruntime profile of a 12-layer, hidden-192 decode
+        step). Identical Gemm (and fused Gemm + ReLU) nodes in every graph also let one pre-packed copy of each
+        weight serve them all."""
         h = residual + gemm(attn_rows, layer.self_attn.out_proj)
         if not self.pre_ln:
             h = layer.self_attn_layer_norm(h)
@@ -110,16 +83,6 @@ class OPTGraphBase(nn.Module):
             h = gemm(h, dec.project_out)
         return gemm(h, self.lm_head).float()
 
-    def finish_layer(self, layer, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Output projection, residual, FFN and the layer norms in OPT's pre-LN or post-LN order."""
-        B, H, S, D = attn_out.shape
-        h = residual + linear(attn_out.transpose(1, 2).reshape(B, S, H * D), layer.self_attn.out_proj)
-        if not self.pre_ln:
-            h = layer.self_attn_layer_norm(h)
-        x = layer.final_layer_norm(h) if self.pre_ln else h
-        h = h + linear(self.act(linear(x, layer.fc1)), layer.fc2)
-        return h if self.pre_ln else layer.final_layer_norm(h)
-
 
 def masked(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Attention scores where `allowed`, the dtype's minimum elsewhere: the masked value replaces the score (an ONNX
@@ -135,18 +98,28 @@ class PrefillGraph(OPTGraphBase):
     """(input_ids, position_ids, attention_mask) [B, S] -> logits of the last column, every layer's K/V."""
 
     def forward(self, input_ids, position_ids, attention_mask):
-        h = self.embed(input_ids, position_ids)
+        # the hidden state as rows [B*S, hidden], like the decode graphs: the same Gemm (and fused Gemm + ReLU)
+        # nodes in every graph, so the shared pre-packed weights serve them all (ONE packed copy per weight)
         S = input_ids.shape[1]
+        H, D = self.heads, self.head_dim
+        h = self.embed_rows(input_ids, position_ids)
         causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, S]
+
+        def heads(t):  # [B*S, H*D] -> [B, H, S, D]
+            return t.reshape(-1, S, H, D).transpose(1, 2)
+
         kv = []
         for layer in self.model.decoder.layers:
             x = layer.self_attn_layer_norm(h) if self.pre_ln else h
-            q, k, v = self.qkv(layer, x)
+            attn = layer.self_attn
+            q, k, v = heads(gemm(x, attn.q_proj) * attn.scaling), heads(gemm(x, attn.k_proj)), \
+                heads(gemm(x, attn.v_proj))
             probs = torch.softmax(masked(q @ k.transpose(-1, -2), allowed), dim=-1, dtype=torch.float32).to(h.dtype)
-            h = self.finish_layer(layer, h, probs @ v)
+            h = self.finish_rows(layer, h, (probs @ v).transpose(1, 2).reshape(-1, H * D))
             kv += [k, v]
-        return (self.head(h[:, -1]), *kv)
+        last = h.reshape(-1, S, h.shape[-1])[:, -1]  # [B, hidden]: the last column of every row
+        return (self.head_rows(last), *kv)
 
 
 class _GroupQueryAttention(torch.autograd.Function):
