@@ -69,32 +69,25 @@ class Sampler:
         """The distribution this sampler draws from for logits `row` [V], after temperature, top-k and top-p, as a
         dense float64 vector (zeros outside the kept tokens). Not for greedy samplers."""
         p = self.params
-        scores = (row.astype(np.float64) - float(row.max())) / p.temperature
-        out = np.zeros(len(row), dtype=np.float64)
         if p.top_k or p.top_p < 1.0:
-            order = np.argsort(-scores, kind="stable")
-            if p.top_k:
-                order = order[: p.top_k]
-            probs = np.exp(scores[order] - scores[order[0]])
-            probs /= probs.sum()
-            if p.top_p < 1.0:
-                keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-                probs, order = probs[:keep] / probs[:keep].sum(), order[:keep]
+            out = np.zeros(len(row), dtype=np.float64)
+            order, probs = self._kept(row)
             out[order] = probs
             return out
-        np.exp(scores, out=out)
+        out = np.exp((row.astype(np.float64) - float(row.max())) / p.temperature)  # no sort without filters
         return out / out.sum()
 
     def uniform(self) -> float:
         return float(self._rng.random())
 
     def draw(self, probs: np.ndarray) -> int:
-        """One token from a dense distribution (inverse CDF of one uniform number)."""
+        """One token from a dense distribution (inverse CDF of one uniform number in [0, 1): the first index whose
+        cumulative mass exceeds it, which has mass of its own)."""
         cdf = np.cumsum(probs)
-        idx = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
-        return min(idx, len(probs) - 1) if probs[min(idx, len(probs) - 1)] > 0 else int(np.flatnonzero(probs)[-1])
+        return min(int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right")), len(probs) - 1)
 
-    def _sample_row(self, row: np.ndarray, u: float) -> int:
+    def _kept(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens top-k and top-p keep, most likely first, and their renormalised probabilities."""
         p = self.params
         scores = (row.astype(np.float64) - float(row.max())) / p.temperature  # <= 0: exp cannot overflow
         order = np.argsort(-scores, kind="stable")
@@ -107,5 +100,9 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             probs = probs[:keep] / probs[:keep].sum()
             order = order[:keep]
+        return order, probs
+
+    def _sample_row(self, row: np.ndarray, u: float) -> int:
+        order, probs = self._kept(row)
         idx = min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(order) - 1)
         return int(order[idx])
