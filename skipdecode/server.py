@@ -3,7 +3,9 @@
     POST /v1/completions   prompt, max_tokens, temperature, top_p, top_k, stop, seed, stream (SSE), logprobs,
                            echo (with logprobs: the prompt scored at full depth, one decode step per prompt
                            token; max_tokens 0: the scored prompt only), stream_options.include_usage, plus
-                           SkipDecode's speedup | max_layers + min_layers, stop_token_ids, ignore_eos, timeout
+                           SkipDecode's speedup | max_layers + min_layers, lossless (+ draft_speedup,
+                           draft_tokens: full-depth output, drafted and accepted counts in the response),
+                           stop_token_ids, ignore_eos, timeout
     GET  /v1/models        the one served model (OpenAI list shape); GET /v1/models/{id} the model object
     GET  /health           200 while serving, 503 while shutting down (never needs the API key)
     GET  /metrics          Prometheus text format
