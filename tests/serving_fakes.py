@@ -129,3 +129,19 @@ def serve_in_thread(app, graceful_s: int = 5, **net):
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def mixed_bodies(n: int, seed: int = 0, max_prompt: int = 24, max_tokens: tuple[int, int] = (1, 25)) -> list[dict]:
+    """Completion request bodies of mixed kinds: prompts of 1..max_prompt - 1 token ids, plain and streamed,
+    full depth and speedups 2 and 3, greedy and sampled (seeded)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        body = {"prompt": [int(t) for t in rng.integers(3, 200, int(rng.integers(1, max_prompt)))],
+                "max_tokens": int(rng.integers(*max_tokens)), "stream": bool(i % 2)}
+        if i % 3:
+            body["speedup"] = [2.0, 3.0][i % 2]
+        if i % 4 == 1:
+            body.update(temperature=0.8, top_p=0.9, seed=i)
+        out.append(body)
+    return out

@@ -16,7 +16,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 for _module in ("httpx", "starlette", "uvicorn", "prometheus_client"):  # the `serve` extra
@@ -31,6 +30,8 @@ from skipdecode.runtime.errors import InputError  # noqa: E402
 
 from skipdecode import ray_serve  # noqa: E402
 from skipdecode.server_api import ServerLimits, parse_completion  # noqa: E402
+
+from .serving_fakes import mixed_bodies  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -256,17 +257,7 @@ def wait_for_replicas(url: str, count: int, timeout_s: float, exclude: str | Non
 
 
 def bodies(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        body = {"prompt": [int(t) for t in rng.integers(3, 200, int(rng.integers(1, 16)))],
-                "max_tokens": int(rng.integers(4, 40)), "stream": bool(i % 2)}
-        if i % 3:
-            body["speedup"] = [2.0, 3.0][i % 2]
-        if i % 4 == 1:
-            body.update(temperature=0.8, top_p=0.9, seed=i)
-        out.append(body)
-    return out
+    return mixed_bodies(n, seed, max_prompt=16, max_tokens=(4, 40))
 
 
 async def complete(client: httpx.AsyncClient, url: str, body: dict, started: list | None = None) -> dict:

@@ -39,7 +39,7 @@ from skipdecode.runtime.service import (  # noqa: E402
 from skipdecode.server import create_app  # noqa: E402
 from skipdecode.server_api import ServerLimits, TextStream, parse_completion  # noqa: E402
 
-from .serving_fakes import EOS, FailingBackend, fake_generator, serve_in_thread  # noqa: E402
+from .serving_fakes import EOS, FailingBackend, fake_generator, mixed_bodies, serve_in_thread  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -232,20 +232,13 @@ def test_real_engine_batcher_equals_solo_runs(engine_dir, strategy):
 
 
 def load_bodies(n=200, seed=0):
-    rng = np.random.default_rng(seed)
-    bodies = []
-    for i in range(n):
-        body = {"prompt": [int(t) for t in rng.integers(3, 200, int(rng.integers(1, 24)))],
-                "max_tokens": int(rng.integers(1, 25)), "stream": bool(i % 2)}
-        if i % 3:
-            body["speedup"] = [2.0, 3.0][i % 2]
-        if i % 4 == 1:
-            body.update(temperature=0.8, top_p=0.9, seed=i)
+    bodies = mixed_bodies(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    for i, body in enumerate(bodies):
         if i % 10 == 5:
             body["stop_token_ids"] = [int(rng.integers(3, 200))]
         if cancels(i):  # long enough to be still running when its client hangs up
             body.update(stream=True, max_tokens=100, ignore_eos=True)
-        bodies.append(body)
     return bodies
 
 
