@@ -161,36 +161,34 @@ def _verify_step(backend, ref, man, slots: list, want, report: dict) -> None:
     """Both sides verify [greedy token, two more] at full depth (lossless mode's pass), compare the logits of every
     column and every layer's new K/V, then forget those columns (the decode steps that follow start from the
     prompts)."""
-    tols, n = tolerances(man), len(slots)
+    n = len(slots)
     columns = backend.slots.lengths[slots].copy()
     S = int(max(1, min(3, backend.max_length - columns.max())))
     tokens = np.zeros((n, S), dtype=np.int64)
     tokens[:, 0] = np.argmax(want[:n], axis=-1)
     tokens[:, 1:] = (tokens[:, :1] + np.arange(1, S)[None, :] * 7) % man.model.vocab_size
-    _record(report, "verify.logits", backend.verify_rows(slots, tokens)[slots], ref.verify_rows(slots, tokens)[slots],
+    _compare_verify(backend, ref, man, "verify", slots, tokens, columns, report)
+    if man.verify("verify_row") is not None:  # one row: the in-place graph of gqa engines
+        _compare_verify(backend, ref, man, "verify_row", slots[-1:], tokens[-1:], columns[-1:], report)
+
+
+def _compare_verify(backend, ref, man, label: str, slots: list, tokens: np.ndarray, columns: np.ndarray,
+                    report: dict) -> None:
+    """One verify call on both sides over `slots` (which graph runs follows from the row count); logits and every
+    layer's new K/V recorded under `label`; then both forget the verified columns."""
+    tols, S = tolerances(man), tokens.shape[1]
+    _record(report, f"{label}.logits", backend.verify_rows(slots, tokens)[slots], ref.verify_rows(slots, tokens)[slots],
             tols["logits"])
     for layer in range(man.num_layers):
         keys, values = backend.kv.read(layer)
         for b, slot in enumerate(slots):
             c = int(columns[b])
-            _record(report, "verify.kv", keys[slot, :, c: c + S], ref.cache[slot].keys[layer][0, :, -S:], tols["kv"])
-            _record(report, "verify.kv", values[slot, :, c: c + S], ref.cache[slot].values[layer][0, :, -S:],
+            _record(report, f"{label}.kv", keys[slot, :, c: c + S], ref.cache[slot].keys[layer][0, :, -S:],
+                    tols["kv"])
+            _record(report, f"{label}.kv", values[slot, :, c: c + S], ref.cache[slot].values[layer][0, :, -S:],
                     tols["kv"])
     backend.rewind(slots, columns.tolist())
     ref.rewind(slots, columns.tolist())
-    if man.verify("verify_row") is not None:  # one row: the in-place graph of gqa engines
-        one = slots[-1:]
-        _record(report, "verify_row.logits", backend.verify_rows(one, tokens[-1:])[one],
-                ref.verify_rows(one, tokens[-1:])[one], tols["logits"])
-        for layer in range(man.num_layers):
-            keys, values = backend.kv.read(layer)
-            c = int(columns[-1])
-            _record(report, "verify_row.kv", keys[one[0], :, c: c + S], ref.cache[one[0]].keys[layer][0, :, -S:],
-                    tols["kv"])
-            _record(report, "verify_row.kv", values[one[0], :, c: c + S], ref.cache[one[0]].values[layer][0, :, -S:],
-                    tols["kv"])
-        backend.rewind(one, columns[-1:].tolist())
-        ref.rewind(one, columns[-1:].tolist())
 
 
 def _describe(entry: dict) -> str:

@@ -237,6 +237,7 @@ class Batcher:
         verified = be.verify_rows(slots, tokens)
         work += L * (max(slots) + 1) * S
         drafted = accepted = 0
+        keep: dict[int, int] = {}  # slot -> its new length: the old next token and the accepted drafts, fed
         for j, (r, seq) in enumerate(zip(rows, seqs, strict=True)):
             rid = r.request_id
             p = verified[r.slot]  # [S, V]
@@ -254,7 +255,9 @@ class Batcher:
                     break
             emitted[rid] = len(out)
             if rid not in finished:
-                be.rewind([r.slot], [r.column + len(out)])  # fed: the old next token and the accepted drafts
+                keep[r.slot] = r.column + len(out)
+        if keep:
+            be.rewind(list(keep), list(keep.values()))
         return work, drafted, accepted
 
     @staticmethod

@@ -100,7 +100,7 @@ class StepEvent:
     budgets: tuple[int | None, ...]
     finished: tuple[str | None, ...]  # finish_reason of rows that ended in this step
     elapsed_s: float  # since the generation started
-    # rows that ended in this step: lossless mode's drafted and accepted token counts (0 for other rows)
+    # lossless mode's drafted and accepted token counts of the rows that ended in this event (None for other rows)
     drafted: tuple[int | None, ...] = ()
     accepted: tuple[int | None, ...] = ()
 

@@ -203,12 +203,7 @@ class OrtBackend(GraphBackend):
         return outs[0], [(k.ctypes.data, v.ctypes.data) for k, v in kv], kv
 
     def _run_decode(self, spec: GraphSpec, n: int) -> None:
-        binding = self._bindings.get((spec.budget, n)) or self._bind_decode(spec, n)
-        with graph_range(spec.name):
-            if self.env is not None:
-                binding.run()
-            else:
-                self.sessions[spec.name].run_with_iobinding(binding)
+        self._run_bound(spec, self._bindings.get((spec.budget, n)) or self._bind_decode(spec, n))
 
     def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
         key = (spec.kind, n, S)
@@ -217,6 +212,10 @@ class OrtBackend(GraphBackend):
             ins, outs = self._verify_io(spec, n, S)  # all in host memory here
             binding = self._bindings[key] = self._binding(self.sessions[spec.name], [x[:4] for x in ins],
                                                           [x[:4] for x in outs])
+        self._run_bound(spec, binding)
+
+    def _run_bound(self, spec: GraphSpec, binding) -> None:
+        """Run a graph on its binding with whichever API created the session."""
         with graph_range(spec.name):
             if self.env is not None:
                 binding.run()

@@ -250,8 +250,7 @@ class Scheduler:
             # a lossless row drafts at most the tokens it may still emit minus the verifier's own one; with none
             # left to draft (or, drafting automatically, in a step too full for it or while backing off) it is a
             # plain full-depth decode row
-            auto = draft is not None and draft.auto
-            drafting = draft is not None and (not auto or (auto_ok and r.step >= r.resume_at))
+            drafting = draft is not None and (not draft.auto or (auto_ok and r.step >= r.resume_at))
             drafts = min(draft.tokens, len(r.spec.buckets) - r.step - 1) if drafting else 0
             if drafts > 0:
                 spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step))

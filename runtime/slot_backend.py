@@ -100,14 +100,8 @@ class SlotBackend:
         if gates.shape != (k, bucket):
             raise InputError(f"gates have shape {gates.shape}; bucket {bucket} over {k} rows needs {(k, bucket)}")
         with self._lock:
-            self._check_open()
-            self.slots.check_taken(slots)
-            rows = np.asarray(slots, dtype=np.int64)
-            n = int(rows.max()) + 1
-            lengths = self.slots.lengths[:n].copy()  # slots outside the call: their own next column (see above)
-            if int(lengths[rows].max()) >= self.max_length:
-                raise InputError(f"slot {int(rows[np.argmax(lengths[rows])])} holds {int(lengths[rows].max())} "
-                                 f"tokens; a new one needs a column below max_length {self.max_length}")
+            rows, lengths = self._window(slots)
+            n = len(lengths)
             ids = np.zeros(n, dtype=np.int64)
             ids[rows] = token_ids
             window = np.zeros((n, bucket), dtype=bool)
@@ -128,14 +122,8 @@ class SlotBackend:
         S = token_ids.shape[1]
         check_int("verify tokens per row", S, lo=1, hi=MAX_VERIFY_TOKENS)
         with self._lock:
-            self._check_open()
-            self.slots.check_taken(slots)
-            rows = np.asarray(slots, dtype=np.int64)
-            n = int(rows.max()) + 1
-            lengths = self.slots.lengths[:n].copy()  # slots outside the call: read only, never written
-            if int(lengths[rows].max()) >= self.max_length:
-                raise InputError(f"slot {int(rows[np.argmax(lengths[rows])])} holds {int(lengths[rows].max())} "
-                                 f"tokens; a new one needs a column below max_length {self.max_length}")
+            rows, lengths = self._window(slots)  # slots outside the call: read only, never written
+            n = len(lengths)
             ids = np.full((n, S), self.pad_token_id, dtype=np.int64)
             ids[rows] = token_ids
             logits = self._verify(ids, lengths, rows)
@@ -153,6 +141,19 @@ class SlotBackend:
                 check_int(f"length of slot {s}", int(n), lo=1, hi=int(self.slots.lengths[s]))
             self.slots.lengths[list(slots)] = lengths
             self._rewind(list(slots), [int(n) for n in lengths])
+
+    def _window(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The call window of `slots` (held under the lock): -> (their rows, the lengths of slots 0..max(slots)),
+        after checking the slots are taken and each has a free column below max_length. Slots of the window outside
+        the call point at their own length (see the module docstring)."""
+        self._check_open()
+        self.slots.check_taken(slots)
+        rows = np.asarray(slots, dtype=np.int64)
+        lengths = self.slots.lengths[: int(rows.max()) + 1].copy()
+        if int(lengths[rows].max()) >= self.max_length:
+            raise InputError(f"slot {int(rows[np.argmax(lengths[rows])])} holds {int(lengths[rows].max())} "
+                             f"tokens; a new one needs a column below max_length {self.max_length}")
+        return rows, lengths
 
     def close(self) -> None:
         """Release what the backend holds (sessions, buffers); later calls raise EngineError. Idempotent."""
