@@ -23,7 +23,7 @@ from ..runtime.manifest import MAX_BATCH, WEIGHTS_FILE, GraphSpec, Manifest
 from ..runtime.schedule import layers_for_budget, solve_budgets
 from .graphs import DecodeGraph, PrefillGraph, VerifyGraph
 from .models import OPTShape, load_model
-from .onnx_export import attach_weights, trace, write_weights
+from .onnx_export import attach_weights, prepacked_weights, trace, write_weights
 from .parity import check_parity, plan_parity
 from .quantize_export import dequantized_model, quantize_files, resolve_scheme
 from .target import ExportTarget
@@ -98,6 +98,17 @@ def resolve_attention(cfg: ExportConfig, shape: OPTShape) -> tuple[str, str]:
         return "matmul", (f"auto: head size {D} is not a multiple of {GQA_HEAD_MULTIPLE}, which GroupQueryAttention "
                           "needs")
     return "gqa", "auto: onnxruntime's in-place GroupQueryAttention"
+
+
+def schedule_defaults(num_layers: int, cfg: ExportConfig, buckets: tuple[int, ...]) -> dict:
+    """What the manifest records about the schedules the engine runs exactly: the speedups every budget of which was
+    exported (with explicit `budgets`, only those of `speedups` the list happens to cover), and the warm-up."""
+    exact = []
+    for s in cfg.speedups:
+        M, m = solve_budgets(num_layers, s, cfg.warmup_layers)
+        if set(range(m, M + 1)) <= set(buckets):
+            exact.append(s)
+    return {"speedups": exact, "warmup_layers": cfg.warmup_layers}
 
 
 def tool_versions() -> dict:
@@ -189,8 +200,9 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         warmup_layers=cfg.warmup_layers, attention=cfg.attention, max_batch=cfg.max_batch, max_length=max_length,
         graphs=tuple(graphs),
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
-        schedule_defaults={"speedups": list(cfg.speedups), "warmup_layers": cfg.warmup_layers},
+        schedule_defaults=schedule_defaults(L, cfg, buckets),
         tokenizer=tokenizer, tools=tool_versions(), quantization=quantization,
+        prepacked=prepacked_weights(tmp, [g.file for g in graphs], list(index)),
         integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *([tokenizer] if tokenizer else [])]))
     man.write(tmp)
     return man

@@ -83,3 +83,22 @@ def attach_weights(path: Path, index: dict[str, WeightEntry], io_names: Sequence
     model.ir_version = IR_VERSION
     onnx.save(model, str(path))
     return used
+
+
+# Operators whose weight operand (input 1) onnxruntime's CPU kernels pre-pack into their own layout at session
+# creation; once packed, the kernel never reads the original tensor again.
+PREPACKING_OPS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits"),
+                  ("com.microsoft", "DynamicQuantizeMatMul")}
+
+
+def prepacked_weights(directory: Path, files: Sequence[str], weights: Sequence[str]) -> tuple[str, ...]:
+    """The weights that every node of every graph in `files` reads only as input 1 of a `PREPACKING_OPS` operator
+    (the manifest's `prepacked`). A weight with any other reader (the token embedding's Gather, a bias, a norm, the
+    scales of a quantized matrix) is left out: its bytes must stay readable for the engine's lifetime."""
+    names, uses = set(weights), {}
+    for file in files:
+        for node in onnx.load(str(Path(directory) / file), load_external_data=False).graph.node:
+            for i, name in enumerate(node.input):
+                if name in names:
+                    uses.setdefault(name, set()).add((node.domain or "", node.op_type, i))
+    return tuple(sorted(n for n, u in uses.items() if all(i == 1 and (d, op) in PREPACKING_OPS for d, op, i in u)))

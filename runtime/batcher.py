@@ -187,7 +187,7 @@ class Batcher:
         ids = np.array([self._seqs[row.request_id].next_token for row in call.rows], dtype=np.int64)
         gates = np.array([gate_row(L, self._warmup, call.bucket, row.bucket) for row in call.rows], dtype=bool)
         logits = self.backend.decode_rows([row.slot for row in call.rows], ids, call.bucket, gates)
-        for row in call.rows:  # sample before the next call: the logits are a view the backend reuses
+        for row in call.rows:
             self._emit(self._seqs[row.request_id], logits[row.slot: row.slot + 1], row.bucket, events, finished)
 
     def _speculate(self, rows: tuple[SpecRow, ...], events: list, finished: set[int], emitted: dict[int, int],
@@ -309,7 +309,7 @@ class Batcher:
             self._fail(seq, f"the logits of token {len(seq.tokens)} are not finite (NaN or inf)", events, finished)
             return False
         seq.tokens.append(tok)
-        # from the logits the sampler used, before the backend reuses them (nothing extra when not asked)
+        # from the logits the sampler used (nothing extra when not asked)
         lp = token_logprob(logits, tok, opts.logprobs) if opts.logprobs is not None else None
         events.append(TokenEvent(rid, len(seq.tokens) - 1, tok, budget, lp))
         if tok in seq.stops:

@@ -143,6 +143,7 @@ def resolve_max_length(prompt_length: int, opts: GenerateOptions, limit: int) ->
         raise InputError(f"prompt length {prompt_length} + max_new_tokens {opts.max_new_tokens} = {needed} "
                          f"is above max_length {T}")
     if T > limit:
-        raise InputError(f"prompt length {prompt_length} + max_new_tokens {opts.max_new_tokens} = {needed} "
-                         f"(max_length {T}) is above the model's limit of {limit} positions")
+        what = f"max_length {T}" if opts.max_length is not None else \
+            f"prompt length {prompt_length} + max_new_tokens {opts.max_new_tokens} = {needed}"
+        raise InputError(f"{what} is above the model's limit of {limit} positions")
     return T

@@ -135,6 +135,10 @@ class Manifest:
     # weight quantization (`skipdecode export --quantize`): scheme, op, bits, block size, quantized tensors
     # (export/quantize.py); {} for float weights. The graphs carry the quantized ops: the runtime needs nothing else.
     quantization: dict = field(default_factory=dict)
+    # weights every graph reads only as the weight operand of an operator that onnxruntime's CPU kernels pre-pack
+    # (MatMul, Gemm, MatMulNBits, DynamicQuantizeMatMul): with shared pre-packing the runtime releases their
+    # unpacked bytes after load (ort_backend.py). Empty for engines exported before the field existed.
+    prepacked: tuple[str, ...] = ()
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -212,7 +216,8 @@ def parse_manifest(raw: dict) -> Manifest:
         tools=F.obj(raw.get("tools", {}), f"{m}.tools"), parity=F.obj(raw.get("parity", {}), f"{m}.parity"),
         integrity=_integrity(F.need(raw, "integrity", m), f"{m}.integrity"),
         attention_reason=F.text(raw.get("attention_reason", ""), f"{m}.attention_reason"),
-        quantization=F.obj(raw.get("quantization", {}), f"{m}.quantization"))
+        quantization=F.obj(raw.get("quantization", {}), f"{m}.quantization"),
+        prepacked=tuple(F.text(x, f"{m}.prepacked") for x in F.seq(raw.get("prepacked", []), f"{m}.prepacked")))
 
 
 _MODEL_FIELDS = {f.name: f for f in fields(OPTShape)}

@@ -61,6 +61,9 @@ def _check_weights(man: Manifest) -> None:
                               f"{prev!r} ends at byte {end}")
         if w.nbytes:
             end, prev = w.offset + w.nbytes, name
+    unknown = [x for x in man.prepacked if x not in man.weights]
+    if unknown:
+        raise EngineError(f"manifest.prepacked names {unknown[0]!r}, which is not a weight of this engine")
 
 
 def _check_integrity(man: Manifest) -> None:

@@ -21,6 +21,7 @@ Session options and opening (`session_options`, `open_session`) are shared with 
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from pathlib import Path
 
@@ -171,18 +172,52 @@ class OrtBackend(GraphBackend):
         """C API sessions over one pre-packed weights container (see the module docstring)."""
         self.threads = _capi_threads(threads)
         self.env = ort_capi.Env(self.threads)
-        # an engine dropped without close() still gives its sessions and packed weights back
+        # an engine dropped without close() still gives its sessions and packed weights back; not at interpreter
+        # exit, where the process's memory goes back anyway and another thread may still be inside a graph call
         self._finalizer = weakref.finalize(self, self.env.close)
+        self._finalizer.atexit = False
         try:
-            mapped = ort_capi.map_weights(directory / self.manifest.weights_file)
-            weights = {k: self.env.value(v) for k, v in read_weights(directory, self.manifest, mapped).items()}
+            path = directory / self.manifest.weights_file
+            buf = ort_capi.read_private(path)  # the engine's own copy: the file may change after load
+            weights = {k: self.env.value(v) for k, v in read_weights(directory, self.manifest, buf).items()}
             self.sessions = {}
             for g in self.manifest.graphs:
                 self.sessions[g.name] = self._capi_session(directory, g, weights)
-            ort_capi.drop_resident_pages(mapped)  # the sessions compute from the packed copies now
+            self._release_packed(buf, path)
         except BaseException:
             self._finalizer()  # the one Env.close, and the finalizer is done with
             raise
+
+    def _release_packed(self, buf: np.ndarray, path: Path) -> None:
+        """Give back the unpacked bytes of the weights the sessions have pre-packed (`manifest.prepacked`), then
+        prove nothing reads them: every graph runs once before and once after, and must give the same outputs
+        (a released page reads as zeros). If not, the bytes are read back from the file and stay resident."""
+        man = self.manifest
+        ranges = [(man.weights[n].offset, man.weights[n].offset + man.weights[n].nbytes) for n in man.prepacked]
+        self.released_bytes = 0
+        if not ranges:
+            return
+        before = self._probe()
+        self.released_bytes = ort_capi.release_pages(buf, ranges)
+        after = self._probe()
+        if not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True)):
+            ort_capi.restore_pages(buf, path, ranges)
+            self.released_bytes = 0
+            warnings.warn(f"onnxruntime {ort.__version__} still reads weights it was expected to have pre-packed; "
+                          "the engine keeps their unpacked copy resident", RuntimeWarning, stacklevel=3)
+
+    def _probe(self) -> list[np.ndarray]:
+        """Outputs of one call of the prefill graph and of every decode graph on fixed inputs, in slot 0 (no
+        generation holds a slot yet). The verify graphs are not run (their buffers are allocated on first use): they
+        read the same weights through the same operators as the prefill graph."""
+        prompt = [self.pad_token_id + 1] * 2
+        ids, mask = np.array([prompt], dtype=np.int64), np.ones((1, 2), dtype=np.int64)
+        out = [self._prefill(ids, np.arange(2, dtype=np.int64)[None], mask, [0]).copy()]
+        lengths = np.array([2], dtype=np.int32)
+        for bucket in self.buckets:
+            gates = np.ones((1, bucket), dtype=bool)
+            out.append(self._decode(np.array([prompt[0]]), lengths, bucket, gates).copy())
+        return out
 
     def _capi_session(self, directory: Path, spec: GraphSpec, weights: dict) -> ort_capi.Session:
         try:

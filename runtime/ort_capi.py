@@ -3,9 +3,8 @@
 Why: the Python API cannot create sessions with `CreateSessionWithPrepackedWeightsContainer`. With one shared
 `OrtPrepackedWeightsContainer`, every bucket graph's session re-uses ONE pre-packed (MLAS) copy of each weight
 that was handed to it with `AddInitializer`, instead of one private packed copy per session. The caller's
-unpacked weights stay resident too unless they come from `map_weights` and `drop_resident_pages` runs once every
-session is created (opt-125m shape, 11 graphs: 1080 MiB without that step, 603 MiB with it, 584 MiB without
-prepacking).
+unpacked weights stay resident too unless `release_pages` gives back those the sessions have packed once every
+session is created.
 
 Library: `libonnxruntime.so.*` shipped inside the installed `onnxruntime` wheel, located without importing the
 Python package. That library and the Python module (`onnxruntime_pybind11_state*.so`) are two separate, statically
@@ -28,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import importlib.util
+import mmap
 import os
 from ctypes import POINTER, c_char_p, c_int, c_int64, c_size_t, c_void_p
 from pathlib import Path
@@ -217,24 +217,59 @@ def available() -> bool:
     return True
 
 
-def map_weights(path: str | Path) -> np.memmap:
-    """The weights file as a read-only shared file mapping (uint8): pages are read from the page cache on demand
-    and can be dropped from this process again (`drop_resident_pages`) once the sessions have packed them."""
-    return np.memmap(path, dtype=np.uint8, mode="r")
+def read_private(path: str | Path) -> np.ndarray:
+    """The file's bytes in anonymous memory of this process (a page-aligned uint8 array). Unlike a mapping of the
+    file, nothing done to the file afterwards (rewritten in place, truncated, replaced) can change what the array
+    holds or fault the process with SIGBUS when it is read."""
+    size = os.path.getsize(path)
+    mem = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view, done = memoryview(mem), 0
+    with open(path, "rb", buffering=0) as f:
+        while done < size:  # one read() returns at most ~2 GiB on Linux
+            n = f.readinto(view[done: min(size, done + (1 << 30))])
+            if not n:
+                raise OrtCapiError(f"{path} ended at byte {done} of {size} while it was being read")
+            done += n
+    view.release()
+    return np.frombuffer(mem, dtype=np.uint8, count=size)
 
 
-def drop_resident_pages(buf: np.memmap) -> None:
-    """madvise(MADV_DONTNEED) over a read-only file mapping from `map_weights`. With shared prepacking the
-    sessions compute from the packed copies in the container, so most weight pages are never read again; dropping
-    them takes them out of this process's RSS (they stay in the page cache), and any page still read (embedding
-    rows, biases, norms) is faulted back in, unchanged. Refused for anything but a read-only memmap: on anonymous
-    or written memory MADV_DONTNEED would zero the data."""
-    if not isinstance(buf, np.memmap) or buf.flags.writeable or buf.offset != 0:
-        raise OrtCapiError("drop_resident_pages needs the read-only mapping returned by map_weights")
+def _page_interior(buf: np.ndarray, start: int, stop: int) -> tuple[int, int]:
+    """The whole pages of buf[start:stop] as (address, length); (addr, 0) when none."""
+    page = mmap.PAGESIZE
+    base = buf.ctypes.data
+    lo = -(-(base + start) // page) * page
+    hi = (base + stop) // page * page
+    return lo, max(0, hi - lo)
+
+
+def release_pages(buf: np.ndarray, ranges: list[tuple[int, int]]) -> int:
+    """Give the whole pages inside each [start, stop) byte range of `buf` (from `read_private`) back to the system
+    with madvise(MADV_DONTNEED): later reads of them return zeros. For bytes nothing will read again (weights the
+    sessions have pre-packed); `restore_pages` brings them back. -> bytes released."""
+    owner = buf.base.obj if isinstance(buf.base, memoryview) else buf.base
+    if not isinstance(owner, mmap.mmap) or not buf.flags.writeable:
+        raise OrtCapiError("release_pages needs the private buffer returned by read_private")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [c_void_p, c_size_t, c_int]
-    if buf.nbytes and libc.madvise(c_void_p(buf.ctypes.data), buf.nbytes, 4) != 0:  # 4 = MADV_DONTNEED (Linux)
-        raise OrtCapiError(f"madvise failed: {os.strerror(ctypes.get_errno())}")
+    released = 0
+    for start, stop in ranges:
+        addr, length = _page_interior(buf, start, stop)
+        if length and libc.madvise(c_void_p(addr), length, 4) != 0:  # 4 = MADV_DONTNEED (Linux)
+            raise OrtCapiError(f"madvise failed: {os.strerror(ctypes.get_errno())}")
+        released += length
+    return released
+
+
+def restore_pages(buf: np.ndarray, path: str | Path, ranges: list[tuple[int, int]]) -> None:
+    """Read each [start, stop) byte range of the file at `path` back into `buf` (undoes `release_pages`)."""
+    with open(path, "rb", buffering=0) as f:
+        for start, stop in ranges:
+            f.seek(start)
+            view = memoryview(buf)[start:stop]
+            if f.readinto(view) != stop - start:
+                raise OrtCapiError(f"{path} is shorter than byte {stop}: it changed since it was read")
+            view.release()
 
 
 class Value:

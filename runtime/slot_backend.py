@@ -28,7 +28,9 @@ backends (TensorRT has no verify plan: no lossless mode).
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +57,20 @@ def position_ids(mask: np.ndarray) -> np.ndarray:
     return (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)
 
 
+# Backends not closed yet. At interpreter exit another (daemon) thread may still be generating; onnxruntime's and
+# CUDA's own teardown under a running graph call kills the process (SIGSEGV, SIGABRT). `_stop_at_exit` takes each
+# backend's lock and keeps it: a call in flight finishes first, and any later call waits until the process is gone.
+# It is registered when the first backend opens, after onnxruntime's import, so it runs before any exit hook of
+# onnxruntime's (atexit runs last in, first out) and after those of the Services built on the backends.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_at_exit() -> None:
+    for backend in list(_OPEN):
+        backend._lock.acquire()  # never released: the process is exiting
+        backend._closed = True
+
+
 # Most new tokens one verify call takes per row (lossless mode: drafted tokens + 1). Verify staging is sized for it.
 MAX_VERIFY_TOKENS = 16
 
@@ -73,6 +89,10 @@ class SlotBackend:
         self.slots = SlotTable(self.max_batch)
         self._lock = threading.RLock()
         self._closed = False
+        if not _OPEN:
+            atexit.unregister(_stop_at_exit)
+            atexit.register(_stop_at_exit)
+        _OPEN.add(self)
 
     # -- slot API --------------------------------------------------------------------------------------------
     def prefill_rows(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> np.ndarray:
@@ -91,7 +111,8 @@ class SlotBackend:
 
     def decode_rows(self, slots: Sequence[int], token_ids: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
         """One pass of `bucket`'s graph advancing `slots` by one token each. -> logits [max(slots) + 1, V]: row s is
-        slot s (rows of slots not in the call hold no meaning); a view valid until the next call."""
+        slot s (rows of slots not in the call hold no meaning). The array is the caller's own: it is copied out of
+        the backend's output buffer before the lock is released, so another thread's next call cannot change it."""
         k = len(slots)
         if k == 0 or len(set(slots)) != k or len(token_ids) != k:
             raise InputError(f"{len(token_ids)} tokens need as many distinct slots, got {list(slots)}")
@@ -106,15 +127,15 @@ class SlotBackend:
             ids[rows] = token_ids
             window = np.zeros((n, bucket), dtype=bool)
             window[rows] = gates
-            logits = self._decode(ids, lengths, bucket, window)
+            logits = self._decode(ids, lengths, bucket, window).copy()
             self.slots.lengths[rows] += 1
             return logits
 
     def verify_rows(self, slots: Sequence[int], token_ids: np.ndarray) -> np.ndarray:
         """Full-depth pass over token_ids[i] (S tokens) fed at columns lengths[slots[i]] .. + S - 1. -> logits
-        [max(slots) + 1, S, V]: row s is slot s, column j the prediction after its j-th new token; a view valid until
-        the next call. Columns at or past max_length are computed but neither written nor counted (their logits have
-        no meaning); the lengths advance by S (capped there): `rewind` keeps the accepted ones."""
+        [max(slots) + 1, S, V]: row s is slot s, column j the prediction after its j-th new token; the caller's own
+        copy, as in `decode_rows`. Columns at or past max_length are computed but neither written nor counted
+        (their logits have no meaning); the lengths advance by S (capped there): `rewind` keeps the accepted ones."""
         token_ids = np.asarray(token_ids)
         k = len(slots)
         if k == 0 or len(set(slots)) != k or token_ids.ndim != 2 or len(token_ids) != k:
@@ -126,7 +147,7 @@ class SlotBackend:
             n = len(lengths)
             ids = np.full((n, S), self.pad_token_id, dtype=np.int64)
             ids[rows] = token_ids
-            logits = self._verify(ids, lengths, rows)
+            logits = self._verify(ids, lengths, rows).copy()
             self.slots.lengths[rows] = np.minimum(lengths[rows] + S, self.max_length)
             return logits
 

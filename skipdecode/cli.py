@@ -110,12 +110,15 @@ def cmd_plan(args) -> int:
     sched = schedule_from_args(args, args.layers)
     plan = make_plan(sched, args.prompt_length, args.max_length, args.buckets)
     L = sched.num_layers
+    explicit = args.max_layers is not None or args.min_layers is not None
+    # explicit budgets aim at a mean of (M + m) / 2 layers per token, whatever --speedup says
+    target = L / ((sched.max_budget + sched.min_budget) / 2) if explicit else (args.speedup or 1.0)
     rows = [{"column": plan.prompt_length, "source": "prefill", "budget": L, "layers": list(range(L))}]
     rows += [{"column": s.column + 1, "source": "decode", "scheduled": s.scheduled, "budget": s.bucket,
               "layers": list(s.layers)} for s in plan.steps]
     summary = {"num_layers": L, "max_layers": sched.max_budget, "min_layers": sched.min_budget,
                "warmup_layers": sched.warmup, "prompt_length": plan.prompt_length, "max_length": plan.max_length,
-               "target_speedup": args.speedup or 1.0, "mean_layers": plan.mean_layers,
+               "target_speedup": target, "mean_layers": plan.mean_layers,
                "realised_speedup": plan.realised_speedup, "columns": rows}
     if args.json:
         print(json.dumps(summary))
@@ -127,7 +130,8 @@ def cmd_plan(args) -> int:
         print(f"  column {r['column']:>5}  {r['source']:<7} budget {r['budget']:>3}  layers "
               f"{_ranges(layers)}")
     print(f"mean layers per decode step {plan.mean_layers:.2f}  realised layer speedup {plan.realised_speedup:.3f}x "
-          f"(target {args.speedup or 1.0:g}x; end-to-end time also has the parts that do not shrink)")
+          f"(target {target:.3g}x{' from M and m' if explicit else ''}; end-to-end time also has the parts that do "
+          "not shrink)")
     return 0
 
 

@@ -76,3 +76,14 @@ def test_runtime_imports_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "realised layer speedup" in proc.stdout
+
+
+def test_plan_with_explicit_budgets_reports_their_target(capsys):
+    rc, out, _ = run(capsys, "plan", "--layers", "12", "--max-layers", "10", "--min-layers", "4", "--prompt-length",
+                     "8", "--max-length", "40")
+    assert rc == 0 and "target 1.71x from M and m" in out and "target 1x" not in out
+    rc, out, _ = run(capsys, "plan", "--layers", "12", "--max-layers", "10", "--min-layers", "4", "--prompt-length",
+                     "8", "--max-length", "40", "--json")
+    assert json.loads(out)["target_speedup"] == pytest.approx(12 / 7)
+    rc, out, _ = run(capsys, "plan", "--layers", "12", "--speedup", "3", "--prompt-length", "8", "--max-length", "40")
+    assert "target 3x;" in out  # a --speedup schedule reports the speedup it was given

@@ -161,3 +161,13 @@ def test_unavailable_provider_is_an_error(engine_dir):
     from skipdecode.runtime.errors import BackendError
     with pytest.raises(BackendError, match="TensorrtExecutionProvider"):
         Engine.load(engine_dir[2], providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_length_error_names_only_what_the_caller_gave(engine_dir):
+    from skipdecode.runtime.errors import InputError
+    from skipdecode.runtime.generation import resolve_max_length
+    with pytest.raises(InputError) as info:
+        resolve_max_length(3, GenerateOptions(max_new_tokens=200), 128)
+    assert "max_length" not in str(info.value) and "3 + max_new_tokens 200 = 203" in str(info.value)
+    with pytest.raises(InputError, match="max_length 150 is above the model's limit of 128"):
+        resolve_max_length(3, GenerateOptions(max_new_tokens=20, max_length=150), 128)

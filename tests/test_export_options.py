@@ -91,3 +91,12 @@ def test_impossible_max_length_is_refused_before_tracing(tiny_checkpoint, tmp_pa
         export(ExportConfig(model=str(tiny_checkpoint[1]), out=tmp_path / "e", max_length=1), progress=False)
     with pytest.raises(SkipDecodeError, match="max_length=500 is above the maximum 128"):
         export(ExportConfig(model=str(tiny_checkpoint[1]), out=tmp_path / "e", max_length=500), progress=False)
+
+
+def test_explicit_budgets_record_only_the_speedups_they_cover(tiny_checkpoint, tmp_path):
+    _, ckpt = tiny_checkpoint
+    man = export(ExportConfig(model=str(ckpt), out=tmp_path / "e", budgets=(2,), max_batch=2), progress=False)
+    assert man.buckets == (2, man.num_layers)
+    assert man.schedule_defaults["speedups"] == []  # the default 2, 3, 5 would need budgets that were not exported
+    full = exporter.schedule_defaults(man.num_layers, ExportConfig(model="m", out="o"), tuple(range(1, 13)))
+    assert full["speedups"] == [2.0, 3.0, 5.0]  # every budget present: all recorded (the check can pass)

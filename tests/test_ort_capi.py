@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -125,16 +127,24 @@ def test_misuse_is_refused(env):
     assert isinstance(info.value, ImportError)
 
 
-def test_dropped_weight_pages_still_read_correctly(env, models, tmp_path):
-    """Weights from a read-only mapping; after dropping its pages the sessions still compute the same."""
+def test_released_weight_pages_are_not_read_by_packed_sessions(env, models, tmp_path):
+    """Weights read into private memory; after releasing the pages of a pre-packed weight the session still computes
+    the same (it reads its packed copy), the released bytes read as zeros, and restore_pages brings them back."""
+    w = models["w_shared"]
     path = tmp_path / "w_shared.bin"
-    path.write_bytes(models["w_shared"].tobytes())
-    buf = oc.map_weights(path)
-    s = env.session(models["plain"], {"W": env.value(buf.view(np.float32).reshape(K, M))})
-    oc.drop_resident_pages(buf)
+    path.write_bytes(bytes(8192) + w.tobytes())  # the weight starts on a page boundary
+    buf = oc.read_private(path)
+    np.testing.assert_array_equal(buf[8192:].view(np.float32).reshape(K, M), w)
+    s = env.session(models["plain"], {"W": env.value(buf[8192:].view(np.float32).reshape(K, M))})
+    path.write_bytes(b"")  # the file no longer matters
+    released = oc.release_pages(buf, [(8192, 8192 + w.nbytes)])
+    assert released == w.nbytes // mmap.PAGESIZE * mmap.PAGESIZE > 0
+    assert not buf[8192: 8192 + released].any()
     x = np.ones((2, K), dtype=np.float32)
-    np.testing.assert_allclose(s.run({"X": x})[0], x @ models["w_shared"] + models["bias"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(buf.view(np.float32).reshape(K, M), models["w_shared"])
-    with pytest.raises(oc.OrtCapiError, match="read-only mapping"):
-        oc.drop_resident_pages(np.zeros(8, dtype=np.uint8))  # anonymous memory would be zeroed: refused
+    np.testing.assert_allclose(s.run({"X": x})[0], x @ w + models["bias"], rtol=1e-5, atol=1e-5)
+    path.write_bytes(bytes(8192) + w.tobytes())
+    oc.restore_pages(buf, path, [(8192, 8192 + w.nbytes)])
+    np.testing.assert_array_equal(buf[8192:].view(np.float32).reshape(K, M), w)
+    with pytest.raises(oc.OrtCapiError, match="private buffer"):
+        oc.release_pages(np.zeros(8, dtype=np.uint8), [(0, 8)])  # memory of another allocator: refused
     s.close()
