@@ -17,7 +17,7 @@ decode call are gated to exactly their own bucket's layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -29,6 +29,7 @@ from .sampling import Sampler
 from .schedule import layers_for_budget, make_plan
 from .scheduler import DecodeCall, Draft, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, SpecRow, StepPlan
 from .slot_backend import SlotBackend
+from .speculative import speculative_accept
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,16 @@ class _Sequence:
         self.next_token = -1  # the last emitted token: fed at the next decode step
         self.drafted = 0
         self.accepted = 0
+
+
+@dataclass
+class _RowDraft:
+    """One lossless row's drafts in a round: tokens, their draft distributions (sampling only), and whether the
+    draft logits were not finite."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)
+    broken: bool = False
 
 
 # Lossless drafting stops early for a row whose draft gives its token less than this probability (the draft's own
@@ -192,17 +203,42 @@ class Batcher:
 
     def _speculate(self, rows: tuple[SpecRow, ...], events: list, finished: set[int], emitted: dict[int, int],
                    work: int) -> tuple[int, int, int]:
-        """Lossless rows (docs/DESIGN.md, "Lossless mode"): each drafts row.drafts tokens with its shallow bucket
-        (calls of the deepest draft bucket, shallower rows gated), the drafted columns are forgotten, one verify call
-        runs [fed token, drafts...] through every layer, and each row keeps the longest prefix the full model agrees
-        with plus the full model's own next token. -> (work, drafted, accepted)."""
-        L, be = self.backend.num_layers, self.backend
+        """Lossless rows (docs/DESIGN.md, "Lossless mode"): draft with the shallow buckets, verify [fed token,
+        drafts...] at full depth in one call, keep what `speculative_accept` accepts. -> (work, drafted, accepted)."""
         seqs = [self._seqs[r.request_id] for r in rows]
+        drafts, work = self._draft(rows, seqs, work)
+        verified, work = self._verify(rows, seqs, drafts, work)
+        drafted = accepted = 0
+        keep: dict[int, int] = {}  # slot -> its new length: the old next token and the accepted drafts, fed
+        for r, seq, draft in zip(rows, seqs, drafts, strict=True):
+            if draft.broken:
+                self._fail(seq, f"the draft logits of token {len(seq.tokens)} are not finite (NaN or inf)", events,
+                           finished)
+                continue
+            p = verified[r.slot]  # [S, V]
+            out = speculative_accept(draft.tokens, draft.probs, p, seq.sampler).tokens
+            seq.drafted += len(draft.tokens)
+            seq.accepted += len(out) - 1
+            drafted += len(draft.tokens)
+            accepted += len(out) - 1
+            for i, tok in enumerate(out):
+                if not self._record(seq, tok, p[i: i + 1], self.backend.num_layers, events, finished):
+                    break
+            emitted[r.request_id] = len(out)
+            if r.request_id not in finished:
+                keep[r.slot] = r.column + len(out)
+        if keep:
+            self.backend.rewind(list(keep), list(keep.values()))
+        return work, drafted, accepted
+
+    def _draft(self, rows: tuple[SpecRow, ...], seqs: list[_Sequence], work: int) -> tuple[list[_RowDraft], int]:
+        """Up to row.drafts tokens per row from its draft bucket: calls of the deepest draft bucket among the rows
+        still drafting, shallower rows gated. A row stops early at a token its draft gives less than
+        DRAFT_STOP_BELOW probability, or at non-finite logits (`broken`)."""
+        L, be = self.backend.num_layers, self.backend
         slots = [r.slot for r in rows]
-        drafts: list[list[int]] = [[] for _ in rows]
-        qs: list[list[np.ndarray]] = [[] for _ in rows]  # sampled rows: the draft distributions
+        drafts = [_RowDraft() for _ in rows]
         feed = np.array([s.next_token for s in seqs], dtype=np.int64)
-        bad: set[int] = set()
         limit = [r.drafts for r in rows]  # lowered when a row's draft is unsure of its token
         for i in range(max(limit)):
             active = [j for j in range(len(rows)) if limit[j] > i]
@@ -213,78 +249,37 @@ class Batcher:
             logits = be.decode_rows([slots[j] for j in active], feed[active], bucket, gates)
             work += bucket * (max(slots[j] for j in active) + 1)
             for j in active:
-                row = logits[slots[j]]
+                row, draft, sampler = logits[slots[j]], drafts[j], seqs[j].sampler
                 if not np.isfinite(row.max()):
-                    bad.add(j)  # reported below; the verifier's logits decide nothing for this row
-                seq = seqs[j]
-                if seq.sampler.params.greedy or j in bad:
-                    d = int(np.argmax(row)) if j not in bad else 0
-                    confidence = 1.0 / float(np.exp(row - row[d]).sum()) if j not in bad else 0.0
+                    draft.broken = True  # reported after the verify pass; its logits decide nothing for this row
+                if draft.broken:
+                    d, confidence = 0, 0.0
+                elif sampler.params.greedy:
+                    d = int(np.argmax(row))
+                    confidence = 1.0 / float(np.exp(row - row[d]).sum())
                 else:
-                    qs[j].append(seq.sampler.probs(row))
-                    d = seq.sampler.draw(qs[j][-1])
-                    confidence = float(qs[j][-1].max())
-                drafts[j].append(d)
+                    draft.probs.append(sampler.probs(row))
+                    d = sampler.draw(draft.probs[-1])
+                    confidence = float(draft.probs[-1].max())
+                draft.tokens.append(d)
                 feed[j] = d
                 if confidence < DRAFT_STOP_BELOW:  # a later draft would build on a likely miss
                     limit[j] = i + 1
-        be.rewind(slots, [r.column for r in rows])
-        S = max(len(d) for d in drafts) + 1
-        tokens = np.full((len(rows), S), self.backend.pad_token_id, dtype=np.int64)
-        for j, seq in enumerate(seqs):
-            tokens[j, 0] = seq.next_token
-            tokens[j, 1: 1 + len(drafts[j])] = drafts[j]
-        verified = be.verify_rows(slots, tokens)
-        work += L * (max(slots) + 1) * S
-        drafted = accepted = 0
-        keep: dict[int, int] = {}  # slot -> its new length: the old next token and the accepted drafts, fed
-        for j, (r, seq) in enumerate(zip(rows, seqs, strict=True)):
-            rid = r.request_id
-            p = verified[r.slot]  # [S, V]
-            if j in bad:
-                self._fail(seq, f"the draft logits of token {len(seq.tokens)} are not finite (NaN or inf)", events,
-                           finished)
-                continue
-            out = self._accept(seq, drafts[j], qs[j], p)
-            seq.drafted += len(drafts[j])
-            seq.accepted += len(out) - 1
-            drafted += len(drafts[j])
-            accepted += len(out) - 1
-            for i, tok in enumerate(out):
-                if not self._record(seq, tok, p[i: i + 1], L, events, finished):
-                    break
-            emitted[rid] = len(out)
-            if rid not in finished:
-                keep[r.slot] = r.column + len(out)
-        if keep:
-            be.rewind(list(keep), list(keep.values()))
-        return work, drafted, accepted
+        return drafts, work
 
-    @staticmethod
-    def _accept(seq: _Sequence, drafts: list[int], qs: list[np.ndarray], p: np.ndarray) -> list[int]:
-        """The tokens a round emits: accepted drafts, then the full model's own token. Greedy: drafts equal to the
-        full model's argmax. Sampling: speculative sampling, draft d accepted with probability min(1, p(d) / q(d)),
-        else a token from the residual max(p - q, 0); the emitted tokens are distributed as full-depth sampling."""
-        sampler = seq.sampler
-        out: list[int] = []
-        for i, d in enumerate(drafts):
-            if not np.isfinite(p[i].max()):
-                return out + [int(np.argmax(p[i]))]  # _record reports the non-finite row
-            if sampler.params.greedy:
-                best = int(np.argmax(p[i]))
-                if best != d:
-                    return out + [best]
-            else:
-                target = sampler.probs(p[i])
-                if sampler.uniform() * qs[i][d] >= target[d]:
-                    residual = np.maximum(target - qs[i], 0.0)
-                    total = residual.sum()
-                    return out + [sampler.draw(residual / total if total > 0 else target)]
-            out.append(d)
-        last = p[len(drafts)]
-        if sampler.params.greedy or not np.isfinite(last.max()):
-            return out + [int(np.argmax(last))]
-        return out + [sampler.draw(sampler.probs(last))]
+    def _verify(self, rows: tuple[SpecRow, ...], seqs: list[_Sequence], drafts: list[_RowDraft], work: int
+                ) -> tuple[np.ndarray, int]:
+        """Forget the drafted columns, then one full-depth pass over [fed token, drafts...] per row (padded to the
+        longest). -> (logits [max(slots) + 1, S, V], work)."""
+        be = self.backend
+        slots = [r.slot for r in rows]
+        be.rewind(slots, [r.column for r in rows])
+        S = max(len(d.tokens) for d in drafts) + 1
+        tokens = np.full((len(rows), S), be.pad_token_id, dtype=np.int64)
+        for j, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
+            tokens[j, 0] = seq.next_token
+            tokens[j, 1: 1 + len(draft.tokens)] = draft.tokens
+        return be.verify_rows(slots, tokens), work + be.num_layers * (max(slots) + 1) * S
 
     def _fail(self, seq: _Sequence, what: str, events: list, finished: set[int]) -> None:
         rid = seq.request.request_id

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from skipdecode.export.exporter import ExportConfig, export  # noqa: E402
 from skipdecode.export.random_models import build_random_opt  # noqa: E402
 from skipdecode.export.reference import TorchReference  # noqa: E402
-from skipdecode.runtime.batcher import Batcher  # noqa: E402
+from skipdecode.runtime import batcher as batcher_module  # noqa: E402
 from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.errors import EngineError, InputError  # noqa: E402
 from skipdecode.runtime.generation import GenerateOptions, draft_bucket  # noqa: E402
@@ -27,6 +27,7 @@ from skipdecode.runtime.generator import Generator  # noqa: E402
 from skipdecode.runtime.sampling import SamplingParams  # noqa: E402
 from skipdecode.runtime.scheduler import Draft, Scheduler, SchedulerConfig, SchedulerError, SeqSpec  # noqa: E402
 from skipdecode.runtime.service import Service  # noqa: E402
+from skipdecode.runtime.speculative import Acceptance  # noqa: E402
 
 from .conftest import PROMPTS  # noqa: E402
 
@@ -92,10 +93,10 @@ def test_negative_control_without_the_verifier_the_output_changes(kjv_engine, mo
     something."""
     prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS]
 
-    def accept_all(seq, drafts, qs, p):
-        return list(drafts) + [int(np.argmax(p[len(drafts)]))]
+    def accept_all(drafts, probs, p, sampler):
+        return Acceptance(tuple(drafts), int(np.argmax(p[len(drafts)])), True)
 
-    monkeypatch.setattr(Batcher, "_accept", staticmethod(accept_all))
+    monkeypatch.setattr(batcher_module, "speculative_accept", accept_all)
     full, fast = full_and_lossless(kjv_engine, prompts, 40, draft_tokens=4, draft_speedup=5.0)
     assert [g.tokens for g in fast] != [f.tokens for f in full]
 
