@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..runtime.generation import GenerateOptions
-from ..runtime.ort_backend import session_options
+from ..runtime.ort_sessions import session_options
 from ..runtime.schedule import make_plan
 
 

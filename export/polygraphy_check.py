@@ -21,7 +21,7 @@ import numpy as np
 from ..runtime import contract as C
 from ..runtime.errors import EngineError
 from ..runtime.manifest import GraphSpec, Manifest, load_manifest
-from ..runtime.ort_backend import load_weights, open_session, session_options
+from ..runtime.ort_sessions import load_weights, open_session, session_options
 from ..runtime.slot_backend import position_ids
 
 

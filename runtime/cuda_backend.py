@@ -1,6 +1,7 @@
 """onnxruntime CUDA backend: device-resident weights and KV, graphs bound to device pointers with IOBinding.
 
-The same slot API and `GraphBackend` base as `OrtBackend`; what differs is where memory lives:
+An `OrtBackend` whose memory lives on the GPU: the same slot API, the same bound decode and verify calls
+(`GraphBackend._decode_io` / `_verify_io`, on-device entries bound to device pointers). What differs:
 * Weights: each tensor is copied to the GPU once as a CUDA `OrtValue` and handed to every session with
   `SessionOptions.add_initializer`; onnxruntime uses a user initializer in place when it already sits on the
   device the session planned for it, so all bucket sessions share one device copy.
@@ -28,11 +29,10 @@ import onnxruntime as ort
 from . import contract as C
 from .device import CudaRuntime, HostRuntime
 from .errors import BackendError
-from .manifest import GraphSpec, Manifest
-from .ort_backend import open_session, session_options
+from .manifest import Manifest
+from .ort_backend import OrtBackend
+from .ort_sessions import PythonSessions, session_options
 from .profiling import graph_range
-from .slot_backend import GraphBackend
-from .weights import read_weights
 
 CUDA_EP = "CUDAExecutionProvider"
 
@@ -57,8 +57,9 @@ def check_cuda_provider() -> None:
                            f"{available}): install onnxruntime-gpu in place of onnxruntime (docs/GPU.md)")
 
 
-class CudaBackend(GraphBackend):
-    """The slot API over one engine directory on CUDA device `device`."""
+class CudaBackend(OrtBackend):
+    """The slot API over one engine directory on CUDA device `device`: OrtBackend's bound decode and verify calls,
+    with the K/V buffers and weights in device memory."""
 
     def __init__(self, directory: str | Path, man: Manifest, device: int = 0, max_batch: int | None = None,
                  max_length: int | None = None, placement: Placement = CUDA) -> None:
@@ -70,22 +71,22 @@ class CudaBackend(GraphBackend):
             raise BackendError(f"this engine is {man.dtype} with gqa attention; GroupQueryAttention runs on CUDA in "
                                "float16 only: export with --dtype fp16 (or use the matmul flavour)")
         directory = Path(directory)
+        self.prepack = "off"
         self.cuda = CudaRuntime(device) if placement == CUDA else HostRuntime()
         self._setup(man, max_batch, max_length, self.cuda)
         # weights.bin -> one device OrtValue per tensor (the only device copy; every session gets these)
-        self.weights = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device_type, device)
-                        for k, v in read_weights(directory, man).items()}
         providers = ([(CUDA_EP, {"device_id": str(device), "user_compute_stream": str(self.cuda.stream_handle)})]
                      if placement == CUDA else [placement.provider])
-        self.sessions = {g.name: open_session(directory, g, self.weights, providers, session_options(prepack=False))
-                         for g in man.graphs}
-        self._bindings: dict[tuple, ort.IOBinding] = {}
+        self._open(PythonSessions(directory, man, providers, lambda: session_options(prepack=False),
+                                  device=self.device_type, device_id=device))
+        self.released_bytes = 0
 
     def _run_prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray):
         # ids, pos, mask: [B, S] host, prompts right-aligned; K/V outputs are allocated by onnxruntime on the device
         B, S = ids.shape
         spec = self.manifest.prefill()
-        binding = self.sessions[spec.name].io_binding()
+        session = self.sessions.sessions[spec.name]
+        binding = session.io_binding()
         for name, arr in ((C.INPUT_IDS, ids), (C.POSITION_IDS, pos), (C.ATTENTION_MASK, mask)):
             binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         logits = self._logits[: B * self.vocab_size].reshape(B, self.vocab_size)
@@ -94,58 +95,7 @@ class CudaBackend(GraphBackend):
             binding.bind_output(C.present_key(layer), self.device_type, self.device)
             binding.bind_output(C.present_value(layer), self.device_type, self.device)
         with graph_range(spec.name):
-            self.sessions[spec.name].run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         outs = binding.get_outputs()  # kept alive (with the binding) until the slot copies are synchronized
         kv = [(outs[1 + 2 * layer].data_ptr(), outs[2 + 2 * layer].data_ptr()) for layer in range(self.num_layers)]
         return logits, kv, (binding, outs)
-
-    def _run_decode(self, spec: GraphSpec, n: int) -> None:
-        binding = self._bindings.get((spec.budget, n)) or self._bind_decode(spec, n)
-        with graph_range(spec.name):
-            self.sessions[spec.name].run_with_iobinding(binding)
-
-    def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
-        key = (spec.kind, n, S)
-        binding = self._bindings.get(key)
-        if binding is None:
-            binding = self._bindings[key] = self.sessions[spec.name].io_binding()
-            ins, outs = self._verify_io(spec, n, S)
-            for bind, items in ((binding.bind_input, ins), (binding.bind_output, outs)):
-                for name, dtype, shape, ptr, on_device in items:
-                    where, dev = (self.device_type, self.device) if on_device else ("cpu", 0)
-                    bind(name, where, dev, dtype, shape, ptr)
-        with graph_range(spec.name):
-            self.sessions[spec.name].run_with_iobinding(binding)
-
-    def _bind_decode(self, spec: GraphSpec, n: int) -> ort.IOBinding:
-        """Bind a bucket graph over slots [0, n) once: rows [0, n) of a [slots, ...] buffer start at its base
-        pointer, so the device addresses never change; later steps only refresh the host inputs."""
-        binding = self.sessions[spec.name].io_binding()
-        k = len(spec.layers)
-        host = {C.INPUT_IDS: self._ids[:n], C.PAST_LENGTH: self._lengths[:n], C.GATE: self._gate[: n * k].reshape(n, k)}
-        if self.in_place:
-            host[C.KV_LENGTH] = self._kv_length
-        for name, arr in host.items():
-            binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        logits = self._logits[: n * self.vocab_size].reshape(n, self.vocab_size)
-        binding.bind_output(C.LOGITS, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        dtype, dev, where = self.kv.dtype, self.device, self.device_type
-        kv = [n, self.heads, self.max_length, self.head_dim]
-        for layer in spec.layers:
-            k_ptr, v_ptr = self.kv.keys[layer], self.kv.values[layer]
-            binding.bind_input(C.past_key(layer), where, dev, dtype, kv, k_ptr)
-            binding.bind_input(C.past_value(layer), where, dev, dtype, kv, v_ptr)
-            if self.in_place:  # present = past: GroupQueryAttention writes the new column into the buffer itself
-                binding.bind_output(C.present_key(layer), where, dev, dtype, kv, k_ptr)
-                binding.bind_output(C.present_value(layer), where, dev, dtype, kv, v_ptr)
-            else:
-                new = [n, self.heads, 1, self.head_dim]
-                binding.bind_output(C.new_key(layer), where, dev, dtype, new, self.kv.new_keys[layer])
-                binding.bind_output(C.new_value(layer), where, dev, dtype, new, self.kv.new_values[layer])
-        self._bindings[(spec.budget, n)] = binding
-        return binding
-
-    def _release(self) -> None:
-        self._bindings.clear()
-        self.sessions.clear()
-        self.weights.clear()

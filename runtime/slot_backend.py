@@ -32,6 +32,7 @@ import atexit
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +56,17 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 def position_ids(mask: np.ndarray) -> np.ndarray:
     """OPT position ids from the mask: running count of real tokens minus one; padding gets -1 (as HF)."""
     return (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)
+
+
+class IO(NamedTuple):
+    """One input or output of a bound graph call: a tensor of `shape` at `address`, in device memory when
+    `on_device` (the backend's device), else in host memory."""
+
+    name: str
+    dtype: np.dtype
+    shape: list
+    address: int
+    on_device: bool = False
 
 
 # Backends not closed yet. At interpreter exit another (daemon) thread may still be generating; onnxruntime's and
@@ -282,34 +294,57 @@ class GraphBackend(SlotBackend):
             self.kv.memory.synchronize()
         return self._vlogits[: n * S * self.vocab_size].reshape(n, S, self.vocab_size)
 
-    def _verify_io(self, spec: GraphSpec, n: int, S: int) -> tuple[list, list]:
-        """(name, dtype, shape, address, on_device) of every input and output of a verify graph: "verify" over slots
-        [0, n) (host inputs and logits, the cache's K/V buffers, the span staging for the new K/V), or "verify_row"
-        over the one slot `n` (its rows of the same buffers, K/V written in place)."""
+    def _decode_io(self, spec: GraphSpec, n: int) -> tuple[list[IO], list[IO]]:
+        """Inputs and outputs of a bucket graph over slots [0, n): the host inputs and logits, the cache's K/V
+        buffers, and (matmul flavour) the staging for the new column; the gqa flavour writes it in place (present =
+        past). Rows [0, n) of a [slots, ...] buffer start at its base address, so a binding made once stays valid."""
+        k, kv, dtype = len(spec.layers), [n, self.heads, self.max_length, self.head_dim], self.kv.dtype
+        host = [(C.INPUT_IDS, self._ids[:n]), (C.PAST_LENGTH, self._lengths[:n]),
+                (C.GATE, self._gate[: n * k].reshape(n, k))]
+        if self.in_place:
+            host.append((C.KV_LENGTH, self._kv_length))
+        ins = [IO(name, a.dtype, list(a.shape), a.ctypes.data) for name, a in host]
+        outs = [IO(C.LOGITS, np.dtype(np.float32), [n, self.vocab_size], self._logits.ctypes.data)]
+        new = [n, self.heads, 1, self.head_dim]
+        for layer in spec.layers:
+            k_ptr, v_ptr = self.kv.keys[layer], self.kv.values[layer]
+            ins += [IO(C.past_key(layer), dtype, kv, k_ptr, True), IO(C.past_value(layer), dtype, kv, v_ptr, True)]
+            if self.in_place:
+                outs += [IO(C.present_key(layer), dtype, kv, k_ptr, True),
+                         IO(C.present_value(layer), dtype, kv, v_ptr, True)]
+            else:
+                outs += [IO(C.new_key(layer), dtype, new, self.kv.new_keys[layer], True),
+                         IO(C.new_value(layer), dtype, new, self.kv.new_values[layer], True)]
+        return ins, outs
+
+    def _verify_io(self, spec: GraphSpec, n: int, S: int) -> tuple[list[IO], list[IO]]:
+        """Inputs and outputs of a verify graph: "verify" over slots [0, n) (host inputs and logits, the cache's K/V
+        buffers, the span staging for the new K/V), or "verify_row" over the one slot `n` (its rows of the same
+        buffers, K/V written in place)."""
         kv_dtype, V, H, T, D = self.kv.dtype, self.vocab_size, self.heads, self.max_length, self.head_dim
         i64, i32, f32 = np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32)
         if spec.kind == "verify_row":
             r, layer_row = n, H * T * D * kv_dtype.itemsize
-            ins = [(C.INPUT_IDS, i64, [1, S], self._vids.ctypes.data + r * S * 8, False),
-                   (C.PAST_LENGTH, i32, [1], self._lengths.ctypes.data + r * 4, False),
-                   (C.KV_LENGTH, i32, [], self._kv_length.ctypes.data, False)]
-            outs = [(C.LOGITS, f32, [1, S, V], self._vlogits.ctypes.data + r * S * V * 4, False)]
+            ins = [IO(C.INPUT_IDS, i64, [1, S], self._vids.ctypes.data + r * S * 8, False),
+                   IO(C.PAST_LENGTH, i32, [1], self._lengths.ctypes.data + r * 4, False),
+                   IO(C.KV_LENGTH, i32, [], self._kv_length.ctypes.data, False)]
+            outs = [IO(C.LOGITS, f32, [1, S, V], self._vlogits.ctypes.data + r * S * V * 4, False)]
             for layer in spec.layers:
                 k_ptr, v_ptr = self.kv.keys[layer] + r * layer_row, self.kv.values[layer] + r * layer_row
-                ins += [(C.past_key(layer), kv_dtype, [1, H, T, D], k_ptr, True),
-                        (C.past_value(layer), kv_dtype, [1, H, T, D], v_ptr, True)]
-                outs += [(C.present_key(layer), kv_dtype, [1, H, T, D], k_ptr, True),
-                         (C.present_value(layer), kv_dtype, [1, H, T, D], v_ptr, True)]
+                ins += [IO(C.past_key(layer), kv_dtype, [1, H, T, D], k_ptr, True),
+                        IO(C.past_value(layer), kv_dtype, [1, H, T, D], v_ptr, True)]
+                outs += [IO(C.present_key(layer), kv_dtype, [1, H, T, D], k_ptr, True),
+                         IO(C.present_value(layer), kv_dtype, [1, H, T, D], v_ptr, True)]
             return ins, outs
-        ins = [(C.INPUT_IDS, i64, [n, S], self._vids.ctypes.data, False),
-               (C.PAST_LENGTH, i32, [n], self._lengths.ctypes.data, False)]
-        outs = [(C.LOGITS, f32, [n, S, V], self._vlogits.ctypes.data, False)]
+        ins = [IO(C.INPUT_IDS, i64, [n, S], self._vids.ctypes.data, False),
+               IO(C.PAST_LENGTH, i32, [n], self._lengths.ctypes.data, False)]
+        outs = [IO(C.LOGITS, f32, [n, S, V], self._vlogits.ctypes.data, False)]
         kv, new = [n, H, T, D], [n, H, S, D]
         for layer in spec.layers:
-            ins += [(C.past_key(layer), kv_dtype, kv, self.kv.keys[layer], True),
-                    (C.past_value(layer), kv_dtype, kv, self.kv.values[layer], True)]
-            outs += [(C.new_key(layer), kv_dtype, new, self.kv.span_keys[layer], True),
-                     (C.new_value(layer), kv_dtype, new, self.kv.span_values[layer], True)]
+            ins += [IO(C.past_key(layer), kv_dtype, kv, self.kv.keys[layer], True),
+                    IO(C.past_value(layer), kv_dtype, kv, self.kv.values[layer], True)]
+            outs += [IO(C.new_key(layer), kv_dtype, new, self.kv.span_keys[layer], True),
+                     IO(C.new_value(layer), kv_dtype, new, self.kv.span_values[layer], True)]
         return ins, outs
 
     def close(self) -> None:

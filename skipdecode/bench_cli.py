@@ -78,10 +78,10 @@ def config_from_args(args):
 def run_bench(args) -> int:
     from skipdecode.bench.report import write_outputs
     from skipdecode.bench.run import run_bench as bench
-    from skipdecode.runtime.ort_backend import use_global_thread_pool
+    from skipdecode.runtime.ort_sessions import configure_onnxruntime
 
     cfg = config_from_args(args)
-    use_global_thread_pool(cfg.threads)  # as `skipdecode generate`/`serve` run: one pool for every bucket graph
+    configure_onnxruntime(cfg.threads)  # as `skipdecode generate`/`serve` run: one pool for every bucket graph
     out = bench(cfg)
     out["command"] = "skipdecode " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "skipdecode bench"
     json_path = args.json or args.out_dir / "bench.json"

@@ -170,8 +170,8 @@ def cmd_generate(args) -> int:
         if not args.engine:
             raise InputError(f"--backend {args.backend} needs --engine DIR (built by `skipdecode export`)")
         from skipdecode.runtime.engine import Engine
-        from skipdecode.runtime.ort_backend import use_global_thread_pool
-        use_global_thread_pool()  # one pool for every bucket graph (SKIPDECODE_THREADS, else every core)
+        from skipdecode.runtime.ort_sessions import configure_onnxruntime
+        configure_onnxruntime()  # one pool for every bucket graph (SKIPDECODE_THREADS, else every core)
         gen = Engine.load(args.engine, providers=args.providers.split(","), prepack=args.prepack,
                           backend=args.backend, device=args.device, verify=args.verify)
     prompts = [gen.encode(t) for t in args.prompt] + [list(x) for x in args.prompt_ids]

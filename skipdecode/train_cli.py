@@ -155,10 +155,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_eval_engine(args) -> int:
-    from skipdecode.runtime.ort_backend import use_global_thread_pool
+    from skipdecode.runtime.ort_sessions import configure_onnxruntime
     from skipdecode.training.engine_eval import engine_report, write_json
     from skipdecode.training.quality import EvalConfig
-    use_global_thread_pool()
+    configure_onnxruntime()
     speedups = sorted({1.0, *args.speedups})
     cfg = EvalConfig(chunks=args.chunks, prompt_length=args.prompt_length, seq_len=args.seq_len)
     rows = engine_report(args.engine, args.data, speedups, cfg)

@@ -39,7 +39,7 @@ def bench_run(tmp_path_factory):
     # The bench switches onnxruntime to one process-wide thread pool, which cannot be undone and would leak into
     # the other tests of this process; tests/test_slots.py checks that mode in a subprocess instead.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("skipdecode.runtime.ort_backend.use_global_thread_pool", lambda threads=None: threads)
+        mp.setattr("skipdecode.runtime.ort_sessions.configure_onnxruntime", lambda threads=None: threads)
         assert run_bench(args) == 0
 
     def strict(const):

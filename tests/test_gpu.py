@@ -30,7 +30,7 @@ from skipdecode.runtime.device import (
 from skipdecode.runtime.errors import BackendError, EngineError
 from skipdecode.runtime.kv import KVCache
 from skipdecode.runtime.manifest import load_manifest
-from skipdecode.runtime.ort_backend import load_weights, open_session, session_options
+from skipdecode.runtime.ort_sessions import load_weights, open_session, session_options
 from skipdecode.runtime.trt_backend import TrtPlans, decode_bindings, prefill_bindings, weight_layout
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -53,8 +53,8 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env():
     # onnxruntime has one environment per process: use the pool size engines of this test process use
-    from skipdecode.runtime.ort_backend import _capi_threads
-    with oc.Env(threads=_capi_threads(None)) as e:
+    from skipdecode.runtime.ort_sessions import capi_threads
+    with oc.Env(threads=capi_threads(None)) as e:
         yield e
 
 

@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from skipdecode.export import quantize as Q  # noqa: E402
 from skipdecode.export.exporter import ExportConfig, export  # noqa: E402
-from skipdecode.runtime.ort_backend import session_options  # noqa: E402
+from skipdecode.runtime.ort_sessions import session_options  # noqa: E402
 
 # Max |quantized logits - float logits on dequantized weights| / max |float logits|. accuracy_level 4 also quantizes
 # the activations (int8 per block) and dyn8 quantizes them per tensor, so those differ by more than rounding.

@@ -151,7 +151,7 @@ def test_generation_emits_nvtx_ranges(flavour_engine):
 
 
 def test_shared_thread_pool_mode_gives_the_same_tokens(flavour_engine):
-    """`use_global_thread_pool` (what the CLI, server and bench use) in a fresh process: same tokens as the
+    """`configure_onnxruntime` (what the CLI, server and bench use) in a fresh process: same tokens as the
     per-session pools of this process; engines loaded later report the shared pool's size, and asking the pool
     itself for another size is refused."""
     import json
@@ -159,15 +159,15 @@ def test_shared_thread_pool_mode_gives_the_same_tokens(flavour_engine):
     import sys
     code = (
         "import json, sys\n"
-        "from skipdecode.runtime.ort_backend import use_global_thread_pool\n"
+        "from skipdecode.runtime.ort_sessions import configure_onnxruntime\n"
         "from skipdecode.runtime.engine import Engine\n"
         "from skipdecode.runtime.errors import BackendError\n"
         "from skipdecode.runtime.generation import GenerateOptions\n"
-        "use_global_thread_pool(2)\n"
+        "configure_onnxruntime(2)\n"
         "res = Engine.load(sys.argv[1]).generate(json.loads(sys.argv[2]), GenerateOptions(max_new_tokens=12, "
         "speedup=2.0))\n"
         "threads = Engine.load(sys.argv[1], threads=1).backend.threads\n"
-        "try:\n    use_global_thread_pool(1)\n    refused = False\n"
+        "try:\n    configure_onnxruntime(1)\n    refused = False\n"
         "except BackendError:\n    refused = True\n"
         "print(json.dumps({'tokens': [r.tokens for r in res], 'threads': threads, 'refused': refused}))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(flavour_engine[2]), json.dumps(PROMPTS)],
