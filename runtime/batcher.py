@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .errors import InputError
 from .generation import DEFAULT_DRAFT_TOKENS, GenerateOptions, check_prompts, draft_bucket, resolve_max_length
 from .logprobs import TokenLogprob, token_logprob
 from .profiling import step_range
@@ -57,8 +58,11 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
     buckets = tuple(s.bucket for s in plan.steps[: opts.max_new_tokens - 1])
     draft = None
     if opts.lossless:  # the schedule above is full depth (GenerateOptions refuses a SkipDecode one)
+        if backend.lossless_refusal:
+            raise InputError(backend.lossless_refusal)
+        auto = opts.draft_tokens is None
         draft = Draft(draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup),
-                      opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=opts.draft_tokens is None)
+                      opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=auto, shared=auto and opts.sampling.greedy)
     return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets, draft))
 
 
@@ -232,9 +236,9 @@ class Batcher:
         return work, drafted, accepted
 
     def _draft(self, rows: tuple[SpecRow, ...], seqs: list[_Sequence], work: int) -> tuple[list[_RowDraft], int]:
-        """Up to row.drafts tokens per row from its draft bucket: calls of the deepest draft bucket among the rows
-        still drafting, shallower rows gated. A row stops early at a token its draft gives less than
-        DRAFT_STOP_BELOW probability, or at non-finite logits (`broken`)."""
+        """row.drafts tokens per row from its draft bucket: calls of the deepest draft bucket among the rows still
+        drafting, shallower rows gated. A row drafting automatically stops early at a token its draft gives less
+        than DRAFT_STOP_BELOW probability."""
         L, be = self.backend.num_layers, self.backend
         slots = [r.slot for r in rows]
         drafts = [_RowDraft() for _ in rows]
@@ -263,7 +267,7 @@ class Batcher:
                     confidence = float(draft.probs[-1].max())
                 draft.tokens.append(d)
                 feed[j] = d
-                if confidence < DRAFT_STOP_BELOW:  # a later draft would build on a likely miss
+                if rows[j].stop_when_unsure and confidence < DRAFT_STOP_BELOW:  # later drafts build on a likely miss
                     limit[j] = i + 1
         return drafts, work
 

@@ -46,13 +46,19 @@ class SchedulerError(SkipDecodeError):
 
 @dataclass(frozen=True)
 class Draft:
-    """A lossless request's drafting: `tokens` per round with the graph of `bucket`. `auto` (no draft length asked
-    for): the scheduler drafts only while a step has at most `SchedulerConfig.max_speculative_rows` lossless rows,
-    and otherwise decodes the request at full depth (the same tokens, without the verification's extra compute)."""
+    """A lossless request's drafting: `tokens` per round with the graph of `bucket`.
+
+    `auto` (no draft length asked for): rounds end early at a draft token the draft is unsure of, and drafting backs
+    off while the drafts keep failing; with an explicit length every round drafts exactly `tokens` (fewer only at
+    the end of the request). `shared` (automatic greedy requests only): the request drafts only in steps with at
+    most `SchedulerConfig.max_speculative_rows` lossless rows, and otherwise decodes at full depth. Greedy tokens are
+    the same either way; a sampled request's tokens depend on its rounds, so its choices depend on itself alone and
+    a seeded request gives the same tokens alone, batched or served."""
 
     bucket: int
     tokens: int
     auto: bool = True
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ class SpecRow:
     draft_bucket: int
     drafts: int
     step: int
+    stop_when_unsure: bool = True  # automatic drafting: the round ends at a draft token below the confidence cut
 
 
 @dataclass(frozen=True)
@@ -244,16 +251,17 @@ class Scheduler:
         """Decode every prefilled running request one step, then admit waiting ones (FIFO) into free slots."""
         rows, spec = [], []
         running = [r for r in sorted(self._running.values(), key=lambda r: r.slot) if r.prefilled]
-        auto_ok = sum(r.spec.draft is not None for r in running) <= self.config.max_speculative_rows
+        auto_ok = sum(r.spec.draft is not None for r in running) <= self.config.max_speculative_rows  # greedy only
         for r in running:
             column, draft = r.spec.prompt_length + r.step, r.spec.draft
             # a lossless row drafts at most the tokens it may still emit minus the verifier's own one; with none
             # left to draft (or, drafting automatically, in a step too full for it or while backing off) it is a
             # plain full-depth decode row
-            drafting = draft is not None and (not draft.auto or (auto_ok and r.step >= r.resume_at))
+            drafting = draft is not None and (not draft.auto or ((auto_ok or not draft.shared)
+                                                                 and r.step >= r.resume_at))
             drafts = min(draft.tokens, len(r.spec.buckets) - r.step - 1) if drafting else 0
             if drafts > 0:
-                spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step))
+                spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step, draft.auto))
             else:
                 rows.append(DecodeRow(r.spec.request_id, r.slot, column, r.spec.buckets[r.step], r.step))
         return StepPlan(calls=self._calls(tuple(rows)), admits=self._admit(), speculative=tuple(spec))

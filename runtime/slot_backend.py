@@ -95,6 +95,9 @@ class SlotBackend:
     max_length: int  # KV columns per slot
     vocab_size: int
     pad_token_id: int
+    # Why lossless decoding would not reproduce this backend's own full-depth tokens (None: it does). A quantized
+    # engine's int8 kernels round the activations of a several-token verify call differently from a one-token step.
+    lossless_refusal: str | None = None
 
     def _init_slots(self) -> None:
         """Call once the attributes above are set."""
@@ -232,6 +235,10 @@ class GraphBackend(SlotBackend):
         self.vocab_size, self.pad_token_id, self.heads, self.head_dim = m.vocab_size, m.pad_token_id, m.num_heads, \
             m.head_dim
         self._specs = {b: man.decode(b) for b in self.buckets}  # looked up every step
+        if man.quantization:
+            self.lossless_refusal = (f"lossless decoding is not exact on this {man.quantization.get('scheme')} "
+                                     "engine (its verify pass rounds activations differently from one-token "
+                                     "steps): use a float engine")
         self._init_slots()
         self.kv = KVCache(memory, self.num_layers, self.heads, self.head_dim, self.max_batch, self.max_length,
                           man.dtype, staging=not self.in_place)

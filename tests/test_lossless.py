@@ -275,22 +275,24 @@ def test_scheduler_lossless_rounds_shrink_at_the_end_and_commit_checks_counts():
     assert not plan.speculative and plan.rows[0].bucket == 12
 
 
-@pytest.mark.parametrize("limit, auto, alone, together", [(1, True, 1, 0), (2, True, 1, 2), (0, True, 0, 0),
-                                                         (1, False, 1, 2)])
-def test_automatic_drafting_only_in_steps_with_few_lossless_rows(limit, auto, alone, together):
-    """Without an explicit draft length, lossless rows speculate only while a step has at most
-    max_speculative_rows of them; the others decode at full depth (the same tokens, no verify pass). `alone`,
-    `together`: speculating rows with one lossless request running, then with two."""
+@pytest.mark.parametrize("limit, auto, shared, alone, together", [
+    (1, True, True, 1, 0), (2, True, True, 1, 2), (0, True, True, 0, 0), (1, False, False, 1, 2),
+    (1, True, False, 1, 2), (0, True, False, 1, 2)])
+def test_automatic_drafting_only_in_steps_with_few_lossless_rows(limit, auto, shared, alone, together):
+    """Without an explicit draft length, greedy lossless rows (`shared`) speculate only while a step has at most
+    max_speculative_rows of them; the others decode at full depth (the same tokens, no verify pass). Sampled rows
+    decide alone (their tokens depend on their rounds). `alone`, `together`: speculating rows with one lossless
+    request running, then with two."""
     from skipdecode.runtime.kv import SlotTable
     sched = Scheduler(SchedulerConfig(max_batch=3, max_tokens_in_flight=100, max_speculative_rows=limit),
                       SlotTable(3))
-    sched.submit(SeqSpec(1, 3, (12,) * 9, draft=Draft(4, 4, auto=auto)))
+    sched.submit(SeqSpec(1, 3, (12,) * 9, draft=Draft(4, 4, auto=auto, shared=shared)))
     sched.submit(SeqSpec(2, 3, (6,) * 9))  # a SkipDecode request
     sched.commit(sched.plan(), ())  # both prefilled
     plan = sched.plan()
     assert len(plan.speculative) == alone
     assert sorted(r.bucket for r in plan.rows) == ([6] if alone else [6, 12])
-    sched.submit(SeqSpec(3, 3, (12,) * 9, draft=Draft(4, 4, auto=auto)))
+    sched.submit(SeqSpec(3, 3, (12,) * 9, draft=Draft(4, 4, auto=auto, shared=shared)))
     sched.commit(plan, (), {r.request_id: 2 for r in plan.speculative})  # one draft accepted: no backoff
     plan = sched.plan()  # request 3 is prefilled in this step
     sched.commit(plan, (), {r.request_id: 2 for r in plan.speculative})
@@ -395,3 +397,69 @@ def test_random_weight_drafts_fall_back_to_full_depth(engine_dir):
     auto = engine.generate([prompt], GenerateOptions(max_new_tokens=60, lossless=True))[0]
     assert auto.tokens == full.tokens
     assert auto.drafted < 59 // 2  # far fewer drafts than one per token
+
+
+# -- claims that hold exactly --------------------------------------------------------------------------------------
+
+def _seeded(seed: int, **kw) -> GenerateOptions:
+    return GenerateOptions(max_new_tokens=30, lossless=True, sampling=SamplingParams(temperature=0.8, seed=seed), **kw)
+
+
+def test_seeded_lossless_sampling_is_the_same_alone_batched_and_served(kjv_engine, monkeypatch):
+    """Row i of a batch samples with seed + i (GenerateOptions.for_row): it must equal the prompt alone with that
+    seed, and the same request served next to other lossless requests. A sampled row's drafting choices depend on
+    that row only; the negative control lets them depend on the other rows (as greedy rows may) and must differ."""
+    prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS]
+    alone = [kjv_engine.generate([p], _seeded(40 + i))[0].tokens for i, p in enumerate(prompts)]
+    batched = [g.tokens for g in kjv_engine.generate(prompts, _seeded(40))]
+    with Service(kjv_engine) as svc:
+        handles = [svc.submit(p, _seeded(40 + i)) for i, p in enumerate(prompts)]
+        served = [list(h.result(timeout=120).tokens) for h in handles]
+    assert batched == alone and served == alone
+    real = batcher_module.prepare_request
+
+    def shared_by_every_row(*args, **kwargs):  # the automatic policy of greedy rows applied to sampled ones
+        request = real(*args, **kwargs)
+        return replace(request, spec=replace(request.spec, draft=replace(request.spec.draft, shared=True)))
+
+    monkeypatch.setattr(batcher_module, "prepare_request", shared_by_every_row)
+    monkeypatch.setattr("skipdecode.runtime.generator.prepare_request", shared_by_every_row)
+    assert [g.tokens for g in kjv_engine.generate(prompts, _seeded(40))] != alone
+
+
+@pytest.mark.parametrize("k", [4, 8, 15])
+def test_an_explicit_draft_length_drafts_that_many_tokens_every_round(kjv_engine, monkeypatch, k):
+    """--draft-tokens K means K drafts per round (fewer only where the request has fewer tokens left); the
+    automatic length stops at unsure drafts, so without K the rounds are shorter (the check can fail)."""
+    rounds: list[int] = []
+    expected: list[int] = []
+    emitted = [1]  # the prefill's token
+    real = batcher_module.speculative_accept
+
+    def spy(drafts, *args):
+        rounds.append(len(drafts))
+        expected.append(min(k, 60 - emitted[0] - 1))  # a round emits at most drafts + 1 tokens
+        out = real(drafts, *args)
+        emitted[0] += len(out.tokens)
+        return out
+
+    monkeypatch.setattr(batcher_module, "speculative_accept", spy)
+    prompt = kjv_engine.encode(KJV_PROMPTS[0])
+    gen = kjv_engine.generate([prompt], GenerateOptions(max_new_tokens=60, lossless=True, draft_tokens=k))[0]
+    assert rounds and rounds == expected and rounds[0] == k
+    assert gen.drafted == sum(rounds)
+    rounds.clear()
+    kjv_engine.generate([prompt], GenerateOptions(max_new_tokens=60, lossless=True, draft_tokens=None))
+    assert min(rounds) < 4  # the automatic policy stops early at an unsure draft
+
+
+def test_lossless_on_a_quantized_engine_is_refused(tiny_checkpoint, tmp_path):
+    """The int8 verify pass rounds activations differently from one-token steps: lossless decoding there would
+    silently differ from the engine's own full depth, so it is a one-line input error instead."""
+    _, ckpt = tiny_checkpoint
+    export(ExportConfig(model=str(ckpt), out=tmp_path / "int8", speedups=(2.0,), max_batch=2, quantize="int8"),
+           progress=False)
+    with Engine.load(tmp_path / "int8") as engine:
+        with pytest.raises(InputError, match="lossless decoding is not exact on this int8"):
+            engine.generate([[2, 5, 7]], GenerateOptions(max_new_tokens=4, lossless=True))
+        assert engine.generate([[2, 5, 7]], GenerateOptions(max_new_tokens=4))[0].tokens  # other modes still run
