@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from ..runtime.errors import EngineError
+from ..runtime.manifest import aside_prefix
 
 
 def _rename(src: Path, dst: Path) -> None:
@@ -105,7 +106,7 @@ class ExportTarget:
         if not self.out.exists():
             _rename(self.tmp, self.out)
             return
-        aside = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        aside = self.out.parent / f"{aside_prefix(self.out)}{os.getpid()}"
         _rename(self.out, aside)
         try:
             _rename(self.tmp, self.out)

@@ -6,6 +6,7 @@ weights offsets, model shape, schedule defaults). A manifest of another format v
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -168,11 +169,23 @@ class Manifest:
         (Path(directory) / MANIFEST).write_text(self.to_json())
 
 
+def aside_prefix(directory: Path) -> str:
+    """Name prefix of the copy an export moves an existing engine to while it swaps in the new one (export/target.py
+    appends the exporting process's id): `load_manifest` names it when the engine itself is missing."""
+    return f".{directory.name}.old-"
+
+
 def load_manifest(directory: str | Path) -> Manifest:
     """Read and validate `directory/manifest.json` and the files it names; raise EngineError naming the problem.
     Content hashes are not checked here (that reads every byte): `Engine.load` does, runtime/integrity.py."""
     directory = Path(directory)
     if not directory.is_dir():
+        pattern = f"{glob.escape(aside_prefix(directory))}*"
+        aside = sorted(directory.parent.glob(pattern)) if directory.parent.is_dir() else []
+        if aside:  # an export was killed between moving the old engine aside and renaming the new one in
+            raise EngineError(f"engine directory {directory} does not exist, but an interrupted export left the "
+                              f"previous engine at {aside[-1]}: restore it with `mv {aside[-1]} {directory}` (the "
+                              f"next export to {directory} also restores it)")
         raise EngineError(f"engine directory {directory} does not exist (build it with `skipdecode export`)")
     path = directory / MANIFEST
     if not path.is_file():
@@ -181,6 +194,8 @@ def load_manifest(directory: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngineError(f"{path} is corrupted: {exc}") from exc
+    except RecursionError:
+        raise EngineError(f"{path} is corrupted: its JSON nests deeper than Python's recursion limit") from None
     fmt = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
     if fmt != FORMAT:
         raise EngineError(f"{path} is not a {FORMAT} manifest (format={fmt!r})")
@@ -274,8 +289,9 @@ def _weight(raw: object, where: str) -> WeightEntry:
 
 
 def _integrity(raw: object, where: str) -> dict:
+    # fixed-length digests only (shake_* need a length)
     algorithm = F.text(F.need(raw, "algorithm", where), f"{where}.algorithm",
-                       tuple(sorted(hashlib.algorithms_guaranteed)))
+                       tuple(sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))))
     chunk = F.integer(F.need(raw, "chunk_bytes", where), f"{where}.chunk_bytes", 2**12, 2**34)
     files = F.obj(F.need(raw, "files", where), f"{where}.files")
     return {"algorithm": algorithm, "chunk_bytes": chunk,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import contract as C
 from .errors import EngineError, ScheduleError
 from .schedule import layers_for_budget
 
@@ -46,6 +47,31 @@ def _check_graphs(man: Manifest) -> None:
         missing = [x for x in g.weights if x not in man.weights]
         if missing:
             raise EngineError(f"graph {g.name} uses weight {missing[0]!r} that the manifest does not list")
+        _check_io(man, g)
+
+
+def _check_io(man: Manifest, g) -> None:
+    """A graph's inputs and outputs are those runtime/contract.py gives for the model's shape: an edited
+    hidden_size, head count or vocab_size is refused here, not by the first request."""
+    m = man.model
+    if m.hidden_size % m.num_heads:
+        raise EngineError(f"manifest.model.hidden_size={m.hidden_size} is not a multiple of num_heads={m.num_heads}")
+    args = (m.num_heads, m.head_dim, m.vocab_size, man.dtype)
+    if g.kind == "prefill":
+        want = C.prefill_io(man.num_layers, *args)
+    elif g.kind == "decode":
+        want = C.decode_io(g.layers, *args, man.attention)
+    else:
+        want = C.verify_io(man.num_layers, *args, "gqa" if g.kind == "verify_row" else "matmul")
+    for got, expected, what in ((g.inputs, want[0], "inputs"), (g.outputs, want[1], "outputs")):
+        if tuple(got) != tuple(expected):
+            pairs = enumerate(zip(got, expected, strict=False))
+            bad = next((i for i, (a, b) in pairs if a != b), min(len(got), len(expected)))
+            have = got[bad] if bad < len(got) else "nothing"
+            need = expected[bad] if bad < len(expected) else "nothing"
+            raise EngineError(f"graph {g.name} {what}[{bad}] is {have}; the model in the manifest (hidden_size "
+                              f"{m.hidden_size}, {m.num_heads} heads, vocab_size {m.vocab_size}, {man.dtype}) needs "
+                              f"{need}")
 
 
 def _check_weights(man: Manifest) -> None:
@@ -88,3 +114,6 @@ def check_files(directory: Path, man: Manifest) -> None:
             raise EngineError(f"graph file {directory / g.file} ({g.name}) is missing")
     if man.tokenizer is not None and not (directory / man.tokenizer).is_file():
         raise EngineError(f"tokenizer file {directory / man.tokenizer} is missing")
+    for name in man.integrity["files"]:
+        if not (directory / name).is_file():
+            raise EngineError(f"manifest.integrity hashes {name!r}, which is not a file of {directory}")

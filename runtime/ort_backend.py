@@ -26,7 +26,7 @@ import onnxruntime as ort
 from . import contract as C
 from . import ort_capi
 from .device import HostRuntime
-from .errors import BackendError
+from .errors import BackendError, EngineError
 from .manifest import GraphSpec, Manifest
 from .ort_sessions import (  # noqa: F401 - re-exported: the names callers used before ort_sessions existed
     CapiSessions,
@@ -86,7 +86,14 @@ class OrtBackend(GraphBackend):
             sessions = PythonSessions(directory, man, providers,
                                       lambda: session_options(self.prepack == "private", threads), threads=threads)
         self._open(sessions)
-        self.released_bytes = sessions.release_packed(man.prepacked, self._probe)
+        try:
+            # every graph runs once before the engine is handed out: an engine that loads but cannot compute (an
+            # edited weight shape that keeps the byte count) fails here, not at its first request
+            self.released_bytes = sessions.release_packed(man.prepacked, self._probe, self._probe())
+        except Exception as exc:
+            self._finalizer()
+            raise EngineError(f"engine {directory.name} loads but its graphs fail on a test input: "
+                              f"{str(exc).splitlines()[0][:400]}") from exc
 
     def _open(self, sessions: GraphSessions) -> None:
         self.sessions, self.threads = sessions, sessions.threads

@@ -150,9 +150,11 @@ class GraphSessions:
         """Graph `name` bound to fixed buffers; -> an object whose `run()` runs it on their current contents."""
         raise NotImplementedError
 
-    def release_packed(self, names: tuple[str, ...], probe: Callable[[], list[np.ndarray]]) -> int:
+    def release_packed(self, names: tuple[str, ...], probe: Callable[[], list[np.ndarray]],
+                       before: list[np.ndarray]) -> int:
         """Give back the unpacked bytes of the weights `names` once every session has pre-packed them; `probe`
-        runs the graphs. -> bytes given back (0 where the weights are not the sessions' own)."""
+        runs the graphs, `before` is what it gave with every byte in place. -> bytes given back (0 where the
+        weights are not the sessions' own)."""
         return 0
 
     def close(self) -> None:
@@ -193,14 +195,14 @@ class CapiSessions(GraphSessions):
             binding.bind_output(x.name, ort_capi.Value(x.address, x.shape, x.dtype))
         return binding
 
-    def release_packed(self, names: tuple[str, ...], probe: Callable[[], list[np.ndarray]]) -> int:
-        """Every graph runs once before and once after the release and must give the same outputs (a released page
-        reads as zeros); if not, the bytes are read back from the file and stay resident."""
+    def release_packed(self, names: tuple[str, ...], probe: Callable[[], list[np.ndarray]],
+                       before: list[np.ndarray]) -> int:
+        """Every graph must give the same outputs after the release as `before` (a released page reads as zeros);
+        if not, the bytes are read back from the file and stay resident."""
         ranges = [(self._man.weights[n].offset, self._man.weights[n].offset + self._man.weights[n].nbytes)
                   for n in names]
         if not ranges:
             return 0
-        before = probe()
         released = ort_capi.release_pages(self._buf, ranges)
         if all(np.array_equal(a, b) for a, b in zip(before, probe(), strict=True)):
             return released

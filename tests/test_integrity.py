@@ -152,6 +152,18 @@ def _set(path: str, value):
     return edit
 
 
+def _double(field):
+    def edit(man):
+        man["model"][field] *= 2
+    return edit
+
+
+def _add(field, n):
+    def edit(man):
+        man["model"][field] += n
+    return edit
+
+
 def _delete(key):
     return lambda man: man.pop(key)
 
@@ -193,6 +205,12 @@ def _unhashed(man):
     (_wrong_layers, "give layers"),
     (_overlap, "overlap"),
     (_unhashed, "no hash of 'prefill.onnx'"),
+    (_set("integrity/algorithm", "shake_128"), "algorithm='shake_128' is not one of"),
+    (_set("integrity/files/missing.bin", "00"), "hashes 'missing.bin', which is not a file"),
+    (_set("integrity/files/.", "00"), "hashes '.', which is not a file"),
+    (_double("hidden_size"), "graph prefill outputs[1] is"),
+    (_add("vocab_size", 8), "graph prefill outputs[0] is"),
+    (_double("num_heads"), "graph prefill outputs[1] is"),
 ])
 def test_invalid_manifest_fields(engine_copy, edit, message, capsys):
     path = engine_copy / "manifest.json"
@@ -218,3 +236,34 @@ def test_available_bytes_reads_meminfo(tmp_path):
     assert HostRuntime.available_bytes(str(meminfo)) == 300 * 1024
     assert HostRuntime.available_bytes(str(tmp_path / "missing")) is None
     assert HostRuntime.available_bytes() > 0
+
+
+def test_deeply_nested_manifest_is_a_one_line_error(engine_copy, capsys):
+    (engine_copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    rc = main(["generate", "--engine", str(engine_copy), "--prompt-ids", "2 3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nests deeper" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_weight_shape_that_keeps_the_byte_count_fails_at_load(engine_copy, capsys):
+    """[K, N] relabelled [N, K] passes every manifest check (same bytes); the graphs fail on the load-time test
+    input, so the engine is refused before it serves anything (not a 500 on every request)."""
+    path = engine_copy / "manifest.json"
+    man = json.loads(path.read_text())
+    name = next(k for k, w in man["weights"].items() if len(w["shape"]) == 2 and w["shape"][0] != w["shape"][1]
+                and "embed" not in k)
+    man["weights"][name]["shape"] = man["weights"][name]["shape"][::-1]
+    path.write_text(json.dumps(man))
+    load_manifest(engine_copy)  # the manifest alone cannot tell
+    for prepack in ("shared", "off"):
+        rc = main(["generate", "--engine", str(engine_copy), "--prompt-ids", "2 3", "--prepack", prepack])
+        err = capsys.readouterr().err
+        assert rc == 2 and "fail on a test input" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_engine_moved_aside_by_an_interrupted_export_is_named(engine_copy, capsys):
+    aside = engine_copy.parent / f".{engine_copy.name}.old-999999"
+    engine_copy.rename(aside)
+    rc = main(["generate", "--engine", str(engine_copy), "--prompt-ids", "2 3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"mv {aside} {engine_copy}" in err and len(err.strip().splitlines()) == 1
