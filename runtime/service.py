@@ -34,7 +34,7 @@ from .batcher import Batcher, FinishEvent, Request, StepResult, TokenEvent, prep
 from .errors import BackendError, InputError, SkipDecodeError, check_int
 from .generation import GenerateOptions, check_prompts
 from .generator import NonFiniteLogitsError
-from .logprobs import MAX_LOGPROBS, TokenLogprob, score_prompt
+from .logprobs import MAX_LOGPROBS, PromptScore, TokenLogprob
 from .scheduler import SchedulerConfig, check_fits
 from .slot_backend import SlotBackend
 
@@ -52,6 +52,17 @@ class RequestFailedError(SkipDecodeError):
 
 
 Listener = Callable[[TokenEvent | FinishEvent], None]
+
+
+class ScoreTimeoutError(SkipDecodeError):
+    """A prompt was not scored within its request's timeout."""
+
+
+@dataclass
+class _ScoreJob:
+    score: PromptScore
+    future: Future
+    deadline: float | None  # time.monotonic() value, or None
 
 
 @dataclass(frozen=True)
@@ -196,11 +207,13 @@ class Service:
         self._cv = threading.Condition()  # guards everything below
         self._ids = itertools.count()
         self._inbox: deque[tuple[Request, RequestHandle]] = deque()
-        self._scores: deque[tuple[tuple[int, ...], int, Future]] = deque()  # prompts to score (echo logprobs)
+        self._scores: deque[_ScoreJob] = deque()  # prompts to score (echo logprobs), not yet seen by the worker
+        self._scoring: deque[_ScoreJob] = deque()  # worker thread only: the one being scored first, then the queue
         self._cancels: dict[int, str] = {}
         self._handles: dict[int, RequestHandle] = {}  # submitted and not finished
         self._closing = self._cancel_all = False
         self._waiting = self._running = self._last_batch = 0
+        self._score_jobs = 0  # scoring jobs the worker holds: the first is scored, the others wait
         self._counts: Counter[str] = Counter()
         self._window: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._started = time.monotonic()
@@ -239,21 +252,33 @@ class Service:
             self._cv.notify_all()
         return handle
 
-    def score(self, prompt: Sequence[int], k: int = 0) -> Future:
-        """Log-probabilities of prompt[1:] (`TokenLogprob`s, each with its top `k`), teacher-forced at full depth on
-        the worker thread, in a free KV slot of this engine, between batcher steps. Costs one decode step per
-        prompt token, during which this service's other requests wait. -> a Future of the list."""
+    def score(self, prompt: Sequence[int], k: int = 0, timeout_s: float | None = None) -> Future:
+        """Log-probabilities of prompt[1:] (`TokenLogprob`s, each with its top `k`), teacher-forced at full depth.
+        Ordinary work of the service: it waits in the same bounded queue as requests (OverloadedError when full),
+        is scored one at a time in a KV slot of its own, SCORE_CHUNK tokens per worker step between decode steps
+        (runtime/logprobs.py), fails with ScoreTimeoutError past `timeout_s` (default: the service's), and is
+        dropped when the Future is cancelled (a client that hung up). -> a Future of the list."""
         check_int("logprobs", k, lo=0, hi=MAX_LOGPROBS)
+        timeout_s = timeout_s if timeout_s is not None else self.config.default_timeout_s
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
+            raise InputError(f"timeout={timeout_s!r} must be a number of seconds > 0")
         g = self.generator
         check_prompts([prompt], g.vocab_size, g.backend.max_batch)
         check_int("prompt length", len(prompt), lo=1, hi=g.backend.max_length - 1)
-        future: Future = Future()
+        job = _ScoreJob(PromptScore(prompt, k), Future(),
+                        time.monotonic() + timeout_s if timeout_s is not None else None)
         with self._cv:
             if self._closing:
                 raise ServiceClosedError("the service is shutting down and accepts no new requests")
-            self._scores.append((tuple(int(t) for t in prompt), k, future))
+            queued = len(self._inbox) + self._waiting + len(self._scores) + max(0, self._score_jobs - 1)
+            if queued >= self.config.max_queue:
+                self._counts["rejected_overloaded"] += 1
+                raise OverloadedError(f"overloaded: {queued} requests are waiting, the queue limit is "
+                                      f"{self.config.max_queue}; retry later")
+            self._counts["submitted_scores"] += 1
+            self._scores.append(job)
             self._cv.notify_all()
-        return future
+        return job.future
 
     def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Completion:
         return self.submit(prompt, options, timeout_s).result()
@@ -269,7 +294,8 @@ class Service:
                 finished={k[9:]: v for k, v in c.items() if k.startswith("finished_")},
                 generated_tokens=c["tokens"], layers_executed=c["layers"], decode_steps=c["steps"],
                 decoded_rows=c["rows"], graph_row_layers=c["graph_row_layers"],
-                queue_depth=len(self._inbox) + self._waiting, running=self._running,
+                queue_depth=len(self._inbox) + self._waiting + len(self._scores) + max(0, self._score_jobs - 1),
+                running=self._running + min(1, self._score_jobs),
                 last_batch_size=self._last_batch, tokens_per_s=sum(window) / span,
                 draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"])
 
@@ -317,21 +343,26 @@ class Service:
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._inbox or self._cancels or self._closing or self._scores
-                                  or not self._batcher.idle)
-                inbox, cancels, scores = list(self._inbox), dict(self._cancels), list(self._scores)
+                                  or self._scoring or not self._batcher.idle)
+                inbox, cancels = list(self._inbox), dict(self._cancels)
+                self._scoring.extend(self._scores)
                 self._inbox.clear()
                 self._cancels.clear()
                 self._scores.clear()
+                self._score_jobs = len(self._scoring)
                 if self._cancel_all:
                     cancels.update({rid: "cancelled" for rid in self._handles})
                 closing = self._closing
             for request, _ in inbox:
                 self._batcher.add(request)
             self._apply_cancels(cancels)
-            self._score(scores)
+            progressed = self._score()
             if self._batcher.idle:
-                if closing:
+                if closing and not self._scoring:
                     return
+                if not progressed:
+                    with self._cv:  # a slot frees only when another generation on the engine ends
+                        self._cv.wait(0.01)
                 continue
             try:
                 result = self._batcher.step()
@@ -340,30 +371,50 @@ class Service:
                 continue
             self._dispatch(result)
 
-    def _score(self, jobs: list[tuple[tuple[int, ...], int, Future]]) -> None:
-        """Run the scoring jobs a free slot allows; the others wait for the next loop (a slot frees as requests
-        finish), unless nothing here holds a slot: then no slot will free and they fail at once."""
-        be = self.generator.backend
-        waiting = []
-        for prompt, k, future in jobs:
-            if future.cancelled():
+    def _score(self) -> bool:
+        """One chunk of the first scoring job (one at a time: it holds one KV slot, the others wait without one).
+        Cancelled and expired jobs end first. -> False when the job waits for a slot that nothing here will free."""
+        be, now = self.generator.backend, time.monotonic()
+        for job in list(self._scoring):
+            error = None
+            if job.future.cancelled():
+                self._counts["finished_scores_cancelled"] += 1
+            elif self._cancel_all:
+                error = ServiceClosedError("the service shut down before the prompt was scored")
+            elif job.deadline is not None and job.deadline <= now:
+                error = ScoreTimeoutError("the prompt was not scored within the request's timeout")
+            else:
                 continue
-            if be.slots.num_free == 0:
-                if self._batcher.idle and future.set_running_or_notify_cancel():
-                    future.set_exception(OverloadedError("no free KV slot to score the prompt in: every slot is "
-                                                         "held by other generations on this engine"))
-                else:
-                    waiting.append((prompt, k, future))
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(score_prompt(be, prompt, k))
-            except Exception as exc:  # a backend failure fails this job, not the service
-                future.set_exception(exc)
-        if waiting:
-            with self._cv:
-                self._scores.extendleft(reversed(waiting))
+            self._end_score(job, error=error)
+        if not self._scoring:
+            return True
+        job = self._scoring[0]
+        try:
+            started = job.score.advance(be)
+        except Exception as exc:  # a backend failure fails this job, not the service
+            self._end_score(job, error=exc)
+            return True
+        if not started:
+            if self._batcher.idle:  # no slot will free here: other generations on the engine hold them all
+                self._end_score(job, error=OverloadedError("no free KV slot to score the prompt in: every slot is "
+                                                           "held by other generations on this engine"))
+            return False
+        if job.score.done:
+            self._end_score(job, result=job.score.result)
+        return True
+
+    def _end_score(self, job: _ScoreJob, result=None, error: BaseException | None = None) -> None:
+        job.score.release(self.generator.backend)
+        self._scoring.remove(job)
+        if job.future.set_running_or_notify_cancel():
+            if error is not None:
+                self._counts["finished_scores_error"] += 1
+                job.future.set_exception(error)
+            else:
+                self._counts["finished_scores"] += 1
+                job.future.set_result(result)
+        with self._cv:
+            self._score_jobs = len(self._scoring)
 
     def _apply_cancels(self, cancels: dict[int, str]) -> None:
         now = time.monotonic()

@@ -99,6 +99,11 @@ class SlotBackend:
     # engine's int8 kernels round the activations of a several-token verify call differently from a one-token step.
     lossless_refusal: str | None = None
 
+    @property
+    def has_verify(self) -> bool:
+        """Whether `verify_rows` runs here (lossless mode, chunked prompt scoring)."""
+        return type(self)._verify is not SlotBackend._verify
+
     def _init_slots(self) -> None:
         """Call once the attributes above are set."""
         self.slots = SlotTable(self.max_batch)
@@ -300,6 +305,10 @@ class GraphBackend(SlotBackend):
             self.kv.write_spans(rows, lengths, np.minimum(S, self.max_length - lengths), S)
             self.kv.memory.synchronize()
         return self._vlogits[: n * S * self.vocab_size].reshape(n, S, self.vocab_size)
+
+    @property
+    def has_verify(self) -> bool:
+        return self.manifest.verify() is not None and type(self)._run_verify is not GraphBackend._run_verify
 
     def _decode_io(self, spec: GraphSpec, n: int) -> tuple[list[IO], list[IO]]:
         """Inputs and outputs of a bucket graph over slots [0, n): the host inputs and logits, the cache's K/V
