@@ -1,7 +1,7 @@
-"""Engine distribution for scale-out (skipdecode/engine_source.py), without Ray: a shared path is used in place; an
-archive over file:// or loopback http is fetched once per cache by concurrent replicas, verified against its own
-manifest, pinned by the manifest's hash, and never left half-made; `serve --ray` without Ray installed says what
-to install."""
+"""Engine distribution for scale-out (skipdecode/serve/engine_source.py), without Ray: a shared path is used in
+place; an archive over file:// or loopback http is fetched once per cache by concurrent replicas, verified against
+its own manifest, pinned by the manifest's hash, and never left half-made; `serve --ray` without Ray installed says
+what to install."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError, InputError
 
-from skipdecode.engine_source import engine_name, normalize_source, resolve_engine
+from skipdecode.serve.engine_source import engine_name, normalize_source, resolve_engine
 
 from .scaleout_helpers import make_archive
 
@@ -123,7 +123,7 @@ class Block:
         if name.split(".")[0] == "ray":
             raise ImportError(f"No module named {name!r}")
 sys.meta_path.insert(0, Block())
-import skipdecode.engine_source  # needs neither Ray nor torch
+import skipdecode.serve.engine_source  # needs neither Ray nor torch
 from skipdecode.serve_cli import main
 sys.exit(main(["--engine", sys.argv[1], "--ray"]))
 """
