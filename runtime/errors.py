@@ -178,22 +178,26 @@ def check_int(name: str, value: object, lo: int | None = None, hi: int | None = 
 
 
 def check_number(name: str, value: object, lo: float | None = None, hi: float | None = None, *,
-                 above: float | None = None, error: type[SkipDecodeError] = InputError) -> float:
+                 above: float | None = None, error: type[SkipDecodeError] = InputError, unit: str = "") -> float:
     """Return `value` if it is a finite int or float with lo <= value <= hi and value > `above`; raise `error`
-    naming the value and the limit."""
+    naming the value and the limit (an interval when both ends are set; `unit` follows the limit)."""
     try:
         finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     except OverflowError:  # an integer too large for a float
         finite = False
     if not finite:
         raise error(f"{name} must be a finite number, got {show(value)}")
-    if above is not None and not value > above:
-        raise error(f"{name}={show(value)} must be a number > {above:g}")
-    if lo is not None and value < lo:
-        raise error(f"{name}={show(value)} is below the minimum {lo:g}")
-    if hi is not None and value > hi:
-        raise error(f"{name}={show(value)} is above the maximum {hi:g}")
-    return value
+    low_ok = (above is None or value > above) and (lo is None or value >= lo)
+    if low_ok and (hi is None or value <= hi):
+        return value
+    if hi is not None and (above is not None or lo is not None):
+        left = f"({above:g}" if above is not None else f"[{lo:g}"
+        raise error(f"{name}={show(value)} must be in {left}, {hi:g}]{unit}")
+    if above is not None and not low_ok:
+        raise error(f"{name}={show(value)} must be a number > {above:g}{unit}")
+    if not low_ok:
+        raise error(f"{name}={show(value)} is below the minimum {lo:g}{unit}")
+    raise error(f"{name}={show(value)} is above the maximum {hi:g}{unit}")
 
 
 def check_bool(name: str, value: object, error: type[SkipDecodeError] = InputError) -> bool:

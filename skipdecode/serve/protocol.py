@@ -123,7 +123,7 @@ def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionReq
                               seed=_get(body, "seed", None, check_int, 0, 2**63 - 1))
     max_layers, min_layers = _get(body, "max_layers", None, check_int, 1), _get(body, "min_layers", None, check_int, 1)
     max_timeout = limits.config.max_timeout
-    timeout = _get(body, "timeout", max_timeout, check_number, None, max_timeout, above=0)
+    timeout = _get(body, "timeout", max_timeout, check_number, None, max_timeout, above=0, unit=" seconds")
     stream, ignore_eos = _get(body, "stream", False, check_bool), _get(body, "ignore_eos", False, check_bool)
     speedup = _get(body, "speedup", None, check_number)
     logprobs = _get(body, "logprobs", None, check_int, 0, MAX_LOGPROBS)
@@ -411,9 +411,12 @@ def finish_reason(reason: str | None) -> str | None:
     return OPENAI_REASON.get(reason, reason) if reason else None
 
 
-def choice(text: str | None, logprobs: dict | None, reason: str | None, **extra) -> dict:
-    """One entry of `choices`; `reason` is ours (None while streaming)."""
-    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason), **extra}
+def choice(text: str | None, logprobs: dict | None, reason: str | None, tokens: list[int] | None = None,
+           **extra) -> dict:
+    """One entry of `choices`: `tokens` all ids of a completion, `extra` the token and budget of a streamed one;
+    `reason` is ours (None while streaming)."""
+    out = {"index": 0, "text": text, **({"tokens": tokens} if tokens is not None else {})}
+    return {**out, "logprobs": logprobs, "finish_reason": finish_reason(reason), **extra}
 
 
 def skipdecode_block(reason: str, budgets: Sequence[int], drafts: tuple[int, int] | None = None) -> dict:
@@ -434,7 +437,7 @@ def completion(rid: str, model: str, choice: dict, usage: dict, skipdecode: dict
 
 def chunk(rid: str, model: str, choices: list[dict], **extra) -> str:
     """One server-sent event of a stream: a completion chunk (`extra`: usage, skipdecode)."""
-    return event({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+    return event({"id": rid, "object": "text_completion", "model": model, "created": int(time.time()),
                   "choices": choices, **extra})
 
 
