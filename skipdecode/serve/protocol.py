@@ -137,8 +137,8 @@ def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionReq
         max_new_tokens=max(max_tokens, 1), speedup=speedup, max_layers=max_layers,
         min_layers=min_layers, sampling=sampling, stop_token_ids=tuple(stop_ids),
         eos_token_id=None if ignore_eos else limits.eos_token_id, logprobs=logprobs,
-        lossless=_get(body, "lossless", False, check_bool), draft_speedup=_get(body, "draft_speedup", None,
-                                                                               check_number),
+        lossless=_get(body, "lossless", False, check_bool),
+        draft_speedup=_get(body, "draft_speedup", None, check_number),
         draft_tokens=_get(body, "draft_tokens", None, check_int, 1, MAX_VERIFY_TOKENS - 1))
     text = _one_prompt(body.get("prompt"))
     return CompletionRequest(prompt, options, stream, stop, float(timeout), model, max_tokens, logprobs, echo,
