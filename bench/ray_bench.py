@@ -104,7 +104,8 @@ def bench_ray(args, replicas: int, vocab: int, cores: int) -> dict:
     import ray
     from ray import serve
 
-    from skipdecode import ray_serve
+    from skipdecode.serve import ray as ray_serve
+    from skipdecode.serve.config import ServeConfig
     local_cpus = max(cores, replicas)
     per_replica = max(cores // replicas, 1)
     ray_serve.local_ray_environment(os.environ)
@@ -112,12 +113,10 @@ def bench_ray(args, replicas: int, vocab: int, cores: int) -> dict:
              logging_level="error")
     try:
         port = free_port()
-        serve.start(http_options=ray_serve.http_options("127.0.0.1", port, 600.0, 5.0))
-        ray_serve.deploy(ray_serve.ReplicaSettings(engine=os.path.abspath(args.engine), threads=per_replica,
-                                                   max_queue=1024),
-                         ray_serve.DeploymentSettings(replicas=replicas, replica_cpus=per_replica,
-                                                      max_ongoing_requests=1024, max_queued_requests=4096),
-                         timeout_s=300)
+        config = ServeConfig(engine=args.engine, port=port, threads=per_replica, max_queue=1024, replicas=replicas,
+                             replica_cpus=per_replica, max_ongoing_requests=1024, max_queued_requests=4096)
+        serve.start(http_options=ray_serve.http_options(config))
+        ray_serve.deploy(config, timeout_s=300)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 60)
         return measure(f"ray {replicas} replica(s) x {per_replica} thr", url, args, vocab)

@@ -31,25 +31,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .batcher import Batcher, FinishEvent, Request, StepResult, TokenEvent, prepare_request
-from .errors import BackendError, InputError, SkipDecodeError, check_int
+from .errors import (  # the service's errors live with every other error; imported from here too
+    BackendError,
+    InputError,
+    OverloadedError,
+    RequestFailedError,
+    ServiceClosedError,
+    check_int,
+)
 from .generation import GenerateOptions, check_prompts
 from .generator import NonFiniteLogitsError
 from .logprobs import MAX_LOGPROBS, PromptScore, TokenLogprob
 from .scheduler import SchedulerConfig, check_fits
 from .slot_backend import SlotBackend
-
-
-class OverloadedError(SkipDecodeError):
-    """The admission queue is full: the caller should retry later (HTTP 503)."""
-
-
-class ServiceClosedError(SkipDecodeError):
-    """The service is shutting down or stopped and accepts no new requests."""
-
-
-class RequestFailedError(SkipDecodeError):
-    """The backend failed while this request was running."""
-
 
 Listener = Callable[[TokenEvent | FinishEvent], None]
 

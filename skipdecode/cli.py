@@ -77,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=int, default=0, help="CUDA device of the cuda/tensorrt backends")
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="onnxruntime execution providers, comma-separated, in priority order")
-    p.add_argument("--prepack", choices=("shared", "private", "off"),
-                   help="weight pre-packing: shared (default: one packed copy for all graphs), private (one per "
-                        "graph), off")
+    p.add_argument("--prepack", help="weight pre-packing: shared (default: one packed copy for all graphs), "
+                                     "private (one per graph), off")
     add_verify_arg(p)
     add_generate_args(p)
 

@@ -107,14 +107,15 @@ class FailingBackend(FakeSlotBackend):
 @contextmanager
 def serve_in_thread(app, graceful_s: int = 5, **net):
     """Run an ASGI app under uvicorn on a free loopback port in a daemon thread -> (base url, server). `net`:
-    `ConnectionLimits` fields (header timeout, keep-alive, connection limit)."""
+    `ServeConfig` connection options (header_timeout, keep_alive_timeout, max_connections)."""
     import uvicorn
 
-    from skipdecode.server_net import ConnectionLimits, uvicorn_config
+    from skipdecode.serve.config import ServeConfig
+    from skipdecode.serve.net import uvicorn_config
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(app, ConnectionLimits(**net), log_level="warning",
+    server = uvicorn.Server(uvicorn_config(app, ServeConfig(**net), log_level="warning",
                                            timeout_graceful_shutdown=graceful_s))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -1,7 +1,7 @@
-"""Engine distribution for scale-out (skipdecode/engine_source.py), without Ray: a shared path is used in place; an
-archive over file:// or loopback http is fetched once per cache by concurrent replicas, verified against its own
-manifest, pinned by the manifest's hash, and never left half-made; `serve --ray` without Ray installed says what
-to install."""
+"""Engine distribution for scale-out (skipdecode/serve/engine_source.py), without Ray: a shared path is used in
+place; an archive over file:// or loopback http is fetched once per cache by concurrent replicas, verified against
+its own manifest, pinned by the manifest's hash, and never left half-made; `serve --ray` without Ray installed says
+what to install."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError, InputError
 
-from skipdecode.engine_source import engine_name, normalize_source, resolve_engine
+from skipdecode.serve.engine_source import engine_name, normalize_source, resolve_engine
 
 from .scaleout_helpers import make_archive
 
@@ -123,7 +123,7 @@ class Block:
         if name.split(".")[0] == "ray":
             raise ImportError(f"No module named {name!r}")
 sys.meta_path.insert(0, Block())
-import skipdecode.engine_source  # needs neither Ray nor torch
+import skipdecode.serve.engine_source  # needs neither Ray nor torch
 from skipdecode.serve_cli import main
 sys.exit(main(["--engine", sys.argv[1], "--ray"]))
 """
@@ -135,3 +135,45 @@ def test_serve_ray_without_ray_installed_says_what_to_install(tiny_engine):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--ray needs Ray Serve" in proc.stderr and "pip install -e '.[ray]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_without_ray_takes_an_archive_uri_and_stops_cleanly_on_sigterm(tiny_engine, tmp_path):
+    """`skipdecode serve` builds its server as each Ray replica does: from an archive URI too, fetched into the
+    engine cache and verified; a SIGTERM drains it and stops it."""
+    import signal
+    import socket
+    import time
+
+    httpx = pytest.importorskip("httpx", reason="the HTTP server needs the serve extra: pip install -e .[serve]")
+    pytest.importorskip("uvicorn", reason="the HTTP server needs the serve extra: pip install -e .[serve]")
+    archive = make_archive(tiny_engine, tmp_path / "tiny.tar.gz")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "skipdecode.serve_cli", "--engine", archive.as_uri(), "--port",
+                                 str(port), "--threads", "1", "--engine-cache", str(tmp_path / "cache")],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["tokens"]) == 3
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]] == ["tiny"]
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once it has shut down: killed by SIGTERM, after the drain
+        assert proc.wait(60) in (0, -signal.SIGTERM), log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "stopped after 1 requests" in log.read_text() and "Traceback" not in log.read_text()
+    cached = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]  # not the lock file
+    assert len(cached) == 1 and cached[0].name.startswith("tiny-") and (cached[0] / "manifest.json").is_file()

@@ -120,7 +120,7 @@ def test_nan_weights_are_an_error_per_request(engine_copy):
 def test_http_nan_engine_is_a_500_json_error(engine_copy):
     pytest.importorskip("starlette")
     httpx = pytest.importorskip("httpx")
-    from skipdecode.server import create_app
+    from skipdecode.serve.app import create_app
 
     from .serving_fakes import serve_in_thread
     nan_weights(engine_copy)

@@ -19,7 +19,8 @@ for _module in ("lm_eval", "transformers", "httpx", "starlette", "uvicorn", "pro
 from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.service import Service  # noqa: E402
 
-from skipdecode.server import create_app  # noqa: E402
+from skipdecode.serve.app import create_app  # noqa: E402
+from skipdecode.serve.config import ServeConfig  # noqa: E402
 
 from .serving_fakes import serve_in_thread  # noqa: E402
 
@@ -48,7 +49,8 @@ def evaluated(tmp_path_factory):
         for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             mp.setenv(var, "1")
         with Engine.load(out) as engine:
-            with Service(engine) as svc, serve_in_thread(create_app(engine, svc, "kjv")) as (url, _):
+            with Service(engine) as svc, serve_in_thread(
+                    create_app(engine, svc, ServeConfig(model_name="kjv"))) as (url, _):
                 args = {"base_url": f"{url}/v1/completions", "model": "kjv", "tokenizer_backend": "huggingface",
                         "tokenizer": str(out), "tokenized_requests": True, "custom_prefix_token_id": PREFIX,
                         "max_length": engine.backend.max_length, "num_concurrent": 1, "batch_size": 1,

@@ -340,7 +340,8 @@ def test_http_lossless_requests_equal_full_depth_and_report_acceptance(kjv_engin
     pytest.importorskip("starlette", reason="the HTTP server needs the serve extra")
     import httpx
 
-    from skipdecode.server import create_app
+    from skipdecode.serve.app import create_app
+    from skipdecode.serve.config import ServeConfig
 
     from .serving_fakes import serve_in_thread
 
@@ -349,7 +350,8 @@ def test_http_lossless_requests_equal_full_depth_and_report_acceptance(kjv_engin
         assert r.status_code == 200, r.text
         return r.json()
 
-    with Service(kjv_engine) as svc, serve_in_thread(create_app(kjv_engine, svc, "kjv")) as (url, _):
+    with Service(kjv_engine) as svc, serve_in_thread(
+            create_app(kjv_engine, svc, ServeConfig(model_name="kjv"))) as (url, _):
         full = complete(url)
         fast = complete(url, lossless=True, draft_tokens=5, draft_speedup=3)
         bad = httpx.post(url + "/v1/completions", json={"prompt": "a", "lossless": True, "speedup": 2}, timeout=30)

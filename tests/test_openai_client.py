@@ -16,7 +16,8 @@ from skipdecode.runtime.generator import Generator  # noqa: E402
 from skipdecode.runtime.logprobs import log_softmax  # noqa: E402
 from skipdecode.runtime.service import Service  # noqa: E402
 
-from skipdecode.server import create_app  # noqa: E402
+from skipdecode.serve.app import create_app  # noqa: E402
+from skipdecode.serve.config import ServeConfig  # noqa: E402
 
 from .serving_fakes import EOS, VOCAB, FakeSlotBackend, serve_in_thread  # noqa: E402
 
@@ -37,7 +38,7 @@ class Letters:
 def client():
     backend = FakeSlotBackend()
     gen = Generator(backend, Letters(), pad_token_id=1, eos_token_id=EOS, vocab_size=VOCAB)
-    with Service(gen) as service, serve_in_thread(create_app(gen, service, "fake")) as (url, _):
+    with Service(gen) as service, serve_in_thread(create_app(gen, service, ServeConfig(model_name="fake"))) as (url, _):
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30), backend
 
 

@@ -1,4 +1,4 @@
-"""Scale-out on Ray Serve (skipdecode/ray_serve.py) and engine distribution (skipdecode/engine_source.py).
+"""Scale-out on Ray Serve (skipdecode/serve/ray.py) and engine distribution (skipdecode/serve/engine_source.py).
 
 Without a cluster: engine sources (shared path, archive over file:// and loopback http, fetched once per cache
 under concurrent replicas, verified, pinned), settings validation, the proxy middleware's error shapes.
@@ -11,6 +11,7 @@ requests, with a clear error, and comes back; shutdown leaves no process behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -28,8 +29,9 @@ from ray import serve  # noqa: E402
 from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.errors import InputError  # noqa: E402
 
-from skipdecode import ray_serve  # noqa: E402
-from skipdecode.server_api import ServerLimits, parse_completion  # noqa: E402
+from skipdecode.serve import ray as ray_serve  # noqa: E402
+from skipdecode.serve.config import ServeConfig  # noqa: E402
+from skipdecode.serve.protocol import ServerLimits, parse_completion  # noqa: E402
 
 from .serving_fakes import mixed_bodies  # noqa: E402
 
@@ -40,27 +42,31 @@ pytestmark = pytest.mark.timeout(180)
 
 # -- settings and the proxy middleware (no Ray cluster) ----------------------------------------------------------
 def test_settings_name_the_bad_value_and_the_limit(tiny_engine):
+    engine = str(tiny_engine)
     with pytest.raises(InputError, match="replicas=0 is below the minimum 1"):
-        ray_serve.DeploymentSettings(replicas=0)
+        ServeConfig(engine=engine, replicas=0)
     with pytest.raises(InputError, match="min_replicas=2 and max_replicas=None: give both bounds"):
-        ray_serve.DeploymentSettings(min_replicas=2)
+        ServeConfig(engine=engine, min_replicas=2)
     with pytest.raises(InputError, match="max_replicas=1 is below the minimum 2"):
-        ray_serve.DeploymentSettings(replicas=2, min_replicas=2, max_replicas=1)
+        ServeConfig(engine=engine, replicas=2, min_replicas=2, max_replicas=1)
     with pytest.raises(InputError, match=r"replicas=5 \(the initial count\) must be within min_replicas=1 and "
                                          "max_replicas=4"):
-        ray_serve.DeploymentSettings(replicas=5, min_replicas=1, max_replicas=4)
+        ServeConfig(engine=engine, replicas=5, min_replicas=1, max_replicas=4)
     with pytest.raises(InputError, match="replica_cpus=0 must be a number > 0"):
-        ray_serve.DeploymentSettings(replica_cpus=0)
+        ServeConfig(engine=engine, replica_cpus=0)
     with pytest.raises(InputError, match="max_queue=0 is below the minimum 1"):
-        ray_serve.ReplicaSettings(engine=str(tiny_engine), max_queue=0)
+        ServeConfig(engine=engine, max_queue=0)
     with pytest.raises(InputError, match=r"unknown argument\(s\) \['replica'\]"):
-        ray_serve.app_builder({"engine": str(tiny_engine), "replica": 2})
-    opts = ray_serve.DeploymentSettings(replicas=2, min_replicas=1, max_replicas=3).options()
+        ray_serve.app_builder({"engine": engine, "replica": 2})
+    with pytest.raises(InputError, match=r"\['port'\] of skipdecode.serve.ray:app_builder are options of the serving "
+                                         "process"):
+        ray_serve.app_builder({"engine": engine, "port": 9000})
+    opts = ray_serve.deployment_options(ServeConfig(engine=engine, replicas=2, min_replicas=1, max_replicas=3))
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2,
                                           "target_ongoing_requests": 8.0} and "num_replicas" not in opts
-    assert ray_serve.DeploymentSettings(replicas=2).options()["num_replicas"] == 2
+    assert ray_serve.deployment_options(ServeConfig(engine=engine, replicas=2))["num_replicas"] == 2
     with pytest.raises(InputError, match="3 replicas x 1 CPUs = 3 CPUs, above the 2 CPUs of this local Ray"):
-        ray_serve.check_local_capacity(ray_serve.DeploymentSettings(replicas=3), 2.0)
+        ray_serve.check_local_capacity(ServeConfig(engine=engine, replicas=3), 2.0)
 
 
 def test_serve_parser_takes_the_ray_options():
@@ -68,10 +74,10 @@ def test_serve_parser_takes_the_ray_options():
     args = build_parser().parse_args(["serve", "--engine", "https://h/e.tar.gz", "--ray", "--replicas", "2",
                                       "--address", "auto", "--min-replicas", "1", "--max-replicas", "4",
                                       "--replica-cpus", "2", "--max-ongoing-requests", "16"])
-    replica, deployment = ray_serve.settings_from_args(args)
-    assert replica.engine == "https://h/e.tar.gz" and replica.model_name == "e"
-    assert (deployment.replicas, deployment.min_replicas, deployment.max_replicas, deployment.replica_cpus,
-            deployment.max_ongoing_requests) == (2, 1, 4, 2.0, 16)
+    config = ServeConfig.from_args(args)
+    assert config.engine == "https://h/e.tar.gz" and config.served_name == "e" and config.ray
+    assert (config.replicas, config.min_replicas, config.max_replicas, config.replica_cpus,
+            config.max_ongoing_requests) == (2, 1, 4, 2.0, 16)
 
 
 def test_the_serve_run_config_file_is_valid_for_ray_and_for_the_app_builder(tiny_engine):
@@ -82,7 +88,7 @@ def test_the_serve_run_config_file_is_valid_for_ray_and_for_the_app_builder(tiny
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ray_serve.yaml").read_text())
     ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
-    assert app["import_path"] == "skipdecode.ray_serve:app_builder"
+    assert app["import_path"] == "skipdecode.serve.ray:app_builder"
     built = ray_serve.app_builder({**app["args"], "engine": str(tiny_engine)})
     assert type(built).__name__ == "Application"
 
@@ -226,12 +232,10 @@ def cluster(tiny_engine):
     port = free_port()
     c = Cluster(f"http://127.0.0.1:{port}", tiny_engine, before)
     try:
-        serve.start(http_options=ray_serve.http_options("127.0.0.1", port, 60.0, 5.0))
+        serve.start(http_options=ray_serve.http_options(ServeConfig(port=port, max_timeout=60.0)))
         # 2 running rows per replica: requests queue on each, so a killed replica always holds some
-        ray_serve.deploy(ray_serve.ReplicaSettings(engine=str(tiny_engine), model_name="tiny", threads=1,
-                                                   max_batch=2),
-                         ray_serve.DeploymentSettings(replicas=2, replica_cpus=1, health_check_period_s=1),
-                         timeout_s=120)
+        ray_serve.deploy(ServeConfig(engine=str(tiny_engine), model_name="tiny", threads=1, max_batch=2, replicas=2,
+                                     replica_cpus=1, health_check_period=1), timeout_s=120)
         wait_for_replicas(c.url, 2, timeout_s=60)
         c.record()
         yield c
@@ -324,12 +328,11 @@ def test_40_concurrent_requests_each_equal_a_solo_run(cluster):
 def test_backpressure_reaches_the_client_as_503_with_retry_after(cluster):
     """A replica with one running slot and one queued request. Ray forwarding everything: the replica refuses what
     its queue cannot take (OverloadedError). Ray forwarding one at a time and queueing one: Ray's proxy refuses."""
-    replica = ray_serve.ReplicaSettings(engine=str(cluster.engine), threads=1, max_batch=1, max_queue=1)
+    replica = ServeConfig(engine=str(cluster.engine), threads=1, max_batch=1, max_queue=1, replicas=1)
     body = {"prompt": [2, 5], "max_tokens": 120, "ignore_eos": True}
 
     def burst(n: int, ongoing: int, queued: int) -> list[httpx.Response]:
-        ray_serve.deploy(replica, ray_serve.DeploymentSettings(replicas=1, max_ongoing_requests=ongoing,
-                                                               max_queued_requests=queued),
+        ray_serve.deploy(dataclasses.replace(replica, max_ongoing_requests=ongoing, max_queued_requests=queued),
                          timeout_s=120, name="bp", route_prefix="/bp")
         wait_for_replicas(cluster.url + "/bp", 1, timeout_s=60)
         cluster.record()

@@ -26,9 +26,10 @@ from skipdecode.runtime.errors import InputError  # noqa: E402
 from skipdecode.runtime.generator import Generator  # noqa: E402
 from skipdecode.runtime.service import Service  # noqa: E402
 
-from skipdecode.serve_cli import allowed_hosts, warn_if_exposed  # noqa: E402
-from skipdecode.server import create_app  # noqa: E402
-from skipdecode.server_api import ServerLimits, TextStream, parse_completion  # noqa: E402
+from skipdecode.serve.app import create_app  # noqa: E402
+from skipdecode.serve.config import ServeConfig  # noqa: E402
+from skipdecode.serve.net import allowed_hosts, warn_if_exposed  # noqa: E402
+from skipdecode.serve.protocol import ServerLimits, TextStream, parse_completion  # noqa: E402
 
 from .serving_fakes import EOS, VOCAB, FakeSlotBackend, serve_in_thread  # noqa: E402
 
@@ -71,7 +72,7 @@ def served():
     codec = LetterCodec()
     gen = fake_engine(codec)
     service = Service(gen)
-    with serve_in_thread(create_app(gen, service, "fake")) as (url, _):
+    with serve_in_thread(create_app(gen, service, ServeConfig(model_name="fake"))) as (url, _):
         yield url, service, codec
 
 
@@ -103,7 +104,7 @@ def test_health_answers_fast_while_big_prompts_slow_tokenizing_and_long_stop_str
                 await asyncio.sleep(0.02)
             return latencies, await asyncio.gather(*jobs)
 
-    with serve_in_thread(create_app(gen, service, "fake")) as (url, _):
+    with serve_in_thread(create_app(gen, service, ServeConfig(model_name="fake"))) as (url, _):
         latencies, results = asyncio.run(main())
     assert max(latencies) < 0.1, sorted(latencies)[-5:]
     assert [s for s, _ in results] == [400] * 4 + [200] * 6
@@ -210,8 +211,8 @@ HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appli
 ])
 def test_stalled_connections_are_closed_within_their_timeouts(sent, status):
     gen = fake_engine(LetterCodec())
-    with serve_in_thread(create_app(gen, Service(gen), body_timeout_s=0.5), header_timeout_s=0.5,
-                         keep_alive_s=5) as (url, _):
+    with serve_in_thread(create_app(gen, Service(gen), ServeConfig(body_timeout=0.5)), header_timeout=0.5,
+                         keep_alive_timeout=5) as (url, _):
         sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
         sock.sendall(sent)
         waited, got = closed_after(sock)
@@ -222,7 +223,7 @@ def test_stalled_connections_are_closed_within_their_timeouts(sent, status):
 
 def test_connection_limit_closes_the_connection_beyond_it_at_once():
     gen = fake_engine(LetterCodec())
-    with serve_in_thread(create_app(gen, Service(gen)), header_timeout_s=1.0, max_connections=3) as (url, _):
+    with serve_in_thread(create_app(gen, Service(gen)), header_timeout=1.0, max_connections=3) as (url, _):
         port = int(url.rsplit(":", 1)[1])
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         time.sleep(0.1)
@@ -238,7 +239,7 @@ def test_connection_limit_closes_the_connection_beyond_it_at_once():
 # -- access: API key, content type, Host --------------------------------------------------------------------------
 def test_api_key_guards_every_route_but_health():
     gen = fake_engine(LetterCodec())
-    with serve_in_thread(create_app(gen, Service(gen), api_key="s3cret")) as (url, _):
+    with serve_in_thread(create_app(gen, Service(gen), ServeConfig(api_key="s3cret"))) as (url, _):
         for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "s3cret"}):
             r = post(url, {"prompt": "ab"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -262,7 +263,7 @@ def test_a_post_must_be_json(served, content_type):
 
 def test_host_header_must_be_allowed():
     gen = fake_engine(LetterCodec())
-    with serve_in_thread(create_app(gen, Service(gen), allowed_hosts=("localhost", "127.0.0.1", "my.box"))) as (
+    with serve_in_thread(create_app(gen, Service(gen), ServeConfig(allowed_hosts="my.box"))) as (
             url, _):
         for host in ("evil.example", "evil.example:80", "127.0.0.2"):
             r = httpx.get(url + "/health", headers={"host": host})
@@ -286,13 +287,51 @@ def test_api_key_from_the_environment(monkeypatch):
     import argparse
 
     monkeypatch.setenv("SKIPDECODE_API_KEY", "from-env")
-    from skipdecode.serve_cli import add_serve_arguments
+    from skipdecode.serve.config import add_arguments
     p = argparse.ArgumentParser()
-    add_serve_arguments(p)
+    add_arguments(p)
     args = p.parse_args(["--engine", "e"])
     assert args.api_key == "from-env" and (args.header_timeout, args.body_timeout) == (10.0, 30.0)
     assert p.parse_args(["--engine", "e", "--api-key", "k"]).api_key == "k"
 
+
+
+def test_each_serve_flag_is_a_config_field_with_the_same_default(monkeypatch):
+    """The flags derive from ServeConfig: parsing nothing but --engine gives the default config, every field has
+    exactly one flag, and a bad value is refused by the config naming the value and the limit."""
+    import argparse
+    import dataclasses
+
+    from skipdecode.serve.config import add_arguments
+    monkeypatch.delenv("SKIPDECODE_API_KEY", raising=False)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--engine", "e"])
+    assert ServeConfig.from_args(args) == ServeConfig(engine="e")
+    assert sorted(vars(args)) == sorted(f.name for f in dataclasses.fields(ServeConfig))
+    config = ServeConfig.from_args(p.parse_args(["--engine", "e", "--no-verify", "--ray", "--strategy", "group"]))
+    assert (config.verify, config.ray, config.strategy) == (False, True, "group")
+    for flags, message in ((["--max-queue", "0"], "max_queue=0 is below the minimum 1"),
+                           (["--body-timeout", "0"], "body_timeout=0.0 must be a number > 0"),
+                           (["--strategy", "fast"], "strategy='fast' is not one of ['gate', 'group']"),
+                           (["--prepack", "some"], "prepack='some' is not one of ['shared', 'private', 'off']"),
+                           (["--port", "70000"], "port=70000 is above the maximum 65535")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            ServeConfig.from_args(p.parse_args(["--engine", "e", *flags]))
+
+
+def test_every_error_carries_a_status_of_its_branch():
+    """Request errors are 4xx, server errors 5xx; the HTTP server reports each with its own status."""
+    from skipdecode.runtime import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.SkipDecodeError)]
+    assert len(classes) > 10
+    for c in classes:
+        if issubclass(c, errors.RequestError):
+            assert 400 <= c.status < 500, c
+        elif c is not errors.SkipDecodeError:
+            assert issubclass(c, errors.ServerError) and 500 <= c.status < 600, c
+    assert errors.RouteError("no route", 405, {"Allow": "GET"}).headers == {"Allow": "GET"}
 
 # -- sampling ---------------------------------------------------------------------------------------------------------
 def test_a_denormal_temperature_is_greedy(served):
@@ -359,7 +398,7 @@ def test_models_routes_and_json_404_405(served):
 
 def test_finish_reasons_are_openai_values_with_ours_under_skipdecode():
     gen = fake_engine(LetterCodec(), delay_s=0.02)
-    with serve_in_thread(create_app(gen, Service(gen), "fake")) as (url, _):
+    with serve_in_thread(create_app(gen, Service(gen), ServeConfig(model_name="fake"))) as (url, _):
         rng = random.Random(1)
         for _ in range(20):  # a prompt whose greedy run ends with EOS
             prompt = [rng.randrange(3, VOCAB) for _ in range(3)]
@@ -387,7 +426,7 @@ def test_a_backend_failure_mid_stream_is_an_error_event():
     from .serving_fakes import FailingBackend
 
     gen = Generator(FailingBackend(fail_on=3), LetterCodec(), pad_token_id=1, eos_token_id=EOS, vocab_size=VOCAB)
-    with serve_in_thread(create_app(gen, Service(gen), "fake")) as (url, _):
+    with serve_in_thread(create_app(gen, Service(gen), ServeConfig(model_name="fake"))) as (url, _):
         with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
                 "prompt": "ab", "max_tokens": 20, "ignore_eos": True, "stream": True}) as s:
             events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]

@@ -36,8 +36,9 @@ from skipdecode.runtime.service import (  # noqa: E402
     ServiceConfig,
 )
 
-from skipdecode.server import create_app  # noqa: E402
-from skipdecode.server_api import ServerLimits, TextStream, parse_completion  # noqa: E402
+from skipdecode.serve.app import create_app  # noqa: E402
+from skipdecode.serve.config import ServeConfig  # noqa: E402
+from skipdecode.serve.protocol import ServerLimits, TextStream, parse_completion  # noqa: E402
 
 from .serving_fakes import EOS, FailingBackend, fake_generator, mixed_bodies, serve_in_thread  # noqa: E402
 
@@ -204,7 +205,7 @@ def engine_dir(tmp_path_factory):
 def server(engine_dir):
     engine = Engine.load(engine_dir)
     service = Service(engine, ServiceConfig(max_queue=256))
-    with serve_in_thread(create_app(engine, service, "tiny")) as (url, _):
+    with serve_in_thread(create_app(engine, service, ServeConfig(model_name="tiny"))) as (url, _):
         yield url, engine
 
 

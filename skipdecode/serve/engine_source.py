@@ -1,7 +1,7 @@
 """Where a serving process finds its engine: a local directory, or an archive URI fetched once per machine.
 
-Replicas on other machines need the engine directory, and an export needs torch and minutes, so a replica never
-exports. Two ways to get the directory there:
+`skipdecode serve` resolves its engine here, with or without Ray. Replicas on other machines need the engine
+directory, and an export needs torch and minutes, so a replica never exports. Two ways to get the directory there:
 
 * a path (or a file:// URI of a directory): the engine directory itself, on a filesystem every machine mounts at
   the same path (NFS, a read-only volume in each pod, ...). Nothing is copied; `Engine.load` verifies the files.
@@ -120,8 +120,8 @@ def resolve_engine(source: str, cache_dir: str | Path | None = None, manifest_sh
         path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(source).path)) if "://" in source \
             else Path(source)
         if not (path / MANIFEST_NAME).is_file():
-            raise EngineError(f"engine directory {str(path)!r} has no {MANIFEST_NAME} on this machine: give a path "
-                              "that every replica's machine mounts, or an archive URI that each downloads")
+            raise EngineError(f"engine directory {str(path)!r} has no {MANIFEST_NAME} on this machine: give an "
+                              "engine directory (with Ray: one every node mounts), or an archive URI of one")
         _check_pin(path, manifest_sha256, source)
         return ResolvedEngine(path, False)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

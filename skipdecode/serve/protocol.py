@@ -1,22 +1,38 @@
-"""The HTTP API's request and response shapes, with no web framework: parsing, validation, stop strings.
+"""The OpenAI completions protocol, with no web framework: request parsing and validation, response shaping, stop
+strings.
 
-`parse_completion` turns an OpenAI-style /v1/completions body into a `CompletionRequest` or raises `InputError`
-(HTTP 400) whose one-line message names the field, the value and the limit. Everything after it trusts the data.
-`TextStream` detokenizes incrementally and applies OpenAI `stop` strings, releasing only text that cannot
-turn out to be the start of a stop string.
+`parse_body` turns the bytes of an OpenAI-style /v1/completions body into a `CompletionRequest` or raises
+`InputError` (HTTP 400) whose one-line message names the field, the value and the limit. Everything after it trusts
+the data. The response side builds every body the server sends: a completion, a streamed chunk, `usage`, the
+`logprobs` object and an error (`error_body`, from any `SkipDecodeError`, which carries its own HTTP status).
+`TextStream` detokenizes incrementally and applies OpenAI `stop` strings, releasing only text that cannot turn out
+to be the start of a stop string.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from skipdecode.runtime.errors import InputError
+from skipdecode.runtime.errors import (
+    InputError,
+    RequestCancelledError,
+    RequestFailedError,
+    RequestTimeoutError,
+    SkipDecodeError,
+    check_bool,
+    check_int,
+    check_number,
+    show,
+)
 from skipdecode.runtime.generation import GenerateOptions
-from skipdecode.runtime.logprobs import MAX_LOGPROBS
+from skipdecode.runtime.logprobs import MAX_LOGPROBS, TokenLogprob
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.slot_backend import MAX_VERIFY_TOKENS
+from skipdecode.serve.config import ServeConfig
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -31,21 +47,25 @@ FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "sto
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What the server accepts. `max_length` is the engine's positions per sequence (prompt + new tokens).
-    `max_prompt_chars` bounds a text prompt before it is tokenized (None: 32 characters per position)."""
+    """What the server accepts: the engine's `max_length` (positions per sequence: prompt + new tokens), vocabulary
+    and EOS token, the server options in `config` (timeouts, prompt characters) and the protocol's own bounds."""
 
     max_length: int
     vocab_size: int
     eos_token_id: int | None
-    max_timeout_s: float = 600.0
+    config: ServeConfig = field(default_factory=ServeConfig)
     max_body_bytes: int = 1 << 20
-    max_prompt_chars: int | None = None
     max_stop_chars: int = 512  # per stop string: the text held back while streaming is shorter than this
-    body_timeout_s: float = 30.0  # the whole request body must arrive within this
+
+    @classmethod
+    def of(cls, engine, config: ServeConfig) -> ServerLimits:
+        return cls(engine.backend.max_length, engine.vocab_size, engine.eos_token_id, config)
 
     @property
     def prompt_chars(self) -> int:
-        return self.max_prompt_chars if self.max_prompt_chars is not None else 32 * self.max_length
+        """The longest text prompt: `max_prompt_chars`, else 32 characters per position."""
+        chars = self.config.max_prompt_chars
+        return chars if chars is not None else 32 * self.max_length
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,22 @@ class CompletionRequest:
     echo: bool = False
     include_usage: bool = False  # streaming: a last chunk with usage and no choices
     prompt_text: str | None = None  # the prompt as sent, when it was text
+
+
+def parse_body(body: bytes, limits: ServerLimits, codec) -> CompletionRequest:
+    """Decode and validate the bytes of a request body (tokenizing a text prompt: call it off the event loop)."""
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"request body is not valid UTF-8 (byte {exc.start}): send JSON text") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"invalid JSON body: {exc}") from None
+    except RecursionError:
+        raise InputError("invalid JSON body: nested too deeply") from None
+    except ValueError:  # the int-from-string limit (sys.get_int_max_str_digits)
+        raise InputError(f"invalid JSON body: a number has more than {sys.get_int_max_str_digits()} "
+                         "digits") from None
+    return parse_completion(data, limits, codec)
 
 
 def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionRequest:
@@ -81,27 +117,29 @@ def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionReq
                          f"ids in [0, {limits.vocab_size})")
     model = _name(body, "model")
     _name(body, "user")  # accepted as OpenAI clients send it; not used
-    sampling = SamplingParams(temperature=_num(body, "temperature", 0.0), top_p=_num(body, "top_p", 1.0),
-                              top_k=_int(body, "top_k", 0, 0, limits.vocab_size),
-                              seed=_int(body, "seed", None, 0, 2**63 - 1))
-    max_layers, min_layers = _int(body, "max_layers", None, 1, None), _int(body, "min_layers", None, 1, None)
-    timeout = _num(body, "timeout", limits.max_timeout_s)
-    if not 0 < timeout <= limits.max_timeout_s:
-        raise InputError(f"timeout={show(timeout)} must be in (0, {limits.max_timeout_s:g}] seconds")
-    stream, ignore_eos, speedup = _bool(body, "stream", False), _bool(body, "ignore_eos", False), _num(
-        body, "speedup", None)
-    logprobs, echo = _int(body, "logprobs", None, 0, MAX_LOGPROBS), _bool(body, "echo", False)
+    sampling = SamplingParams(temperature=_get(body, "temperature", 0.0, check_number),
+                              top_p=_get(body, "top_p", 1.0, check_number),
+                              top_k=_get(body, "top_k", 0, check_int, 0, limits.vocab_size),
+                              seed=_get(body, "seed", None, check_int, 0, 2**63 - 1))
+    max_layers, min_layers = _get(body, "max_layers", None, check_int, 1), _get(body, "min_layers", None, check_int, 1)
+    max_timeout = limits.config.max_timeout
+    timeout = _get(body, "timeout", max_timeout, check_number, None, max_timeout, above=0, unit=" seconds")
+    stream, ignore_eos = _get(body, "stream", False, check_bool), _get(body, "ignore_eos", False, check_bool)
+    speedup = _get(body, "speedup", None, check_number)
+    logprobs = _get(body, "logprobs", None, check_int, 0, MAX_LOGPROBS)
+    echo = _get(body, "echo", False, check_bool)
     include_usage = _stream_options(body.get("stream_options"))
     prompt = _prompt(body.get("prompt"), limits, codec)
     room = limits.max_length - len(prompt)
-    max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 0 if echo else 1, room,
-                      f" for a {len(prompt)}-token prompt (model limit {limits.max_length} positions)")
+    max_tokens = _get(body, "max_tokens", DEFAULT_MAX_TOKENS, check_int, 0 if echo else 1, room,
+                      hint=f" for a {len(prompt)}-token prompt (model limit {limits.max_length} positions)")
     options = GenerateOptions(
         max_new_tokens=max(max_tokens, 1), speedup=speedup, max_layers=max_layers,
         min_layers=min_layers, sampling=sampling, stop_token_ids=tuple(stop_ids),
         eos_token_id=None if ignore_eos else limits.eos_token_id, logprobs=logprobs,
-        lossless=_bool(body, "lossless", False), draft_speedup=_num(body, "draft_speedup", None),
-        draft_tokens=_int(body, "draft_tokens", None, 1, MAX_VERIFY_TOKENS - 1))
+        lossless=_get(body, "lossless", False, check_bool),
+        draft_speedup=_get(body, "draft_speedup", None, check_number),
+        draft_tokens=_get(body, "draft_tokens", None, check_int, 1, MAX_VERIFY_TOKENS - 1))
     text = _one_prompt(body.get("prompt"))
     return CompletionRequest(prompt, options, stream, stop, float(timeout), model, max_tokens, logprobs, echo,
                              include_usage, text if isinstance(text, str) else None)
@@ -125,10 +163,10 @@ def _one_prompt(value: object) -> object:
 
 def _neutral(body: dict) -> None:
     """OpenAI fields this server does not implement: their neutral values pass, others are refused."""
-    _int(body, "n", 1, 1, 1)  # one choice per request
-    _int(body, "best_of", 1, 1, 1)
+    _get(body, "n", 1, check_int, 1, 1)  # one choice per request
+    _get(body, "best_of", 1, check_int, 1, 1)
     for name in ("frequency_penalty", "presence_penalty"):
-        if _num(body, name, 0) != 0:
+        if _get(body, name, 0, check_number) != 0:
             raise InputError(f"{name}={show(body[name])} is not supported: only 0 (or null)")
     checks = {"suffix": (lambda v: v is None or v == "", '"" (or null)'),
               "logit_bias": (lambda v: v is None or v == {}, "{} (or null)")}
@@ -207,52 +245,11 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def show(v: object, limit: int = 80) -> str:
-    """A value for an error message, bounded: never echo unbounded input."""
-    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 256:
-        return f"<integer of about {int(v.bit_length() * 0.30103)} digits>"  # repr of a huge int is slow
-    if isinstance(v, (list, dict)) and len(v) > limit:
-        v = v[:limit] if isinstance(v, list) else dict(list(v.items())[:limit])
-    try:
-        text = repr(v)
-    except RecursionError:
-        text = f"<deeply nested {type(v).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _int(body: dict, name: str, default, lo: int | None, hi: int | None, why: str = ""):
+def _get(body: dict, name: str, default, check, *args, **kw):
+    """A field checked by `check` (a validator of runtime/errors.py); absent or JSON null (as OpenAI clients send
+    it): the default."""
     v = body.get(name)
-    if v is None:  # absent or JSON null (as OpenAI clients send): the default
-        return default
-    if not _is_int(v):
-        raise InputError(f"{name} must be an integer, got {show(v)}")
-    if lo is not None and v < lo:
-        raise InputError(f"{name}={show(v)} is below the minimum {lo}")
-    if hi is not None and v > hi:
-        raise InputError(f"{name}={show(v)} is above the maximum {hi}{why}")
-    return v
-
-
-def _num(body: dict, name: str, default):
-    v = body.get(name)
-    if v is None:
-        return default
-    try:
-        finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        finite = False
-    if not finite:
-        raise InputError(f"{name} must be a finite number, got {show(v)}")
-    return v
-
-
-def _bool(body: dict, name: str, default: bool) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise InputError(f"{name} must be true or false, got {show(v)}")
-    return v
+    return default if v is None else check(name, v, *args, **kw)
 
 
 class TextStream:
@@ -332,3 +329,143 @@ class TextStream:
     def _release(self, out: str) -> str:
         self.text += out
         return out
+
+
+def advance(text: TextStream, tokens: list[int], final: bool) -> tuple[list[str], str]:
+    """The text deltas of `tokens` (ending at the one that completes a stop string) and, at the end of generation
+    (`final`), the held-back text. Detokenizes: call it off the event loop."""
+    deltas = []
+    for t in tokens:
+        deltas.append(text.push(t))
+        if text.stopped:
+            break
+    return deltas, text.flush() if final else ""
+
+
+# -- responses ------------------------------------------------------------------------------------------------------
+# OpenAI's finish reasons; ours ("eos", "timeout", "cancelled") are reported under "skipdecode"
+OPENAI_REASON = {"eos": "stop", "stop": "stop", "length": "length", "timeout": "length", "cancelled": "length"}
+DONE = "data: [DONE]\n\n"  # the last event of every stream
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """What comes before the completion: the echoed prompt text (None without echo), its logprobs object (echo
+    with logprobs) and the text offset the completion's tokens start at."""
+
+    text: str | None
+    block: dict | None
+    offset: int
+
+
+NO_PREFIX = Prefix(None, None, 0)
+
+
+def make_prefix(codec, req: CompletionRequest, scored: Sequence[TokenLogprob] | None) -> Prefix:
+    """The prefix of `req`; `scored`: the logprobs of its prompt tokens after the first (echo with logprobs).
+    Detokenizes: call it off the event loop."""
+    text = req.prompt_text if req.prompt_text is not None else (
+        codec.decode(list(req.prompt)) if codec is not None else None)
+    if not req.echo:
+        return Prefix(None, None, len(text or ""))
+    block, end = None, len(text or "")
+    if req.logprobs is not None:
+        block, end = logprobs_block(codec, list(zip(req.prompt, [None, *scored], strict=True)), 0)
+    return Prefix(text, block, end)
+
+
+def logprobs_block(codec, entries: Sequence[tuple[int, TokenLogprob | None]], offset: int) -> tuple[dict, int]:
+    """OpenAI's completions `logprobs` object for (token, its TokenLogprob or None), the text offsets counted from
+    `offset`, plus the ids (token strings of two ids can be equal). -> (it, next offset). Detokenizes."""
+    def piece(token: int) -> str:
+        return codec.decode([token]) if codec is not None else str(token)
+
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [], "token_ids": [],
+           "top_token_ids": []}
+    for token, e in entries:
+        text = piece(token)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        out["token_ids"].append(token)
+        offset += len(text)
+        out["token_logprobs"].append(e.logprob if e is not None else None)
+        out["top_logprobs"].append({piece(t): v for t, v in e.top} if e is not None else None)
+        out["top_token_ids"].append([t for t, _ in e.top] if e is not None else None)
+    return out, offset
+
+
+def join_logprobs(prefix: Prefix, block: dict | None) -> dict | None:
+    """The echoed prompt's logprobs object followed by the completion's."""
+    if block is None or prefix.block is None:
+        return block
+    return {k: prefix.block[k] + v for k, v in block.items()}
+
+
+def usage(req: CompletionRequest, completion_tokens: int) -> dict:
+    return {"prompt_tokens": len(req.prompt), "completion_tokens": completion_tokens,
+            "total_tokens": len(req.prompt) + completion_tokens}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """OpenAI's finish_reason for ours (None: not finished)."""
+    return OPENAI_REASON.get(reason, reason) if reason else None
+
+
+def choice(text: str | None, logprobs: dict | None, reason: str | None, tokens: list[int] | None = None,
+           **extra) -> dict:
+    """One entry of `choices`: `tokens` all ids of a completion, `extra` the token and budget of a streamed one;
+    `reason` is ours (None while streaming)."""
+    out = {"index": 0, "text": text, **({"tokens": tokens} if tokens is not None else {})}
+    return {**out, "logprobs": logprobs, "finish_reason": finish_reason(reason), **extra}
+
+
+def skipdecode_block(reason: str, budgets: Sequence[int], drafts: tuple[int, int] | None = None) -> dict:
+    """Our own part of a completion: the finish reason, each token's layer budget and their mean, and with
+    lossless decoding the drafted and accepted token counts."""
+    out = {"finish_reason": reason, "budgets": list(budgets),
+           "mean_layers": sum(budgets) / len(budgets) if budgets else None}
+    if drafts is not None:
+        out["lossless"] = {"drafted": drafts[0], "accepted": drafts[1]}
+    return out
+
+
+def completion(rid: str, model: str, choice: dict, usage: dict, skipdecode: dict) -> dict:
+    """A non-streamed completion body."""
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage, "skipdecode": skipdecode}
+
+
+def chunk(rid: str, model: str, choices: list[dict], **extra) -> str:
+    """One server-sent event of a stream: a completion chunk (`extra`: usage, skipdecode)."""
+    return event({"id": rid, "object": "text_completion", "model": model, "created": int(time.time()),
+                  "choices": choices, **extra})
+
+
+def event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def error_body(exc: SkipDecodeError) -> dict:
+    """The JSON of every error response, and of the error event that ends a failed stream."""
+    return {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.code}}
+
+
+def finish_error(reason: str, req: CompletionRequest, generated: int, failure: str) -> SkipDecodeError | None:
+    """The error a non-streamed request that finished for `reason` is answered with (None: it completed)."""
+    if reason == "timeout":
+        return RequestTimeoutError(f"request timed out after {req.timeout_s:g} s ({generated} tokens generated); "
+                                   "raise `timeout` or lower `max_tokens`")
+    if reason == "cancelled":  # the server is shutting down and did not finish it in time
+        return RequestCancelledError(f"request cancelled by the server shutting down ({generated} tokens "
+                                     "generated)")
+    if reason == "error":
+        return generation_failed(failure)
+    return None
+
+
+def generation_failed(failure: str) -> RequestFailedError:
+    return RequestFailedError(f"generation failed: {failure}")
+
+
+def model_object(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "skipdecode"}

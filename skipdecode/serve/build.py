@@ -1,0 +1,60 @@
+"""From a `ServeConfig` to a running server: `build_server` resolves and loads the engine, starts the
+continuous-batching service and builds the app. `skipdecode serve` runs it under uvicorn (`run`); each Ray Serve
+replica builds the very same server (skipdecode/serve/ray.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from skipdecode.serve.config import ServeConfig
+
+
+@dataclass(frozen=True)
+class Server:
+    """A loaded engine, the service that batches requests on it, and the ASGI app serving them."""
+
+    engine: object
+    service: object
+    app: object
+
+
+def build_server(config: ServeConfig) -> Server:
+    """Resolve the engine (a directory, or an archive URI fetched and verified once per machine:
+    skipdecode/serve/engine_source.py), load it, start its service and build the app."""
+    from skipdecode.runtime.engine import Engine
+    from skipdecode.runtime.errors import InputError
+    from skipdecode.runtime.ort_backend import use_global_thread_pool
+    from skipdecode.runtime.service import Service, ServiceConfig
+    from skipdecode.serve.app import create_app
+    from skipdecode.serve.engine_source import resolve_engine
+
+    if config.engine is None:
+        raise InputError("no engine: give an engine directory or an archive URI of one")
+    where = resolve_engine(config.engine, config.engine_cache, config.manifest_sha256, config.verify)
+    use_global_thread_pool(config.threads)  # one pool for every bucket graph (no stall when the bucket changes)
+    engine = Engine.load(where.path, providers=config.providers.split(","), threads=config.threads,
+                         max_length=config.max_length, prepack=config.prepack,
+                         verify=config.verify and not where.verified)
+    service = Service(engine, ServiceConfig(
+        max_batch=config.max_batch, max_tokens_in_flight=config.max_tokens_in_flight, max_queue=config.max_queue,
+        max_prefill_tokens=config.max_prefill_tokens, strategy=config.strategy))
+    return Server(engine, service, create_app(engine, service, config))
+
+
+def run(config: ServeConfig) -> int:
+    """`skipdecode serve`: build the server and serve until SIGINT/SIGTERM; then drain and stop."""
+    import uvicorn
+
+    from skipdecode.serve.net import uvicorn_config, warn_if_exposed
+
+    server = build_server(config)
+    warn_if_exposed(config.host, config.api_key)
+    be = server.engine.backend
+    print(f"skipdecode serve: {config.engine} on http://{config.host}:{config.port} (buckets {list(be.buckets)}, "
+          f"{be.max_batch} KV slots)", file=sys.stderr, flush=True)
+    # uvicorn waits this long for open connections (streams) to finish before the app's shutdown drains the rest
+    uvicorn.Server(uvicorn_config(server.app, config, host=config.host, port=config.port, log_level=config.log_level,
+                                  timeout_graceful_shutdown=int(config.drain_timeout))).run()
+    return 0
