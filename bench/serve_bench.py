@@ -222,8 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     from skipdecode.runtime.engine import Engine
-    from skipdecode.runtime.ort_backend import use_global_thread_pool
-    use_global_thread_pool(args.threads)  # one pool for every bucket graph, as `skipdecode serve` runs
+    from skipdecode.runtime.ort_sessions import configure_onnxruntime
+    configure_onnxruntime(args.threads)  # one pool for every bucket graph, as `skipdecode serve` runs
     engine = Engine.load(args.engine, threads=args.threads)
     be = engine.backend
     max_batch = args.max_batch or be.max_batch

@@ -160,6 +160,11 @@ class Batcher:
         self._seqs.pop(request_id, None)
         return self.scheduler.cancel(request_id)
 
+    def drafts(self, request_id: int) -> tuple[int, int]:
+        """A running lossless request's (drafted, accepted) token counts so far; (0, 0) if it is not here."""
+        seq = self._seqs.get(request_id)
+        return (seq.drafted, seq.accepted) if seq is not None else (0, 0)
+
     def reset(self) -> list[int]:
         """Forget every request (after a backend failure, or when a generation is closed); their slots go back."""
         self._seqs.clear()

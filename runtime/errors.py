@@ -29,6 +29,10 @@ class SkipDecodeError(ValueError):
     headers: Mapping[str, str] = MappingProxyType({})
 
 
+class SchedulerError(RuntimeError):
+    """A broken contract between scheduler and runner: a bug, never bad user input (so not a SkipDecodeError)."""
+
+
 # -- request errors (4xx): the caller can fix them -------------------------------------------------------------------
 class RequestError(SkipDecodeError):
     """The request (or command line) is at fault; sending it again unchanged fails the same way."""

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from .errors import InputError, SkipDecodeError, check_int
+from .errors import InputError, SchedulerError, check_choice, check_int
 from .kv import SlotTable
 
 STRATEGIES = ("gate", "group")
@@ -38,10 +38,6 @@ STRATEGIES = ("gate", "group")
 # batch 1 without the backoff).
 BACKOFF_AFTER = 2
 BACKOFF_MAX = 64
-
-
-class SchedulerError(SkipDecodeError):
-    """A broken contract between scheduler and runner (a bug, never bad user input)."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +103,7 @@ class SchedulerConfig:
         if self.max_prefill_tokens is not None:
             check_int("max_prefill_tokens", self.max_prefill_tokens, lo=1)
         check_int("max_speculative_rows", self.max_speculative_rows, lo=0)
-        if self.strategy not in STRATEGIES:
-            raise InputError(f"strategy={self.strategy!r} is not one of {list(STRATEGIES)}")
+        check_choice("strategy", self.strategy, STRATEGIES)
 
 
 def check_fits(spec: SeqSpec, config: SchedulerConfig) -> None:

@@ -36,8 +36,10 @@ from .errors import (  # the service's errors live with every other error; impor
     InputError,
     OverloadedError,
     RequestFailedError,
+    RequestTimeoutError,
     ServiceClosedError,
     check_int,
+    check_number,
 )
 from .generation import GenerateOptions, check_prompts
 from .generator import NonFiniteLogitsError
@@ -46,10 +48,6 @@ from .scheduler import SchedulerConfig, check_fits
 from .slot_backend import SlotBackend
 
 Listener = Callable[[TokenEvent | FinishEvent], None]
-
-
-class ScoreTimeoutError(SkipDecodeError):
-    """A prompt was not scored within its request's timeout."""
 
 
 @dataclass
@@ -71,12 +69,10 @@ class ServiceConfig:
     max_speculative_rows: int = 1  # lossless requests draft automatically in steps with at most this many of them
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 1:
-            raise InputError(f"max_queue={self.max_queue!r} must be an integer >= 1")
+        check_int("max_queue", self.max_queue, lo=1)
         for name in ("default_timeout_s", "metrics_window_s"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise InputError(f"{name}={v!r} must be > 0")
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), above=0)
 
     def scheduler_config(self, slots: int, max_length: int) -> SchedulerConfig:
         batch = self.max_batch or slots
@@ -156,6 +152,11 @@ class RequestHandle:
     def done(self) -> bool:
         with self._cv:
             return self._reason is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request has ended (whatever the reason); -> False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._reason is not None, timeout)
 
     @property
     def drafts(self) -> tuple[int, int]:
@@ -250,7 +251,7 @@ class Service:
         """Log-probabilities of prompt[1:] (`TokenLogprob`s, each with its top `k`), teacher-forced at full depth.
         Ordinary work of the service: it waits in the same bounded queue as requests (OverloadedError when full),
         is scored one at a time in a KV slot of its own, SCORE_CHUNK tokens per worker step between decode steps
-        (runtime/logprobs.py), fails with ScoreTimeoutError past `timeout_s` (default: the service's), and is
+        (runtime/logprobs.py), fails with RequestTimeoutError past `timeout_s` (default: the service's), and is
         dropped when the Future is cancelled (a client that hung up). -> a Future of the list."""
         check_int("logprobs", k, lo=0, hi=MAX_LOGPROBS)
         timeout_s = timeout_s if timeout_s is not None else self.config.default_timeout_s
@@ -376,7 +377,7 @@ class Service:
             elif self._cancel_all:
                 error = ServiceClosedError("the service shut down before the prompt was scored")
             elif job.deadline is not None and job.deadline <= now:
-                error = ScoreTimeoutError("the prompt was not scored within the request's timeout")
+                error = RequestTimeoutError("the prompt was not scored within the request's timeout")
             else:
                 continue
             self._end_score(job, error=error)
@@ -416,7 +417,12 @@ class Service:
             expired = {rid: "timeout" for rid, h in self._handles.items()
                        if h.deadline is not None and h.deadline <= now}
         for rid, reason in {**expired, **cancels}.items():
+            drafts = self._batcher.drafts(rid)  # a request ended early (a stop string, a timeout) drafted too
             if self._batcher.cancel(rid):
+                with self._cv:
+                    handle = self._handles.get(rid)
+                if handle is not None:
+                    handle._drafts = drafts
                 self._end(rid, reason)
 
     def _dispatch(self, result: StepResult) -> None:

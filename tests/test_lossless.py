@@ -356,6 +356,9 @@ def test_http_lossless_requests_equal_full_depth_and_report_acceptance(kjv_engin
         fast = complete(url, lossless=True, draft_tokens=5, draft_speedup=3)
         bad = httpx.post(url + "/v1/completions", json={"prompt": "a", "lossless": True, "speedup": 2}, timeout=30)
         metrics = httpx.get(url + "/metrics", timeout=30).text
+        # a request ended by a stop string reports the drafting it did before it stopped
+        stop = full["choices"][0]["text"][-12:-6]
+        stopped = complete(url, lossless=True, draft_tokens=5, draft_speedup=3, stop=[stop])
     assert fast["choices"][0]["tokens"] == full["choices"][0]["tokens"]
     assert fast["choices"][0]["text"] == full["choices"][0]["text"]
     counts = fast["skipdecode"]["lossless"]
@@ -364,6 +367,8 @@ def test_http_lossless_requests_equal_full_depth_and_report_acceptance(kjv_engin
     assert bad.status_code == 400 and "full depth" in bad.json()["error"]["message"]
     assert f"skipdecode_draft_tokens_total {float(counts['drafted'])}" in metrics
     assert f"skipdecode_accepted_draft_tokens_total {float(counts['accepted'])}" in metrics
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stop not in stopped["choices"][0]["text"]
+    assert stopped["skipdecode"]["lossless"]["drafted"] > 0
 
 
 def test_automatic_drafting_backs_off_while_drafts_keep_failing():

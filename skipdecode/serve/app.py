@@ -278,15 +278,16 @@ class CompletionsApp:
         return body
 
     async def _prefix(self, req: CompletionRequest) -> Prefix:
-        """The echoed prompt (text, and with logprobs its tokens scored at full depth by the service: one decode
-        step per prompt token) and where the completion's text offsets start. Raises the service's errors; a
+        """The echoed prompt (text, and with logprobs its tokens scored at full depth by the service, a chunk per
+        worker step between decode steps; cancelled when the client hangs up) and where the completion's text
+        offsets start. Raises the service's errors; a
         backend failure while scoring as RequestFailedError."""
         if not req.echo and req.logprobs is None:
             return P.NO_PREFIX  # nothing to do (the common case)
         scored = None
         if req.echo and req.logprobs is not None:
             try:
-                scored = await asyncio.wrap_future(self.service.score(req.prompt, req.logprobs))
+                scored = await asyncio.wrap_future(self.service.score(req.prompt, req.logprobs, req.timeout_s))
             except (RequestError, OverloadedError, ServiceClosedError):
                 raise
             except Exception as exc:  # the backend failed while scoring the prompt
@@ -362,7 +363,10 @@ class CompletionsApp:
         if prefix.text is not None:
             completion = prefix.text + (completion or "")
         choice = P.choice(completion, P.join_logprobs(prefix, logprobs), reason, tokens=tokens)
-        drafts = handle.drafts if req.options.lossless else None
+        drafts = None
+        if req.options.lossless:  # a stop string ends the request on the worker: its counts are final after that
+            await self._off_loop(handle.wait, 30.0)
+            drafts = handle.drafts
         return JSONResponse(P.completion(f"cmpl-{handle.request_id}", self.model_name, choice,
                                          P.usage(req, len(tokens)), P.skipdecode_block(reason, budgets, drafts)))
 

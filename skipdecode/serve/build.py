@@ -25,7 +25,7 @@ def build_server(config: ServeConfig) -> Server:
     skipdecode/serve/engine_source.py), load it, start its service and build the app."""
     from skipdecode.runtime.engine import Engine
     from skipdecode.runtime.errors import InputError
-    from skipdecode.runtime.ort_backend import use_global_thread_pool
+    from skipdecode.runtime.ort_sessions import configure_onnxruntime
     from skipdecode.runtime.service import Service, ServiceConfig
     from skipdecode.serve.app import create_app
     from skipdecode.serve.engine_source import resolve_engine
@@ -33,7 +33,7 @@ def build_server(config: ServeConfig) -> Server:
     if config.engine is None:
         raise InputError("no engine: give an engine directory or an archive URI of one")
     where = resolve_engine(config.engine, config.engine_cache, config.manifest_sha256, config.verify)
-    use_global_thread_pool(config.threads)  # one pool for every bucket graph (no stall when the bucket changes)
+    configure_onnxruntime(config.threads)  # one pool for every bucket graph (no stall when the bucket changes)
     engine = Engine.load(where.path, providers=config.providers.split(","), threads=config.threads,
                          max_length=config.max_length, prepack=config.prepack,
                          verify=config.verify and not where.verified)
