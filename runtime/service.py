@@ -237,10 +237,11 @@ class Service:
         with self._cv:
             if self._closing:
                 raise ServiceClosedError("the service is shutting down and accepts no new requests")
-            if len(self._inbox) + self._waiting >= self.config.max_queue:
+            queued = self._queued()
+            if queued >= self.config.max_queue:
                 self._counts["rejected_overloaded"] += 1
-                raise OverloadedError(f"overloaded: {len(self._inbox) + self._waiting} requests are waiting, "
-                                      f"the queue limit is {self.config.max_queue}; retry later")
+                raise OverloadedError(f"overloaded: {queued} requests are waiting, the queue limit is "
+                                      f"{self.config.max_queue}; retry later")
             self._counts["submitted"] += 1
             self._inbox.append((request, handle))
             self._handles[rid] = handle
@@ -265,7 +266,7 @@ class Service:
         with self._cv:
             if self._closing:
                 raise ServiceClosedError("the service is shutting down and accepts no new requests")
-            queued = len(self._inbox) + self._waiting + len(self._scores) + max(0, self._score_jobs - 1)
+            queued = self._queued()
             if queued >= self.config.max_queue:
                 self._counts["rejected_overloaded"] += 1
                 raise OverloadedError(f"overloaded: {queued} requests are waiting, the queue limit is "
@@ -274,6 +275,10 @@ class Service:
             self._scores.append(job)
             self._cv.notify_all()
         return job.future
+
+    def _queued(self) -> int:
+        """Requests and scoring jobs waiting to start (held under `_cv`): the one queue `max_queue` bounds."""
+        return len(self._inbox) + self._waiting + len(self._scores) + max(0, self._score_jobs - 1)
 
     def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Completion:
         return self.submit(prompt, options, timeout_s).result()
@@ -289,7 +294,7 @@ class Service:
                 finished={k[9:]: v for k, v in c.items() if k.startswith("finished_")},
                 generated_tokens=c["tokens"], layers_executed=c["layers"], decode_steps=c["steps"],
                 decoded_rows=c["rows"], graph_row_layers=c["graph_row_layers"],
-                queue_depth=len(self._inbox) + self._waiting + len(self._scores) + max(0, self._score_jobs - 1),
+                queue_depth=self._queued(),
                 running=self._running + min(1, self._score_jobs),
                 last_batch_size=self._last_batch, tokens_per_s=sum(window) / span,
                 draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"])
@@ -351,7 +356,9 @@ class Service:
             for request, _ in inbox:
                 self._batcher.add(request)
             self._apply_cancels(cancels)
-            progressed = self._score()
+            # new requests are admitted (prefilled) before the next scoring chunk: their first token waits for at
+            # most the chunk already running
+            progressed = self._score() if not inbox else True
             if self._batcher.idle:
                 if closing and not self._scoring:
                     return
