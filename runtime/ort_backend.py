@@ -107,13 +107,12 @@ class OrtBackend(GraphBackend):
         """Outputs of one call of the prefill graph and of every decode graph on fixed inputs, in slot 0 (no
         generation holds a slot yet). The verify graphs are not run (their buffers are allocated on first use): they
         read the same weights through the same operators as the prefill graph."""
-        prompt = [self.pad_token_id + 1] * 2
-        ids, mask = np.array([prompt], dtype=np.int64), np.ones((1, 2), dtype=np.int64)
-        out = [self._prefill(ids, np.arange(2, dtype=np.int64)[None], mask, [0]).copy()]
-        lengths = np.array([2], dtype=np.int32)
+        token = self.pad_token_id + 1  # one prompt token, one decoded: fits any max_length (>= 2)
+        ids, mask = np.array([[token]], dtype=np.int64), np.ones((1, 1), dtype=np.int64)
+        out = [self._prefill(ids, np.zeros((1, 1), dtype=np.int64), mask, [0]).copy()]
         for bucket in self.buckets:
             gates = np.ones((1, bucket), dtype=bool)
-            out.append(self._decode(np.array([prompt[0]]), lengths, bucket, gates).copy())
+            out.append(self._decode(np.array([token]), np.array([1], dtype=np.int32), bucket, gates).copy())
         return out
 
     def _run_prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray):
