@@ -177,3 +177,45 @@ def test_serve_without_ray_takes_an_archive_uri_and_stops_cleanly_on_sigterm(tin
     assert "stopped after 1 requests" in log.read_text() and "Traceback" not in log.read_text()
     cached = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]  # not the lock file
     assert len(cached) == 1 and cached[0].name.startswith("tiny-") and (cached[0] / "manifest.json").is_file()
+
+
+def test_archive_fetches_are_bounded_redacted_and_extract_only_the_engine(tiny_engine, tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from skipdecode.serve.engine_source import MAX_BYTES_ENV, redact
+    # an extra file the manifest does not name rides along: it is not extracted
+    archive = tmp_path / "extra.tar"
+    with tarfile.open(archive, "w") as tar:
+        for f in [*sorted(tiny_engine.iterdir()), None]:
+            data = f.read_bytes() if f is not None else b"\1" * 2**20
+            info = tarfile.TarInfo(f"{tiny_engine.name}/{f.name if f is not None else 'payload.bin'}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = resolve_engine(archive.as_uri(), tmp_path / "cache").path
+    assert not (got / "payload.bin").exists()
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in tiny_engine.iterdir())
+    # a wrong pin is refused before any engine file is extracted
+    with pytest.raises(EngineError, match="pinned manifest_sha256"):
+        resolve_engine(archive.as_uri(), tmp_path / "cache2", manifest_sha256="0" * 64)
+    assert not any((tmp_path / "cache2").rglob("weights.bin"))
+    # the download stops at the stated limit; a device is not an archive
+    monkeypatch.setenv(MAX_BYTES_ENV, "4096")
+    with pytest.raises(EngineError, match="above the limit of 4096 bytes"):
+        resolve_engine(archive.as_uri(), tmp_path / "cache3")
+    assert not [p for p in (tmp_path / "cache3").iterdir() if p.is_dir()]  # nothing half-written stays
+    monkeypatch.delenv(MAX_BYTES_ENV)
+    with pytest.raises(EngineError, match="is not a regular file"):
+        resolve_engine("file:///dev/zero", tmp_path / "cache4")
+    # a partial fetch left by a killed replica is swept by the next one
+    stale = tmp_path / "cache" / f".{got.name}.killed"
+    stale.mkdir()
+    (stale / "archive").write_bytes(b"\0" * 4096)
+    resolve_engine(archive.as_uri(), tmp_path / "cache")
+    assert not stale.exists()
+    # credentials and signatures never reach a message; a new signature reuses the cached copy
+    secret = "http://user:hunter2@127.0.0.1:9/e.tar.gz?X-Amz-Signature=abc123"
+    assert redact(secret) == "http://127.0.0.1:9/e.tar.gz?…"
+    with pytest.raises(EngineError) as info:
+        resolve_engine(secret, tmp_path / "cache5")
+    assert "hunter2" not in str(info.value) and "abc123" not in str(info.value)

@@ -405,11 +405,15 @@ def test_shutdown_leaves_no_process_behind(cluster):
     assert not ray.is_initialized()
 
 
-def test_the_serve_command_runs_on_ray_and_a_sigterm_leaves_no_process_behind(tiny_engine, tmp_path):
-    """`skipdecode serve --ray` as a user runs it (after the module's instance is down: one Ray at a time here)."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_the_serve_command_drains_in_flight_requests_on_a_signal_and_leaves_no_process_behind(tiny_engine, tmp_path,
+                                                                                             sig):
+    """`skipdecode serve --ray` as a user runs it (after the module's instance is down: one Ray at a time here).
+    A rolling restart's signal arrives with requests in flight, plain and streamed: each completes in full."""
     import signal
     import subprocess
     import sys
+    import threading
 
     port, log = free_port(), tmp_path / "serve.log"
     with open(log, "w") as err:
@@ -427,9 +431,41 @@ def test_the_serve_command_runs_on_ray_and_a_sigterm_leaves_no_process_behind(ti
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
         started = descendants(proc.pid)
         assert len(started) >= 4
-        proc.send_signal(signal.SIGTERM)
+        results: dict = {}
+        first_chunk = threading.Event()
+
+        def call(i: int, stream: bool) -> None:
+            body = {"prompt": [2, 3 + i], "max_tokens": 100, "ignore_eos": True, "stream": stream}
+            try:
+                if stream:
+                    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as s:
+                        chunks = []
+                        for line in s.iter_lines():
+                            first_chunk.set()
+                            if line:
+                                chunks.append(line)
+                        results[i] = (s.status_code, sum('"token"' in c for c in chunks), chunks[-2:])
+                else:
+                    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+                    results[i] = (r.status_code, len(r.json()["choices"][0]["tokens"]) if r.status_code == 200
+                                  else r.text[:200], None)
+            except httpx.HTTPError as exc:
+                results[i] = (None, repr(exc), None)
+
+        calls = [threading.Thread(target=call, args=(i, i < 2)) for i in range(6)]
+        for t in calls:
+            t.start()
+        assert first_chunk.wait(60)  # requests are in flight
+        proc.send_signal(getattr(signal, sig))
+        for t in calls:
+            t.join(120)
         assert proc.wait(60) == 0, log.read_text()[-2000:]
         assert "Traceback" not in log.read_text()
+        for i in range(6):  # streamed (0, 1) and plain: 200 with all 100 tokens, streams ending with [DONE]
+            status, tokens, tail = results[i]
+            assert (status, tokens) == (200, 100), (i, results[i])
+            if i < 2:
+                assert tail[-1] == "data: [DONE]", (i, tail)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -283,10 +283,13 @@ def run(config: ServeConfig) -> int:
         return 130
     finally:
         try:
-            if ray.is_initialized() and local:
-                serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s), then the proxy and controller stop
-            elif ray.is_initialized():
-                serve.delete(APP_NAME)  # leave the cluster's Serve (and other applications) running
+            if ray.is_initialized():
+                # drain through the proxy: deleting the application stops new requests and lets the replicas
+                # finish the ones in flight (graceful_shutdown_timeout_s) while the proxy still carries their
+                # responses; serve.shutdown() alone stops the proxy first and every in-flight response is lost
+                serve.delete(APP_NAME)
+                if local:
+                    serve.shutdown()  # then the proxy and controller (a cluster's Serve keeps running)
         finally:
             ray.shutdown()  # also stops what a local ray.init had started when it was interrupted
     return 0
