@@ -236,6 +236,28 @@ def test_connection_limit_closes_the_connection_beyond_it_at_once():
         assert httpx.get(url + "/health").status_code == 200
 
 
+def test_one_client_cannot_take_every_connection():
+    """Connections beyond a client's share are closed at once; another client (another address) still gets in."""
+    gen = fake_engine(LetterCodec())
+    with serve_in_thread(create_app(gen, Service(gen)), header_timeout=5.0, max_connections=10,
+                         max_client_connections=3) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(0.1)
+        extra = socket.create_connection(("127.0.0.1", port))
+        waited, got = closed_after(extra)
+        assert waited < 0.5 and got == b""  # the same client, over its share
+        other = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+        other.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        other.settimeout(5)
+        assert other.recv(64).startswith(b"HTTP/1.1 200")
+        other.close()
+        for s in held:
+            s.close()
+        time.sleep(0.1)
+        assert httpx.get(url + "/health").status_code == 200  # the share is given back as connections close
+
+
 # -- access: API key, content type, Host --------------------------------------------------------------------------
 def test_api_key_guards_every_route_but_health():
     gen = fake_engine(LetterCodec())

@@ -5,7 +5,8 @@ uvicorn closes an idle keep-alive connection (`timeout_keep_alive`) but never on
 or stops in the middle of its request head: each would hold a socket forever. `guarded_protocol` adds
 * a header timeout: a request head must be complete `header_timeout` seconds after the connection opens, or after
   the first byte of a later request on a kept-alive connection; else the connection is closed;
-* a connection limit: a connection beyond `max_connections` open ones is closed at once.
+* connection limits: a connection beyond `max_connections` open ones, or beyond `max_client_connections` from
+  one client address, is closed at once (one client reconnecting in a loop cannot lock the others out).
 A stalled request body is the app's to time out (`body_timeout`: 408 and the connection closed), and a stalled
 reader of a response is bounded by the stream's own request timeout.
 
@@ -61,13 +62,21 @@ def guarded_protocol(config: ServeConfig) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     header_timeout, max_connections = config.header_timeout, config.max_connections
+    per_client, open_by_client = config.max_client_connections, {}  # client address -> its open connections
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer = None
+        _client = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            peer = transport.get_extra_info("peername")
+            client = peer[0] if isinstance(peer, tuple) and peer else None
+            if client is not None:
+                self._client = client
+                open_by_client[client] = open_by_client.get(client, 0) + 1
+            if len(self.connections) > max_connections or (client is not None
+                                                           and open_by_client[client] > per_client):
                 transport.close()
                 return
             self._await_head()
@@ -85,6 +94,11 @@ def guarded_protocol(config: ServeConfig) -> type:
 
         def connection_lost(self, exc) -> None:
             self._cancel_head_timer()
+            if self._client is not None:
+                left = open_by_client.pop(self._client) - 1
+                if left:
+                    open_by_client[self._client] = left
+                self._client = None
             super().connection_lost(exc)
 
         def _await_head(self) -> None:
