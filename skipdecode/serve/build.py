@@ -6,6 +6,7 @@ replica builds the very same server (skipdecode/serve/ray.py).
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 
 from skipdecode.serve.config import ServeConfig
@@ -54,7 +55,27 @@ def run(config: ServeConfig) -> int:
     be = server.engine.backend
     print(f"skipdecode serve: {config.engine} on http://{config.host}:{config.port} (buckets {list(be.buckets)}, "
           f"{be.max_batch} KV slots)", file=sys.stderr, flush=True)
-    # uvicorn waits this long for open connections (streams) to finish before the app's shutdown drains the rest
-    uvicorn.Server(uvicorn_config(server.app, config, host=config.host, port=config.port, log_level=config.log_level,
-                                  timeout_graceful_shutdown=int(config.drain_timeout))).run()
+    service = server.service
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGINT/SIGTERM the service starts draining at once (in-flight requests finish; after drain_timeout
+        the rest end as documented: 503 for a plain request, finish_reason "length" for a stream), while uvicorn
+        waits for the connections. Its own cutoff comes later (GRACE_S), so it never cuts an answer the service is
+        about to give: a cut would be a bare 500 or a reset."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                threading.Thread(target=service.shutdown, args=(False, config.drain_timeout),
+                                 name="skipdecode-drain", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    try:
+        DrainingServer(uvicorn_config(server.app, config, host=config.host, port=config.port,
+                                      log_level=config.log_level,
+                                      timeout_graceful_shutdown=int(config.drain_timeout + GRACE_S))).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once everything has drained
+        return 130
     return 0
+
+
+GRACE_S = 5  # uvicorn's cutoff after the service's drain timeout: time for the last answers to be written
