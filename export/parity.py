@@ -34,7 +34,8 @@ from .reference import TorchReference
 @dataclass(frozen=True)
 class Tolerance:
     """Pass when max|engine - reference| <= atol + rtol * max|reference| + rounding * max|emulated - reference|
-    (per output; `emulated` is the reference with the engine's activation rounding, where there is one)."""
+    (per output; `emulated`: the reference with the engine's activation rounding, where there is one, its deviation
+    taken as the worst over all outputs of the same kind)."""
 
     atol: float
     rtol: float
@@ -44,15 +45,17 @@ class Tolerance:
 # The float32 bound: operation order only (fp32 GEMMs summing in another order, fused kernels).
 FLOAT32 = Tolerance(1e-4, 1e-5)
 # The fast path of a quantized engine may deviate from the dequantized model by a multiple of what its activation
-# rounding does in the PyTorch emulation (export/quantize_export.py `fast_path_model`), plus the float32 bound. The
-# engine's integer dot products are exact on every CPU (no int16 saturation: export/quantize.py), so what is left is
-# where the two roundings differ. MatMulNBits: the same blocks and scales on both sides; a value on a rounding
-# boundary may round the other way after fp32 operation-order noise, so one output's worst difference is a draw from
-# the same distribution as the emulation's (measured 0.9-1.3x on the tiny test models): 3x. DynamicQuantizeMatMul:
-# the engine takes one range over the whole left-padded batch where the reference rounds each row alone, so its
-# steps are coarser by the ratio of the two ranges (measured 0.7-2.2x with three prompts): 5x. Errors in the weights
-# themselves are caught by the "exact.*" check at the float32 bound, not by this one.
-FAST_ROUNDING = {"MatMulNBits": 3.0, "DynamicQuantizeMatMul": 5.0}
+# rounding does in the PyTorch emulation (export/quantize_export.py `fast_path_model`), worst over all outputs of a
+# kind, plus the float32 bound. The engine's integer dot products are exact on every CPU (no int16 saturation:
+# export/quantize.py), so what is left is where the two roundings part. MatMulNBits: the same blocks, scales and
+# round-half-to-even on both sides (the first layer's outputs agree to 1e-6), but a value on a rounding boundary can
+# round the other way after fp32 operation-order noise, and each such flip propagates, so after a few layers the
+# engine's deviation is another draw of the same size as the emulation's: measured 1.0-1.3x of it on the tiny test
+# models and on the embedded model (int8 and int4); 3x. DynamicQuantizeMatMul: the engine takes one range over the
+# whole left-padded batch where the reference rounds each row alone, so its steps are coarser by the ratio of the
+# two ranges: measured 1.0-1.9x with three prompts; 4x. Errors in the weights themselves are caught by the "exact.*"
+# check at the float32 bound (a 2% scale error in one layer exceeds it 100-fold), not by this one.
+FAST_ROUNDING = {"MatMulNBits": 3.0, "DynamicQuantizeMatMul": 4.0}
 TOLERANCES = {
     "float32": {"logits": FLOAT32, "kv": FLOAT32},
     "float16": {"logits": Tolerance(5e-2, 1e-2), "kv": Tolerance(2e-2, 1e-2)},
@@ -90,11 +93,20 @@ def _record(report: dict, key: str, got, want, emulated=None, *, tol: Tolerance)
     prev = report.get(key, {"max_abs_diff": 0.0, "limit": limit, "finite": True})
     entry = {"max_abs_diff": max(prev["max_abs_diff"], diff), "limit": max(prev["limit"], limit),
              "finite": prev["finite"] and finite}
-    if tol.rounding and emulated is not None:  # the emulated rounding's own deviation, recorded beside the limit
+    if tol.rounding and emulated is not None:  # the emulated rounding's own deviation; `_widen` uses it
         rounding = float(np.abs(_np(emulated) - want).max()) if finite else 0.0
         entry["rounding_diff"] = max(prev.get("rounding_diff", 0.0), rounding)
-        entry["limit"] = max(prev["limit"], limit + tol.rounding * rounding)
     report[key] = entry
+
+
+def _widen(report: dict, factor: float) -> None:
+    """Add `factor` x the emulated rounding's worst deviation over every output of the same kind (logits, K/V) to
+    each limit: the worst of many outputs is a steadier measure of the rounding noise than any one output's."""
+    for kind in ("logits", "kv"):
+        keys = [k for k in report if k.endswith("." + kind) and "rounding_diff" in report[k]]
+        worst = max((report[k]["rounding_diff"] for k in keys), default=0.0)
+        for k in keys:
+            report[k]["limit"] += factor * worst
 
 
 @dataclass(frozen=True)
@@ -133,12 +145,15 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
     report: dict = {}
     if man.quantization:
         from .quantize_export import fast_path_model
-        with tempfile.TemporaryDirectory(prefix=".exact-", dir=directory.parent) as tmp:
+        # inside the engine directory: same file system (weights.bin is hard-linked, not copied), removed with it
+        with tempfile.TemporaryDirectory(prefix=".exact-", dir=directory) as tmp:
             exact = _parity_rounds(exact_copy(directory, man, Path(tmp) / directory.name), man, model, None,
                                    TOLERANCES["exact"], steps_per_bucket, seed)
         report.update({f"exact.{k}": v for k, v in exact.items()})
         emulated = fast_path_model(model, man.quantization)
-        report.update(_parity_rounds(directory, man, model, emulated, tolerances(man), steps_per_bucket, seed))
+        fast = _parity_rounds(directory, man, model, emulated, tolerances(man), steps_per_bucket, seed)
+        _widen(fast, tolerances(man)["logits"].rounding)
+        report.update(fast)
     else:
         report.update(_parity_rounds(directory, man, model, None, tolerances(man), steps_per_bucket, seed))
     failed = {k: v for k, v in report.items() if not v["finite"] or v["max_abs_diff"] > v["limit"]}
