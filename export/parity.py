@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ..runtime.engine import Engine
 from ..runtime.errors import EngineError
 from ..runtime.manifest import load_manifest
+from .quantize import exact_graph
+from .quantize_export import fast_path_model
 from .reference import TorchReference
 
 
@@ -138,13 +141,13 @@ def plan_parity(max_length: int, buckets, n_prompts: int, steps: int = 2) -> lis
 
 
 def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0) -> dict:
-    """Return {output: {max_abs_diff, limit, finite}}; raise ParityError naming every output over its limit.
+    """Return {output: {max_abs_diff, limit, finite[, rounding_diff]}}; raise ParityError naming every output over
+    its limit.
     `model`: the PyTorch model the engine must compute (for a quantized engine: carrying its dequantized weights)."""
     directory = Path(directory)
     man = load_manifest(directory)
     report: dict = {}
     if man.quantization:
-        from .quantize_export import fast_path_model
         # inside the engine directory: same file system (weights.bin is hard-linked, not copied), removed with it
         with tempfile.TemporaryDirectory(prefix=".exact-", dir=directory) as tmp:
             exact = _parity_rounds(exact_copy(directory, man, Path(tmp) / directory.name), man, model, None,
@@ -166,10 +169,6 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
 def exact_copy(directory: Path, man, dst: Path) -> Path:
     """A session-only copy of a quantized engine whose graphs multiply by the dequantized weights in float32
     (export/quantize.py `exact_graph`); every other file is linked, so the weights are the engine's own bytes."""
-    import onnx
-
-    from .quantize import exact_graph
-
     dst.mkdir(parents=True)
     files = {g.file for g in man.graphs}
     for g in man.graphs:
