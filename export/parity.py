@@ -30,7 +30,7 @@ from ..runtime.engine import Engine
 from ..runtime.errors import EngineError
 from ..runtime.manifest import load_manifest
 from .quantize import exact_graph
-from .quantize_export import fast_path_model
+from .quantize_export import FastPathRounding, fast_path_rounding
 from .reference import TorchReference
 
 
@@ -48,7 +48,7 @@ class Tolerance:
 # The float32 bound: operation order only (fp32 GEMMs summing in another order, fused kernels).
 FLOAT32 = Tolerance(1e-4, 1e-5)
 # The fast path of a quantized engine may deviate from the dequantized model by a multiple of what its activation
-# rounding does in the PyTorch emulation (export/quantize_export.py `fast_path_model`), worst over all outputs of a
+# rounding does in the PyTorch emulation (export/quantize_export.py `fast_path_rounding`), worst over all outputs of a
 # kind, plus the float32 bound. The engine's integer dot products are exact on every CPU (no int16 saturation:
 # export/quantize.py), so what is left is where the two roundings part. MatMulNBits: the same blocks, scales and
 # round-half-to-even on both sides (the first layer's outputs agree to 1e-6), but a value on a rounding boundary can
@@ -153,8 +153,12 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
             exact = _parity_rounds(exact_copy(directory, man, Path(tmp) / directory.name), man, model, None,
                                    TOLERANCES["exact"], steps_per_bucket, seed)
         report.update({f"exact.{k}": v for k, v in exact.items()})
-        emulated = fast_path_model(model, man.quantization)
-        fast = _parity_rounds(directory, man, model, emulated, tolerances(man), steps_per_bucket, seed)
+        rounding = fast_path_rounding(model, man.quantization)
+        try:
+            fast = _parity_rounds(directory, man, model, rounding, tolerances(man), steps_per_bucket, seed)
+        finally:
+            if rounding is not None:
+                rounding.remove()
         _widen(fast, tolerances(man)["logits"].rounding)
         report.update(fast)
     else:
@@ -182,13 +186,34 @@ def exact_copy(directory: Path, man, dst: Path) -> Path:
     return dst
 
 
-def _parity_rounds(directory: Path, man, model, emulated, tols: dict, steps_per_bucket: int, seed: int) -> dict:
-    """Every round of `plan_parity` on the engine at `directory` against `model` (and `emulated`, the model with the
-    engine's activation rounding, stepped alongside with the same tokens when given)."""
+class _RoundedReference(TorchReference):
+    """The reference with the engine's activation rounding switched on for each of its forward passes."""
+
+    def __init__(self, model, rounding: FastPathRounding, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.rounding = rounding
+
+    def _prefill(self, *args):
+        with self.rounding:
+            return super()._prefill(*args)
+
+    def _decode(self, *args):
+        with self.rounding:
+            return super()._decode(*args)
+
+    def _verify(self, *args):
+        with self.rounding:
+            return super()._verify(*args)
+
+
+def _parity_rounds(directory: Path, man, model, rounding: FastPathRounding | None, tols: dict, steps_per_bucket: int,
+                   seed: int) -> dict:
+    """Every round of `plan_parity` on the engine at `directory` against `model` (and, given `rounding`, against the
+    same model with the engine's activation rounding, stepped alongside with the same tokens)."""
     n_prompts = min(3, man.max_batch)
     engine = Engine.load(directory, max_batch=n_prompts, verify=False)  # the exporter wrote it just now
-    refs = [TorchReference(m, max_batch=n_prompts, warmup_layers=man.warmup_layers)
-            for m in (model, emulated) if m is not None]
+    kw = {"max_batch": n_prompts, "warmup_layers": man.warmup_layers}
+    refs = [TorchReference(model, **kw)] + ([_RoundedReference(model, rounding, **kw)] if rounding else [])
     rng = np.random.default_rng(seed)
     report: dict = {}
     try:

@@ -13,7 +13,7 @@ Parity (export/parity.py) checks two things. The weights, exactly: session-only 
 by the dequantized weights in float32 (`exact_graph`) against the PyTorch model carrying the same dequantized weights
 (`dequantized_model`), at the float32 tolerance. The fast path the user runs (accuracy level 4: each block of
 activations rounded to int8; dyn8: each activation tensor rounded to uint8), against the same model, within a stated
-multiple of the deviation that rounding causes in PyTorch (`fast_path_model` emulates it), so the bound follows
+multiple of the deviation that rounding causes in PyTorch (`fast_path_rounding` emulates it), so the bound follows
 from the arithmetic and not from what one CPU happened to produce.
 """
 
@@ -112,24 +112,47 @@ def fake_quant_tensor_u8(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
 
 
-def fast_path_model(reference, info: dict):
-    """A copy of `reference` (the model carrying the dequantized weights) whose quantized Linears round their input
-    activations as the engine's fast path does: per weight block to int8 (MatMulNBits, accuracy level 4), per tensor
-    to uint8 (dyn8). None where the engine's kernels do not round activations (accuracy level < 4)."""
+class FastPathRounding:
+    """The engine's fast-path activation rounding on the quantized Linears of a model (the one carrying the
+    dequantized weights), as forward pre-hooks that round only while this switch is entered: one model serves as
+    both the reference and its emulation, with no second copy of the weights. `remove()` takes the hooks off."""
+
+    def __init__(self, model, info: dict) -> None:
+        if info["op"] == "MatMulNBits":
+            block = info["block_size"]
+            self.rounding = lambda x: fake_quant_blocks(x, block)
+        else:
+            self.rounding = fake_quant_tensor_u8
+        self.on = False
+        modules = dict(model.named_modules())
+        heads = set(info.get("lm_head_weights", ()))
+        self.handles = []
+        for name in info["tensors"]:
+            path = "lm_head" if name in heads else name.removesuffix(".weight")
+            module = modules.get(path)
+            if not isinstance(module, torch.nn.Linear):
+                raise EngineError(f"quantized weight {name!r} belongs to no Linear of the model ({path!r})")
+            self.handles.append(module.register_forward_pre_hook(self._hook))
+
+    def _hook(self, _module, args):
+        return (self.rounding(args[0]), *args[1:]) if self.on else None
+
+    def __enter__(self) -> FastPathRounding:
+        self.on = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.on = False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def fast_path_rounding(model, info: dict) -> FastPathRounding | None:
+    """The rounding the engine's kernels apply to activations (per weight block to int8: MatMulNBits at accuracy
+    level 4; per tensor to uint8: dyn8) as a switch on `model`; None where they round nothing (level < 4)."""
     if info["op"] == "MatMulNBits" and info.get("accuracy_level", 0) < 4:
         return None
-    if info["op"] == "MatMulNBits":
-        block = info["block_size"]
-        rounding = lambda x: fake_quant_blocks(x, block)  # noqa: E731
-    else:
-        rounding = fake_quant_tensor_u8
-    model = copy.deepcopy(reference)
-    modules = dict(model.named_modules())
-    heads = set(info.get("lm_head_weights", ()))
-    for name in info["tensors"]:
-        path = "lm_head" if name in heads else name.removesuffix(".weight")
-        module = modules.get(path)
-        if not isinstance(module, torch.nn.Linear):
-            raise EngineError(f"quantized weight {name!r} belongs to no Linear of the model ({path!r})")
-        module.register_forward_pre_hook(lambda _m, args: (rounding(args[0]), *args[1:]))
-    return model
+    return FastPathRounding(model, info)
