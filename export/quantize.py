@@ -8,8 +8,18 @@ Schemes (`parse_scheme`): a base name plus optional `-` separated options.
   ``sym`` / ``asym`` (default sym for int8, asym for int4; sym stores no zero points: MatMulNBits then uses
   2^(bits-1)), ``nohead`` (leave the LM head in float), ``floatembed`` (keep the float embedding table for the
   token Gather even though the tied head is quantized).
-* ``dyn8``: ``com.microsoft::DynamicQuantizeMatMul``: int8 weights [K, N] with one symmetric scale per output
-  column; the activations are quantized to uint8 per tensor at run time. Option ``nohead``.
+* ``dyn8``: ``com.microsoft::DynamicQuantizeMatMul``: 7-bit weights (int8 storage, |q| <= 63) [K, N] with one
+  symmetric scale per output column; the activations are quantized to uint8 per tensor at run time. Option
+  ``nohead``. Why 7 bits: on x86-64 CPUs without VNNI, MLAS multiplies uint8 activations by int8 weights with
+  ``vpmaddubsw``, which adds two u8 x s8 products into an int16 with saturation; 255 * (63 + 63) = 32130 stays
+  below 2^15 - 1 = 32767, while 8-bit weights (255 * 254 = 64770) saturate and silently corrupt the result
+  (onnxruntime's own quantization tools reduce the weight range for the same reason). `u8s8_pair_bound` states
+  the bound; VNNI CPUs accumulate in int32 and would not need it, but one engine file must be right on every CPU.
+
+Exact and fast paths: with ``accuracy_level`` 4 MatMulNBits rounds each block of activations to int8, so its
+output differs from the dequantized float model by that rounding (the fast path every user gets by default).
+`exact_graph` rewrites a graph for a check only (never saved into an engine) so that it multiplies by the
+dequantized weights in float32: MatMulNBits at accuracy level 1, DynamicQuantizeMatMul as Cast * scale -> MatMul.
 
 Example: ``int8``, ``int8-b64-a1``, ``int4-b32-a4-sym``, ``dyn8-nohead``.
 
@@ -133,13 +143,30 @@ def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.nda
     return w.reshape(n, kb * block_size)[:, :k]
 
 
-def quantize_dyn8(w_nk: np.ndarray):
-    """W [N, K] -> (int8 [K, N], scales [N]): symmetric, one scale per output column (DynamicQuantizeMatMul B)."""
+DYN8_QMAX = 63  # 7-bit weights: see the module docstring (u8 x s8 pairs must fit an int16 on AVX2)
+INT16_MAX = (1 << 15) - 1
+
+
+def quantize_dyn8(w_nk: np.ndarray, qmax: int = DYN8_QMAX):
+    """W [N, K] -> (int8 [K, N] in [-qmax, qmax], scales [N]): symmetric, one scale per output column
+    (DynamicQuantizeMatMul B)."""
     w = np.asarray(w_nk, dtype=np.float32)
-    scale = np.abs(w).max(axis=1) / 127.0
+    scale = np.abs(w).max(axis=1) / float(qmax)
     safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / safe[:, None]), -qmax, qmax).astype(np.int8)
     return np.ascontiguousarray(q.T), scale.astype(np.float32)
+
+
+def u8s8_pair_bound(q_kn: np.ndarray) -> int:
+    """The largest |a0 * w0 + a1 * w1| any uint8 activations can produce over two weights adjacent along K (the pair
+    `vpmaddubsw` adds into one int16) of int8 weights [K, N]: 255 x the larger of the positive and the negative
+    part of each pair. Above 32767 the AVX2 kernel saturates."""
+    q = np.asarray(q_kn, dtype=np.int64)
+    if q.shape[0] % 2:
+        q = np.concatenate([q, np.zeros((1, q.shape[1]), dtype=np.int64)])
+    pos = np.maximum(q, 0)[0::2] + np.maximum(q, 0)[1::2]
+    neg = np.minimum(q, 0)[0::2] + np.minimum(q, 0)[1::2]
+    return int(255 * max(pos.max(initial=0), -neg.min(initial=0)))
 
 
 # ------------------------------------------------------------------------------------------------- graph rewrite
@@ -228,6 +255,8 @@ def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.nd
             if w.dtype != np.float32:
                 raise ValueError(f"{scheme!r}: DynamicQuantizeMatMul takes float32 only; {name} is {w.dtype}")
             q, scales = quantize_dyn8(w_nk)
+            if u8s8_pair_bound(q) > INT16_MAX:  # cannot happen at 7 bits; a guard for changes to quantize_dyn8
+                raise ValueError(f"{scheme!r}: {name} would saturate int16 u8 x s8 pairs on CPUs without VNNI")
             entry.update(weight=f"{name}.qweight", scales=f"{name}.qscale", zero_points=None)
             new_weights[entry["weight"]] = q
             new_weights[entry["scales"]] = scales
@@ -360,6 +389,34 @@ def _initializer(name: str, arr: np.ndarray, location: str | None) -> TensorProt
     e = t.external_data.add()
     e.key, e.value = "location", location
     return t
+
+
+def exact_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a quantized graph that multiplies by the dequantized weights in float32 (for parity checks only):
+    MatMulNBits at accuracy level 1 (MLAS dequantizes each block and runs an fp32 GEMM), DynamicQuantizeMatMul as
+    MatMul(A, Cast(B) * scale) [+ bias]. The weights stay the engine's own tensors, so a wrong scale still shows."""
+    model = _copy(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 1
+            nodes.append(node)
+        elif node.domain == MS_DOMAIN and node.op_type == "DynamicQuantizeMatMul":
+            a, b, scale = node.input[0], node.input[1], node.input[2]
+            bias = node.input[4] if len(node.input) > 4 else ""
+            wf, w, mm = (f"{node.name}_exact_{x}" for x in ("cast", "weight", "matmul"))
+            nodes += [helper.make_node("Cast", [b], [wf], name=wf, to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [wf, scale], [w], name=w),
+                      helper.make_node("MatMul", [a, w], [mm if bias else node.output[0]], name=mm)]
+            if bias:
+                nodes.append(helper.make_node("Add", [mm, bias], [node.output[0]], name=f"{node.name}_exact_bias"))
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def dequantize(weights_q: dict[str, np.ndarray], info: dict) -> dict[str, np.ndarray]:

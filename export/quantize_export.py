@@ -9,9 +9,12 @@ int8 4.2 ms per full-depth step at batch 1 vs 11.6 ms fp32, weights 3.7x smaller
 the same shape (a script not kept in the repo): leaving the head in float cost 1.3-1.5x, and round-to-nearest int4
 logits drift (cosine 0.94-0.97 vs fp32), so int4 needs a quality check on the real checkpoint first.
 
-Parity: the graphs are checked against the PyTorch model carrying the dequantized weights (what the quantized
-graphs effectively multiply with); activations are quantized per block at run time (accuracy level 4), so the
-tolerance is wider than fp32's (export/parity.py, per bit width).
+Parity (export/parity.py) checks two things. The weights, exactly: session-only copies of the graphs that multiply
+by the dequantized weights in float32 (`exact_graph`) against the PyTorch model carrying the same dequantized weights
+(`dequantized_model`), at the float32 tolerance. The fast path the user runs (accuracy level 4: each block of
+activations rounded to int8; dyn8: each activation tensor rounded to uint8), against the same model, within a stated
+multiple of the deviation that rounding causes in PyTorch (`fast_path_rounding` emulates it), so the bound follows
+from the arithmetic and not from what one CPU happened to produce.
 """
 
 from __future__ import annotations
@@ -84,3 +87,72 @@ def dequantized_model(model, directory: Path, index: dict[str, WeightEntry], inf
             else:
                 params[name].copy_(torch.from_numpy(effective[name]))
     return ref
+
+
+def fake_quant_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """MatMulNBits' activation rounding at accuracy level 4: each block of `block` values along the last axis
+    becomes int8 with a symmetric scale max|block| / 127 (round half to even), then back to float."""
+    k = x.shape[-1]
+    pad = -k % block
+    xb = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block)
+    scale = xb.abs().amax(dim=-1, keepdim=True) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(xb / safe), -127, 127)
+    return (q * scale).reshape(*x.shape[:-1], -1)[..., :k]
+
+
+def fake_quant_tensor_u8(x: torch.Tensor) -> torch.Tensor:
+    """DynamicQuantizeMatMul's activation rounding: the whole tensor to uint8 with an asymmetric scale over
+    [min(x, 0), max(x, 0)] and a rounded zero point, then back to float."""
+    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    if scale <= 0:
+        return x
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+class FastPathRounding:
+    """The engine's fast-path activation rounding on the quantized Linears of a model (the one carrying the
+    dequantized weights), as forward pre-hooks that round only while this switch is entered: one model serves as
+    both the reference and its emulation, with no second copy of the weights. `remove()` takes the hooks off."""
+
+    def __init__(self, model, info: dict) -> None:
+        if info["op"] == "MatMulNBits":
+            block = info["block_size"]
+            self.rounding = lambda x: fake_quant_blocks(x, block)
+        else:
+            self.rounding = fake_quant_tensor_u8
+        self.on = False
+        modules = dict(model.named_modules())
+        heads = set(info.get("lm_head_weights", ()))
+        self.handles = []
+        for name in info["tensors"]:
+            path = "lm_head" if name in heads else name.removesuffix(".weight")
+            module = modules.get(path)
+            if not isinstance(module, torch.nn.Linear):
+                raise EngineError(f"quantized weight {name!r} belongs to no Linear of the model ({path!r})")
+            self.handles.append(module.register_forward_pre_hook(self._hook))
+
+    def _hook(self, _module, args):
+        return (self.rounding(args[0]), *args[1:]) if self.on else None
+
+    def __enter__(self) -> FastPathRounding:
+        self.on = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.on = False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def fast_path_rounding(model, info: dict) -> FastPathRounding | None:
+    """The rounding the engine's kernels apply to activations (per weight block to int8: MatMulNBits at accuracy
+    level 4; per tensor to uint8: dyn8) as a switch on `model`; None where they round nothing (level < 4)."""
+    if info["op"] == "MatMulNBits" and info.get("accuracy_level", 0) < 4:
+        return None
+    return FastPathRounding(model, info)
