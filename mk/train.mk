@@ -70,6 +70,7 @@ finetune:
 
 # Quality report (perplexity, agreement, ROUGE-L vs speedup; tuned vs untuned) into $(EVAL_OUT); ENGINE=dir
 # takes the tuned model's continuations from its exported onnxruntime engine instead of the torch reference.
+# The small embedded model: EVAL_MODEL=models/small-opt-kjv/skip-tuned EVAL_BASE=models/small-opt-kjv/pretrained
 eval:
 	$(SD) eval --model $(EVAL_MODEL) --base $(EVAL_BASE) $(if $(ENGINE),--engine $(ENGINE)) \
 	    --json $(EVAL_OUT)/quality.json --out-dir $(EVAL_OUT)
