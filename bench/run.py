@@ -38,7 +38,12 @@ from .env import load_average, machine_info, memory_available, memory_read_gbps,
 from .hf import HFBaseline
 
 EMBEDDED = "embedded"
-EMBEDDED_CHECKPOINT = Path("models/tiny-opt-kjv/skip-tuned")
+SMALL = "small-opt-kjv"
+# Models trained by this repository and committed under models/ (paths from the repository root): bench name ->
+# skip-tuned checkpoint. "embedded" is the tiny one, whose step is mostly session overhead; small-opt-kjv is sized so
+# that a batch-1 step reads its weights from memory (models/small-opt-kjv/MODEL_CARD.md).
+EMBEDDED_MODELS = {EMBEDDED: Path("models/tiny-opt-kjv/skip-tuned"), SMALL: Path("models/small-opt-kjv/skip-tuned")}
+EMBEDDED_CHECKPOINT = EMBEDDED_MODELS[EMBEDDED]
 # label -> (Engine.load(prepack=...), export --quantize): the default (one pre-packed copy shared by all graphs), a
 # private pre-packed copy per graph, no pre-packing, and the default on an int8 engine
 BACKENDS = {"onnxruntime": (None, None), "onnxruntime-private": ("private", None),
@@ -55,7 +60,7 @@ _EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "exporter.py", "quantize.py"
 class BenchConfig:
     """What to measure. `quick()` and `full()` are the presets behind `--quick` and the default."""
 
-    models: tuple[str, ...]  # "embedded" or a shape of random_models (opt-125m, opt-350m, opt-1.3b, tiny-*)
+    models: tuple[str, ...]  # a name of EMBEDDED_MODELS or a shape of random_models (opt-125m, opt-1.3b, tiny-*)
     batches: tuple[int, ...]
     speedups: tuple[float, ...] = (2.0, 3.0, 5.0)  # full depth (1) is always measured too
     max_new_tokens: int = 128
@@ -87,9 +92,10 @@ class BenchConfig:
     lossless_backends: tuple[str, ...] = ("onnxruntime",)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.models if m != EMBEDDED and m not in OPT_SHAPES and m not in TINY_SHAPES]
+        known = [*EMBEDDED_MODELS, *OPT_SHAPES, *TINY_SHAPES]
+        unknown = [m for m in self.models if m not in known]
         if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; known: {[EMBEDDED, *OPT_SHAPES, *TINY_SHAPES]}")
+            raise ValueError(f"unknown model {unknown[0]!r}; known: {known}")
         bad = [b for b in self.backends if b not in BACKENDS] + [p for p in self.peers if p not in PEERS]
         if bad:
             raise ValueError(f"unknown backend {bad[0]!r}; known: {list(BACKENDS) + list(PEERS)}")
@@ -117,8 +123,15 @@ class BenchConfig:
 
     @classmethod
     def full_preset(cls, **kw) -> BenchConfig:
-        base = dict(models=(EMBEDDED, "opt-125m", "opt-350m", "opt-1.3b"), batches=(1, 8, 32))
+        base = dict(models=(*present_embedded(), "opt-125m", "opt-350m", "opt-1.3b"), batches=(1, 8, 32))
         return cls(**(base | kw))
+
+
+def present_embedded(root: Path = Path(".")) -> tuple[str, ...]:
+    """The embedded models of the full run: the default one always (a missing one is an error when it loads), the
+    others where their checkpoint is in this checkout (`make small-model` writes models/small-opt-kjv/)."""
+    return tuple(name for name, path in EMBEDDED_MODELS.items()
+                 if name == EMBEDDED or (root / path / "config.json").is_file())
 
 
 @dataclass(frozen=True)
@@ -147,11 +160,13 @@ def prepare_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> Be
     built with the same settings and exporter."""
     from ..export.random_models import save_random_opt
 
-    root = cfg.cache_dir / ("tiny-opt-kjv" if name == EMBEDDED else name)
-    checkpoint = EMBEDDED_CHECKPOINT if name == EMBEDDED else root / "checkpoint"
-    if name == EMBEDDED and not checkpoint.is_dir():
-        raise FileNotFoundError(f"the embedded model {checkpoint} is missing: run the bench from the repository root")
-    if name != EMBEDDED and (cfg.rebuild or not (checkpoint / "config.json").is_file()):
+    embedded = EMBEDDED_MODELS.get(name)
+    root = cfg.cache_dir / (embedded.parent.name if embedded else name)  # the embedded ones by their model's name
+    checkpoint = embedded or root / "checkpoint"
+    if embedded and not checkpoint.is_dir():
+        raise FileNotFoundError(f"the embedded model {checkpoint} is missing: run the bench from the repository root "
+                                f"(`make tiny-model` / `make small-model` train them)")
+    if not embedded and (cfg.rebuild or not (checkpoint / "config.json").is_file()):
         log(f"[{name}] saving a random-weight checkpoint (seed {cfg.seed})")
         shutil.rmtree(checkpoint, ignore_errors=True)
         save_random_opt(name, checkpoint, seed=cfg.seed)

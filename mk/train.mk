@@ -1,10 +1,6 @@
-# Training side: offline corpus, tokenizer, the embedded tiny model, fine-tuning and the quality report.
+# Training side: offline corpus, tokenizer, the embedded models, fine-tuning and the quality report.
 TINY := models/tiny-opt-kjv
-TINY_BUILD := build/tiny-opt-kjv
 CORPUS := build/corpus
-# Steps measured to fit ~35 min on a 2-core CPU (1-2 s per step of 16 x 128 tokens); see the model card.
-PRETRAIN_STEPS ?= 1000
-SKIPTUNE_STEPS ?= 1000
 TUNE_SPEEDUPS ?= 2,3,5
 DATA ?= $(CORPUS)/kjv-train.txt
 FT_OUT ?= runs/finetune-$(notdir $(MODEL))
@@ -14,26 +10,59 @@ EVAL_BASE ?= $(TINY)/pretrained
 EVAL_OUT ?= build/quality
 HF_FILES := config.json generation_config.json model.safetensors tokenizer.json training.json
 
-.PHONY: corpus tiny-model finetune eval
+# The embedded models share one recipe (`tiny-model small-model` below); each sets its name, tokenizer, steps and
+# learning rates as target-specific variables. Checkpoints live in build/<name>/, the committed files in models/<name>/.
+# Both phases run with --resume, so re-running a target after a kill continues from the last checkpoint.
+#
+# tiny-opt-kjv (hidden 192, 12 layers, 7.0 M params): its own BPE tokenizer (vocab 8192); steps measured to fit
+# ~35 min on a 2-core CPU (~0.9 s per step of 16 x 128 tokens); see its model card.
+tiny-model: NAME := tiny-opt-kjv
+tiny-model: TOKENIZER := build/tiny-opt-kjv/tokenizer.json
+tiny-model: TRAIN_TOKENIZER := yes
+tiny-model: PRETRAIN_STEPS ?= 1000
+tiny-model: PRETRAIN_LR := 2e-3
+tiny-model: SKIPTUNE_STEPS ?= 1000
+tiny-model: SKIPTUNE_LR := 5e-4
+tiny-model: CHECKPOINT_EVERY := 200
+#
+# small-opt-kjv (hidden 384, 12 layers, 24.5 M params, ~49 MiB in fp16): big enough that batch-1 decoding reads
+# its weights from DRAM (~98 MiB in fp32 against an 8 MiB last-level cache), with the tiny model's tokenizer so the
+# LM head stays ~13% of the weights. Measured ~8 CPU-s per step of 16 x 128 tokens (~4.5 s on 2 idle cores,
+# 3.5x the tiny model's FLOPs), so 1200 pretraining + 500 skip-tuning steps = 1700 x 4.5 s ~ 2.1 h of idle 2-core
+# time, plus ~10 min for the held-out losses and the quality report. 1200 steps see 2.4 M tokens (~2.6 epochs of
+# the training split); the lower learning rates follow the wider model (lr ~ 1 / width from the tiny one's 2e-3).
+small-model: NAME := small-opt-kjv
+small-model: TOKENIZER := $(TINY)/skip-tuned/tokenizer.json
+small-model: PRETRAIN_STEPS ?= 1200
+small-model: PRETRAIN_LR := 1.5e-3
+small-model: SKIPTUNE_STEPS ?= 500
+small-model: SKIPTUNE_LR := 4e-4
+small-model: CHECKPOINT_EVERY := 50
+
+.PHONY: corpus tiny-model small-model finetune eval
 
 # Write the public-domain KJV corpus (train / 5% held-out chapters) and the committed held-out sample.
 corpus:
 	$(SD) corpus --out $(CORPUS) --sample $(TINY)/heldout.txt
 
-# Reproduce models/tiny-opt-kjv end to end: corpus -> tokenizer -> pretrain -> skip-tune -> report + card.
-tiny-model: corpus
-	$(SD) train-tokenizer --data $(CORPUS)/kjv-train.txt --vocab-size 8192 --out $(TINY_BUILD)/tokenizer.json
-	$(SD) finetune --config configs/tiny-opt-kjv.json --tokenizer $(TINY_BUILD)/tokenizer.json \
-	    --data $(CORPUS)/kjv-train.txt --heldout $(CORPUS)/kjv-heldout.txt --out $(TINY_BUILD)/pretrained \
-	    --speedups 1 --steps $(PRETRAIN_STEPS) --lr 2e-3 --warmup-steps 100 --resume
-	$(SD) finetune --model $(TINY_BUILD)/pretrained --data $(CORPUS)/kjv-train.txt \
-	    --heldout $(CORPUS)/kjv-heldout.txt --out $(TINY_BUILD)/skip-tuned \
-	    --speedups $(TUNE_SPEEDUPS) --steps $(SKIPTUNE_STEPS) --lr 5e-4 --warmup-steps 50 --resume
-	for m in pretrained skip-tuned; do mkdir -p $(TINY)/$$m && \
-	    cp $(addprefix $(TINY_BUILD)/$$m/,$(HF_FILES)) $(TINY)/$$m/; done
-	$(SD) eval --model $(TINY)/skip-tuned --base $(TINY)/pretrained --data $(TINY)/heldout.txt \
-	    --max-layers 12 --min-layers 6 --max-layers 8 --min-layers 4 --json $(TINY)/quality.json --out-dir $(TINY)
-	$(PY) -m skipdecode.training.model_card $(TINY)
+# Reproduce an embedded model end to end: corpus -> (tokenizer) -> pretrain -> skip-tune -> report + card.
+tiny-model small-model: corpus
+	$(if $(TRAIN_TOKENIZER),$(SD) train-tokenizer --data $(CORPUS)/kjv-train.txt --vocab-size 8192 --out $(TOKENIZER))
+	$(SD) finetune --config configs/$(NAME).json --tokenizer $(TOKENIZER) \
+	    --data $(CORPUS)/kjv-train.txt --heldout $(CORPUS)/kjv-heldout.txt --out build/$(NAME)/pretrained \
+	    --speedups 1 --steps $(PRETRAIN_STEPS) --lr $(PRETRAIN_LR) --warmup-steps 100 \
+	    --checkpoint-every $(CHECKPOINT_EVERY) --resume
+	$(SD) finetune --model build/$(NAME)/pretrained --data $(CORPUS)/kjv-train.txt \
+	    --heldout $(CORPUS)/kjv-heldout.txt --out build/$(NAME)/skip-tuned \
+	    --speedups $(TUNE_SPEEDUPS) --steps $(SKIPTUNE_STEPS) --lr $(SKIPTUNE_LR) --warmup-steps 50 \
+	    --checkpoint-every $(CHECKPOINT_EVERY) --resume
+	for m in pretrained skip-tuned; do mkdir -p models/$(NAME)/$$m && \
+	    cp $(addprefix build/$(NAME)/$$m/,$(HF_FILES)) models/$(NAME)/$$m/; done
+	$(if $(filter-out $(TINY),models/$(NAME)),cp $(TINY)/heldout.txt models/$(NAME)/heldout.txt)
+	$(SD) eval --model models/$(NAME)/skip-tuned --base models/$(NAME)/pretrained --data $(TINY)/heldout.txt \
+	    --max-layers 12 --min-layers 6 --max-layers 8 --min-layers 4 --json models/$(NAME)/quality.json \
+	    --out-dir models/$(NAME)
+	$(PY) -m skipdecode.training.model_card models/$(NAME)
 
 # Skip-tune any OPT checkpoint: make finetune MODEL=opt-125m DATA="a.txt b.jsonl" [FT_STEPS=500 FT_OUT=dir].
 finetune:
@@ -41,6 +70,7 @@ finetune:
 
 # Quality report (perplexity, agreement, ROUGE-L vs speedup; tuned vs untuned) into $(EVAL_OUT); ENGINE=dir
 # takes the tuned model's continuations from its exported onnxruntime engine instead of the torch reference.
+# The small embedded model: EVAL_MODEL=models/small-opt-kjv/skip-tuned EVAL_BASE=models/small-opt-kjv/pretrained
 eval:
 	$(SD) eval --model $(EVAL_MODEL) --base $(EVAL_BASE) $(if $(ENGINE),--engine $(ENGINE)) \
 	    --json $(EVAL_OUT)/quality.json --out-dir $(EVAL_OUT)

@@ -21,7 +21,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="embedded model + opt-125m, batches 1 and 8, 32 new tokens: a few minutes on 2 cores")
     p.add_argument("--models", type=_names,
-                   help="comma-separated: embedded, opt-125m, opt-350m, opt-1.3b (random weights; default all)")
+                   help="comma-separated: embedded (tiny-opt-kjv), small-opt-kjv (trained models under models/), "
+                        "opt-125m, opt-350m, opt-1.3b (random weights); default all (small-opt-kjv where present)")
     p.add_argument("--batches", type=ints, help="batch sizes (default 1,8,32)")
     p.add_argument("--speedups", type=floats, help="target speedups besides full depth (default 2,3,5)")
     p.add_argument("--max-new-tokens", type=int, help="tokens generated per sequence (default 128)")

@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 
 from skipdecode.bench import cost  # noqa: E402
 from skipdecode.bench.report import add_hf_ratios, evaluate_targets, markdown  # noqa: E402
-from skipdecode.bench.run import prepare_model  # noqa: E402
+from skipdecode.bench.run import EMBEDDED_MODELS, SMALL, BenchConfig, prepare_model, present_embedded  # noqa: E402
 from skipdecode.runtime.errors import InputError  # noqa: E402
 from skipdecode.runtime.schedule import Schedule, make_plan  # noqa: E402
 
@@ -174,6 +174,33 @@ def test_targets_evaluation():
     assert found == [("lossless tokens identical to full depth", 1, True), ("lossless >= 1.5 x full-depth tokens/s",
                                                                               1, False),
                      ("lossless tokens identical to full depth", 8, False)]
+
+
+def test_roofline_target_of_the_small_model():
+    def row(model, batch, speedup, fraction):
+        return _row(model, "onnxruntime", batch, speedup, 10.0, 1.0, 1.0) | {"roofline_fraction": fraction}
+    out = {"results": [row(SMALL, 1, 1.0, 0.85), row(SMALL, 1, 2.0, 0.5), row(SMALL, 8, 1.0, 0.1),
+                       row("embedded", 1, 1.0, 0.1)],
+           "memory": {"models": []}, "length_scaling": []}
+    found = [c for c in evaluate_targets(out)["checks"] if "roofline" in c["target"]]
+    assert [(c["model"], c["batch"], c["value"], c["met"]) for c in found] == [(SMALL, 1, 0.85, True)]
+    out["results"][0]["roofline_fraction"] = 0.7
+    assert not next(c for c in evaluate_targets(out)["checks"] if "roofline" in c["target"])["met"]
+
+
+def test_embedded_models_of_the_full_preset(tmp_path, monkeypatch):
+    # the default embedded model always; the small one only where its checkpoint is in the checkout
+    assert present_embedded(tmp_path) == ("embedded",)
+    small = tmp_path / EMBEDDED_MODELS[SMALL]
+    small.mkdir(parents=True)
+    (small / "config.json").write_text("{}")
+    assert present_embedded(tmp_path) == ("embedded", SMALL)
+    assert BenchConfig.full_preset().models[0] == "embedded"
+    # selectable by name, without the model being trained yet; a missing checkpoint is reported when it loads
+    assert config_from_args(parse("--quick", "--models", SMALL)).models == (SMALL,)
+    monkeypatch.setitem(EMBEDDED_MODELS, SMALL, tmp_path / "absent" / "skip-tuned")
+    with pytest.raises(FileNotFoundError, match="make small-model"):
+        prepare_model(SMALL, BenchConfig.quick_preset(models=(SMALL,), cache_dir=tmp_path / "cache"), log=print)
 
 
 def test_markdown_of_a_synthetic_result():
