@@ -12,14 +12,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto
 
 from ..runtime.contract import TensorSpec, dynamic_axes
 from ..runtime.errors import EngineError
-from ..runtime.manifest import WEIGHTS_ALIGN, WEIGHTS_FILE, WeightEntry
+from ..runtime.manifest import WEIGHTS_FILE, WeightEntry
+from ..runtime.weights import write_weights as write_arrays
 
 OPSET = 17
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 loads at most IR 13
@@ -28,19 +28,9 @@ _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "i
 
 
 def write_weights(module: torch.nn.Module, path: Path) -> dict[str, WeightEntry]:
-    """Write every (deduplicated) parameter of `module` as raw little-endian bytes, 64-byte aligned."""
-    index: dict[str, WeightEntry] = {}
-    offset = 0
-    with open(path, "wb") as f:
-        for name, param in module.named_parameters():  # tied weights appear once, under their first name
-            arr = np.ascontiguousarray(param.detach().cpu().numpy())
-            pad = (-offset) % WEIGHTS_ALIGN
-            f.write(b"\0" * pad)
-            offset += pad
-            f.write(arr.tobytes())
-            index[name] = WeightEntry(str(arr.dtype), tuple(arr.shape), offset, arr.nbytes)
-            offset += arr.nbytes
-    return index
+    """Every (deduplicated) parameter of `module` into the shared weights file (runtime/weights.py)."""
+    # tied weights appear once, under their first name
+    return write_arrays({name: p.detach().cpu().numpy() for name, p in module.named_parameters()}, path)
 
 
 def trace(module: torch.nn.Module, args: Sequence[torch.Tensor], inputs: Sequence[TensorSpec],

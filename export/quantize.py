@@ -47,9 +47,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..runtime.manifest import WEIGHTS_FILE, WeightEntry, load_manifest
+from ..runtime.weights import read_weights, write_weights
+
 MS_DOMAIN = "com.microsoft"
-WEIGHTS_FILE = "weights.bin"
-WEIGHTS_ALIGN = 64
 
 _NP_TO_ONNX = {np.dtype(k): v for k, v in (("float32", TensorProto.FLOAT), ("float16", TensorProto.FLOAT16),
                                             ("uint8", TensorProto.UINT8), ("int8", TensorProto.INT8),
@@ -438,22 +439,8 @@ def dequantize(weights_q: dict[str, np.ndarray], info: dict) -> dict[str, np.nda
 
 # ---------------------------------------------------------------------------------------------- files (helpers)
 
-def write_weights_file(weights: dict[str, np.ndarray], path: Path) -> dict[str, dict]:
-    """All of `weights` into one file, 64-byte aligned -> {name: {dtype, shape, offset, nbytes}} (manifest form)."""
-    index, offset = {}, 0
-    with open(path, "wb") as f:
-        for name, arr in weights.items():
-            arr = np.ascontiguousarray(arr)
-            pad = (-offset) % WEIGHTS_ALIGN
-            f.write(b"\0" * pad)
-            offset += pad
-            f.write(arr.tobytes())
-            index[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes}
-            offset += arr.nbytes
-    return index
-
-
-def attach_external(model: onnx.ModelProto, index: dict[str, dict], location: str = WEIGHTS_FILE) -> list[str]:
+def attach_external(model: onnx.ModelProto, index: dict[str, WeightEntry], location: str = WEIGHTS_FILE
+                    ) -> list[str]:
     """Point every weight of `model` (initializer or graph input named in `index`) at its offset in `location`.
     Returns the weight names the graph uses."""
     graph = model.graph
@@ -465,9 +452,9 @@ def attach_external(model: onnx.ModelProto, index: dict[str, dict], location: st
     graph.initializer.extend(others)
     for name in dict.fromkeys(names):
         w = index[name]
-        t = TensorProto(name=name, data_type=_NP_TO_ONNX[np.dtype(w["dtype"])], dims=list(w["shape"]))
+        t = TensorProto(name=name, data_type=_NP_TO_ONNX[np.dtype(w.dtype)], dims=list(w.shape))
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(w["offset"])), ("length", str(w["nbytes"]))):
+        for key, value in (("location", location), ("offset", str(w.offset)), ("length", str(w.nbytes))):
             e = t.external_data.add()
             e.key, e.value = key, value
         graph.initializer.append(t)
@@ -478,11 +465,11 @@ def attach_external(model: onnx.ModelProto, index: dict[str, dict], location: st
 
 
 def save_engine_files(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.ndarray], directory: Path
-                      ) -> dict[str, dict]:
+                      ) -> dict[str, WeightEntry]:
     """Write `weights` once as directory/weights.bin and every graph as directory/<key>.onnx pointing at it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    index = write_weights_file(weights, directory / WEIGHTS_FILE)
+    index = write_weights(weights, directory / WEIGHTS_FILE)
     for key, model in graphs.items():
         model = _copy(model)
         attach_external(model, index)
@@ -492,35 +479,7 @@ def save_engine_files(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.
 
 def load_engine_graphs(directory: Path) -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray]]:
     """An exported engine directory -> (graphs by graph name, weights by name) as `quantize_graphs` takes them."""
-    import json
-
     directory = Path(directory)
-    man = json.loads((directory / "manifest.json").read_text())
-    buf = np.fromfile(directory / man["weights_file"], dtype=np.uint8)
-    weights = {k: buf[w["offset"]: w["offset"] + w["nbytes"]].view(w["dtype"]).reshape(w["shape"])
-               for k, w in man["weights"].items()}
-    graphs = {g["name"]: onnx.load(str(directory / g["file"]), load_external_data=False) for g in man["graphs"]}
-    return graphs, weights
-
-
-def quantize_engine(src: Path, dst: Path, scheme: str) -> dict:
-    """An exported engine directory -> a quantized copy at `dst` (graphs, weights.bin, manifest.json with a
-    "quantization" entry the runtime ignores; tokenizer copied). Returns the quantization info."""
-    import json
-    import shutil
-
-    src, dst = Path(src), Path(dst)
-    man = json.loads((src / "manifest.json").read_text())
-    graphs, weights = load_engine_graphs(src)
-    qgraphs, qweights, info = quantize_graphs(graphs, weights, scheme)
-    dst.mkdir(parents=True, exist_ok=True)
-    index = write_weights_file(qweights, dst / WEIGHTS_FILE)
-    for g in man["graphs"]:
-        model = _copy(qgraphs[g["name"]])
-        g["weights"] = attach_external(model, index)
-        onnx.save(model, str(dst / g["file"]))
-    man.update(weights=index, weights_size=(dst / WEIGHTS_FILE).stat().st_size, quantization=info)
-    if man.get("tokenizer"):
-        shutil.copy(src / man["tokenizer"], dst / man["tokenizer"])
-    (dst / "manifest.json").write_text(json.dumps(man, indent=1))
-    return info
+    man = load_manifest(directory)
+    graphs = {g.name: onnx.load(str(directory / g.file), load_external_data=False) for g in man.graphs}
+    return graphs, read_weights(directory, man)

@@ -29,8 +29,9 @@ import torch
 
 from ..runtime.errors import EngineError
 from ..runtime.manifest import WEIGHTS_FILE, GraphSpec, OPTShape, WeightEntry
+from ..runtime.weights import views, write_weights
 from .onnx_export import IR_VERSION
-from .quantize import attach_external, dequantize, parse_scheme, quantize_graphs, write_weights_file
+from .quantize import attach_external, dequantize, parse_scheme, quantize_graphs
 
 SHORT_SCHEMES = ("int8", "int4")
 
@@ -57,25 +58,22 @@ def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEn
     """Quantize the traced graphs in `tmp` in place: every shared weight once, weights.bin rewritten, the graphs
     re-pointed at it. -> (new weights index, graphs with their new weight lists, the manifest's quantization)."""
     protos = {g.name: onnx.load(str(tmp / g.file), load_external_data=False) for g in graphs}
-    buf = np.fromfile(tmp / WEIGHTS_FILE, dtype=np.uint8)  # in memory: the file is rewritten below
-    weights = {k: buf[w.offset: w.offset + w.nbytes].view(w.dtype).reshape(w.shape) for k, w in index.items()}
+    weights = views(np.fromfile(tmp / WEIGHTS_FILE, dtype=np.uint8), index)  # in memory: the file is rewritten
     q_protos, q_weights, info = quantize_graphs(protos, weights, scheme)
-    raw = write_weights_file(q_weights, tmp / WEIGHTS_FILE)
+    new_index = write_weights(q_weights, tmp / WEIGHTS_FILE)
     out = []
     for g in graphs:
         model = q_protos[g.name]
-        used = attach_external(model, raw)
+        used = attach_external(model, new_index)
         model.ir_version = IR_VERSION
         onnx.save(model, str(tmp / g.file))
         out.append(replace(g, weights=tuple(used)))
-    new_index = {k: WeightEntry(v["dtype"], tuple(v["shape"]), v["offset"], v["nbytes"]) for k, v in raw.items()}
     return new_index, out, info
 
 
 def dequantized_model(model, directory: Path, index: dict[str, WeightEntry], info: dict):
     """A copy of `model` whose parameters are the weights the quantized graphs effectively use."""
-    buf = np.fromfile(Path(directory) / WEIGHTS_FILE, dtype=np.uint8)
-    q = {k: buf[w.offset: w.offset + w.nbytes].view(w.dtype).reshape(w.shape) for k, w in index.items()}
+    q = views(np.fromfile(Path(directory) / WEIGHTS_FILE, dtype=np.uint8), index)
     effective = dequantize(q, info)
     ref = copy.deepcopy(model)
     params = dict(ref.named_parameters())

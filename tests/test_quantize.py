@@ -309,7 +309,7 @@ def test_every_quantized_weight_is_stored_once(engine, scheme, tmp_path):
         assert t["weight"] in qweights and t["scales"] in qweights
         assert (name in qweights) == (name in info["tied_float_kept"])  # else the float copy is gone
     index = Q.save_engine_files(qgraphs, qweights, tmp_path)
-    spans = sorted((w["offset"], w["offset"] + w["nbytes"]) for w in index.values())
+    spans = sorted((w.offset, w.offset + w.nbytes) for w in index.values())
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # no tensor stored twice/overlapping
     # every graph that uses a quantized tensor points at the same single copy in weights.bin
     seen: dict[str, tuple[str, str]] = {}
@@ -320,7 +320,7 @@ def test_every_quantized_weight_is_stored_once(engine, scheme, tmp_path):
             assert ext["location"] == Q.WEIGHTS_FILE
             loc = (ext["offset"], ext["length"])
             assert seen.setdefault(t.name, loc) == loc
-            assert int(ext["offset"]) == index[t.name]["offset"]
+            assert int(ext["offset"]) == index[t.name].offset
     quant_tensors = {info["tensors"][n]["weight"] for n in info["quantized"]}
     assert quant_tensors <= set(seen)
     qsize = (tmp_path / Q.WEIGHTS_FILE).stat().st_size
