@@ -4,7 +4,7 @@ BENCH_ARGS ?=
 
 .PHONY: bench bench-quick
 
-# Full benchmark: embedded model + opt-125m/350m/1.3b shapes (random weights), batches 1/8/32 (long; see README).
+# Full benchmark: embedded model + opt-125m/350m/1.3b shapes (random weights), batches 1/8/32 (long; see docs/benchmarks.md).
 bench: $(VENV)/.extras-peers
 	$(SD) bench --out-dir $(BENCH_OUT) $(BENCH_ARGS)
 
