@@ -99,6 +99,9 @@ def run_demo(engine, prompt: Sequence[int], settings: Sequence[Setting], max_new
         for k in order:
             prefill, decode, tokens, drafted, accepted = _timed(engine, prompt, opts[k])
             r = results[k]
+            if len(tokens) < 2:
+                raise InputError(f"{r.name}: generation ended after {len(tokens)} token (end of text), so there is "
+                                 "no decode step to time; try another prompt")
             r.prefill_s.append(prefill)
             r.decode_s.append(decode)
             r.decode_tokens.append(len(tokens) - 1)
