@@ -7,7 +7,8 @@ The names a library user needs, importable from the package itself:
 They load on first use, so `import skipdecode.<module>` stays as light as the module it names (the CLI's `plan`
 does not load onnxruntime). Where each lives: `Engine` in skipdecode.runtime.engine, `GenerateOptions`,
 `Generation` and `StepEvent` in skipdecode.runtime.generation, `SamplingParams` in skipdecode.runtime.sampling,
-`Service` and `ServiceConfig` in skipdecode.runtime.service, `use_global_thread_pool` in skipdecode.runtime.ort_backend.
+`Service` and `ServiceConfig` in skipdecode.runtime.service, `configure_onnxruntime` in
+skipdecode.runtime.ort_sessions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _EXPORTS = {
     "SamplingParams": "skipdecode.runtime.sampling",
     "Service": "skipdecode.runtime.service",
     "ServiceConfig": "skipdecode.runtime.service",
-    "use_global_thread_pool": "skipdecode.runtime.ort_backend",
+    "configure_onnxruntime": "skipdecode.runtime.ort_sessions",
 }
 
 __all__ = sorted(_EXPORTS)

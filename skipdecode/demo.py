@@ -154,8 +154,8 @@ def cmd_demo(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise InputError("pass exactly one of --prompt TEXT or --prompt-ids \"1 2 3\"")
     from skipdecode.runtime.engine import Engine
-    from skipdecode.runtime.ort_backend import use_global_thread_pool
-    threads = use_global_thread_pool(args.threads)  # one pool for every bucket graph, as `generate` and `serve`
+    from skipdecode.runtime.ort_sessions import configure_onnxruntime
+    threads = configure_onnxruntime(args.threads)  # one pool for every bucket graph, as `generate` and `serve`
     t0 = time.perf_counter()
     with Engine.load(args.engine, verify=args.verify) as engine:
         load_s = time.perf_counter() - t0

@@ -16,7 +16,7 @@ NAMES = ["full depth", "SkipDecode 2x", "SkipDecode 3x", "lossless"]
 @pytest.fixture
 def demo(capsys, monkeypatch, tiny_engine):
     # keep this test process's onnxruntime sessions on their own pools (the CLI opts the process into one shared pool)
-    monkeypatch.setattr("skipdecode.runtime.ort_backend.use_global_thread_pool", lambda threads=None: threads or 1)
+    monkeypatch.setattr("skipdecode.runtime.ort_sessions.configure_onnxruntime", lambda threads=None: threads or 1)
 
     def run(*argv):
         rc = main(["demo", "--engine", str(tiny_engine), "--no-verify", *argv])

@@ -11,12 +11,12 @@ import skipdecode
 
 
 def test_facade_names_are_the_runtime_objects():
-    from skipdecode.runtime import engine, generation, ort_backend, sampling, service
+    from skipdecode.runtime import engine, generation, ort_sessions, sampling, service
 
-    from skipdecode import Engine, GenerateOptions, SamplingParams, Service, ServiceConfig, use_global_thread_pool
+    from skipdecode import Engine, GenerateOptions, SamplingParams, Service, ServiceConfig, configure_onnxruntime
     assert Engine is engine.Engine and GenerateOptions is generation.GenerateOptions
     assert SamplingParams is sampling.SamplingParams and Service is service.Service
-    assert ServiceConfig is service.ServiceConfig and use_global_thread_pool is ort_backend.use_global_thread_pool
+    assert ServiceConfig is service.ServiceConfig and configure_onnxruntime is ort_sessions.configure_onnxruntime
     assert set(skipdecode.__all__) <= set(dir(skipdecode))
     assert all(getattr(skipdecode, name) is not None for name in skipdecode.__all__)
 
