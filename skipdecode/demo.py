@@ -160,11 +160,14 @@ def cmd_demo(args) -> int:
     with Engine.load(args.engine, verify=args.verify) as engine:
         load_s = time.perf_counter() - t0
         prompt = engine.encode(args.prompt) if args.prompt is not None else list(args.prompt_ids)
-        settings = default_settings(args.speedups, args.lossless)
+        refusal = engine.backend.lossless_refusal  # quantized engines: lossless would not be their full depth's
+        settings = default_settings(args.speedups, args.lossless and refusal is None)
         L = engine.backend.num_layers
         log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
         log(f"loaded {args.engine} in {load_s:.1f} s: {L} layers, buckets "
             f"{','.join(map(str, engine.manifest.buckets))}, {threads} threads")
+        if args.lossless and refusal is not None:
+            log(f"lossless mode left out: {refusal}")
         results = run_demo(engine, prompt, settings, args.max_new_tokens, args.rounds, log)
     if args.json:
         print(json.dumps({"engine": str(args.engine), "num_layers": L, "threads": threads, "rounds": args.rounds,
