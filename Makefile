@@ -11,24 +11,43 @@ PROMPT ?= And God said unto Moses,
 
 EXPORT_SPEEDUPS ?= 2,3,5
 
-.PHONY: install test lint demo export memory clean
+.PHONY: install install-ray install-peers test lint demo export memory clean
+
+# Extras per job. `make install` sets up the main job only: export (torch CPU, transformers, onnx), generate, demo,
+# serve. The targets that need more install it on first use, once: a stamp file per set under .venv/, redone when
+# pyproject.toml changes. So `make install && make demo` and `make test` still do all the set-up themselves.
+MAIN_EXTRAS := export,serve
+EXTRAS_test := $(MAIN_EXTRAS),dev,peers,ray
+EXTRAS_lint := lint
+EXTRAS_peers := $(MAIN_EXTRAS),peers
+EXTRAS_ray := serve,ray
 
 # Targets of later features (training, evaluation) live in mk/*.mk.
 -include mk/*.mk
 
-# Create .venv/ and install the package with the export (torch CPU, transformers, onnx), dev, serve, peers and ray
-# (Ray Serve scale-out) extras.
-install:
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev,serve,peers,ray]'
 
-# Run the test suite (tiny OPT models built in-process; no downloads).
-test:
+# Create .venv/ and install the package with the extras of the main job.
+install: $(PY)
+	$(PY) -m pip install --quiet -e '.[$(MAIN_EXTRAS)]'
+
+$(VENV)/.extras-%: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS_$*)]'
+	@touch $@
+
+# Ray Serve scale-out (`skipdecode serve --ray`, docs/scale-out.md); CTranslate2 benchmark peers (docs/benchmarks.md).
+install-ray: $(VENV)/.extras-ray
+install-peers: $(VENV)/.extras-peers
+
+# Run the test suite (tiny OPT models built in-process; no downloads). First run: installs the dev (pytest, the
+# openai client, lm-eval, ...), peers and ray extras the tests exercise.
+test: $(VENV)/.extras-test
 	$(PY) -m pytest -q
 
-# Static checks.
-lint:
+# Static checks (installs ruff on first use).
+lint: $(VENV)/.extras-lint
 	$(VENV)/bin/ruff check .
 
 # Export MODEL (local dir, hub id or short name like opt-1.3b) to engines/<name>/ with buckets for EXPORT_SPEEDUPS;
@@ -40,12 +59,11 @@ export:
 memory:
 	$(SD) memory --engine $(OUT)
 
-# Main job: export the embedded model, then generate with onnxruntime at full depth and with SkipDecode at 2x and 3x
-# (each run prints its tokens/s).
+# Main job: export the embedded model, then, in one warm process, generate the prompt at full depth, with SkipDecode
+# at 2x and 3x and in lossless mode, in interleaved rounds: a table of layers per token (vs the L/S target), decode
+# tokens/s and speedup over full depth, then the texts.
 demo: export
-	$(SD) generate --engine $(OUT) --prompt "$(PROMPT)" --max-new-tokens 64
-	$(SD) generate --engine $(OUT) --prompt "$(PROMPT)" --max-new-tokens 64 --speedup 2
-	$(SD) generate --engine $(OUT) --prompt "$(PROMPT)" --max-new-tokens 64 --speedup 3
+	$(SD) demo --engine $(OUT) --prompt "$(PROMPT)" --max-new-tokens 64
 
 # Remove build outputs (keeps .venv).
 clean:

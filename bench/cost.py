@@ -1,11 +1,11 @@
 """Cost model of a decode step, the ideal SkipDecode speedup it predicts, and the step's growth with past length.
 
 A decode step of a bucket graph that runs `b` layers costs `fixed + per_layer * b`. `fixed` is what does not
-shrink when layers are skipped (embedding, final norm, LM head, per-call overhead; measured on this CPU at
-25-30% of a full opt-125m step), `per_layer` one decoder layer at the step's past length. Both are fitted by least
-squares over every exported bucket, each timed with `OrtBackend.decode_rows` in the same run as the throughput it
-is compared with. The ideal speedup of a schedule is then `sum cost(L) / sum cost(bucket_t)` over its decode steps,
-not `L / mean(budget)`.
+shrink when layers are skipped (embedding, final norm, LM head, per-call overhead; a quarter of a full opt-125m
+step in docs/bench/2026-11-30/quick/bench.md, "Cost model"), `per_layer` one decoder layer at the step's past
+length. Both are fitted by least squares over every exported bucket, each timed with `OrtBackend.decode_rows` in
+the same run as the throughput it is compared with. The ideal speedup of a schedule is then
+`sum cost(L) / sum cost(bucket_t)` over its decode steps, not `L / mean(budget)`.
 
 Timings come from rounds whose order rotates (and flips every other round), so a slow drift of the machine's
 speed (these 2-core machines are shared and noisy) hits every key alike instead of the last one timed.

@@ -212,8 +212,8 @@ def peer_table(out: dict) -> list[str]:
 
 
 def readme_table(out: dict) -> list[str]:
-    """The compact table for README.md: the first onnxruntime backend, each model and batch; speedup cells are
-    "measured (ideal)"."""
+    """The compact table for docs/benchmarks.md: the first onnxruntime backend, each model and batch; speedup cells
+    are "measured (ideal)"."""
     ours = [r for r in out["results"] if r["backend"] not in BASELINES]
     if not ours:
         return []

@@ -4,8 +4,8 @@ that parity compares it with.
 Scheme names users give: `int8` (8-bit `MatMulNBits`, symmetric, the largest block in 128/64/32 that divides every
 quantized input dimension, accuracy level 4 so MLAS runs int8 dot products, LM head and the tied embedding gather
 included) and `int4` (the same at 4 bits); anything else is a full scheme string of export/quantize.py
-(`int8-b64-a4`, `dyn8`, ...). Measured on the opt-125m shape (2 threads, 2026-11-30, `skipdecode bench --quick`):
-int8 4.2 ms per full-depth step at batch 1 vs 11.6 ms fp32, weights 3.7x smaller. From a one-off scheme sweep on
+(`int8-b64-a4`, `dyn8`, ...). int8 against fp32 steps, tokens/s and memory: docs/bench/2026-11-30/quick/bench.md
+(and the opt-1.3b report beside it); the weights are 3.7x smaller. From a one-off scheme sweep on
 the same shape (a script not kept in the repo): leaving the head in float cost 1.3-1.5x, and round-to-nearest int4
 logits drift (cosine 0.94-0.97 vs fp32), so int4 needs a quality check on the real checkpoint first.
 

@@ -12,8 +12,8 @@ Two implementations:
   provider (weights handed to it as device OrtValues, device buffers bound by address).
 
 Process-wide setup (`configure_onnxruntime`): every session of a process shares one intra-op thread pool. With a
-pool per session the workers of the graph that just ran keep spinning while the next bucket's graph runs; on 2
-cores the first calls after a bucket switch took 30-40 ms instead of 18-21 ms (opt-125m shape, batch 1), and a
+pool per session the workers of the graph that just ran keep spinning while the next bucket's graph runs, so the
+first calls after a bucket switch took about twice as long on 2 cores (docs/export.md, "Threads"), and a
 generation switches buckets every few steps. Turning spinning off removes that but made every step 15-20% slower.
 The C API has its own environment with its own pool: both are sized once per process, here.
 """

@@ -87,14 +87,15 @@ class SchedulerConfig:
     max_tokens_in_flight: int
     max_prefill_tokens: int | None = None  # None: admit as many prompts per step as fit
     # "gate": one call of the deepest row's graph, shallower rows gated; "group": one call per distinct bucket.
-    # gate is the default: measured on tiny-opt-kjv (serve_bench, 64 Poisson requests), grouping reached 0.36x
-    # (2x) and 0.57x (3x) of gating's tokens/s and a step over 8 rows of spread buckets took 3.4x as long. Every
-    # call covers slots 0..n-1, so a group pays for all rows below its highest slot, plus one call per bucket.
+    # gate is the default: on tiny-opt-kjv (serve_bench, 64 Poisson requests) grouping reached about half of gating's
+    # tokens/s at 2x and 3x and a step over 8 rows of spread buckets took several times as long (docs/serving.md,
+    # "Measured", 2026-11-22). Every call covers slots 0..n-1, so a group pays for all rows below its highest slot,
+    # plus one call per bucket.
     strategy: str = "gate"
     # Lossless requests without an explicit draft length speculate only in steps with at most this many lossless
-    # rows. Measured on the embedded model (2 cores): the verify pass of 5 columns costs 1.3x a full-depth step at
-    # batch 1 but 2.2-2.9x at batches 2-8, where a step is already compute-bound; lossless decoding ran 1.0-1.2x
-    # full depth at batch 1 and 0.6-0.7x at batches 2-8 with drafting.
+    # rows: on the embedded model a verify pass of 5 columns costs a little more than a full-depth step at batch 1
+    # but two to three at batches 2-8, where a step is already compute-bound, and drafting there ran slower than
+    # full depth (docs/DESIGN.md §9; docs/bench/2026-11-30/quick/bench.md, "Lossless mode").
     max_speculative_rows: int = 1
 
     def __post_init__(self) -> None:

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from skipdecode.bench_cli import add_bench_parser
     add_bench_parser(sub)
+    from skipdecode.demo import add_demo_parser
+    add_demo_parser(sub)
     return parser
 
 
@@ -214,10 +216,12 @@ COMMANDS = {"plan": cmd_plan, "generate": cmd_generate, "memory": cmd_memory}
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from skipdecode.bench_cli import BENCH_COMMANDS
+    from skipdecode.demo import cmd_demo
     from skipdecode.export_cli import EXPORT_COMMANDS
     from skipdecode.serve_cli import run_serve
     from skipdecode.train_cli import TRAIN_COMMANDS
-    handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS, **BENCH_COMMANDS, "serve": run_serve}[args.command]
+    handler = {**COMMANDS, **EXPORT_COMMANDS, **TRAIN_COMMANDS, **BENCH_COMMANDS, "serve": run_serve,
+               "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except SkipDecodeError as exc:
