@@ -43,13 +43,19 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--model", help="checkpoint to fine-tune: local dir, hub id or short name")
     start.add_argument("--config", help="JSON of OPTConfig fields: pretrain from scratch (needs --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--data", nargs="+", required=True, help="text (.txt) or JSONL (.jsonl, field 'text') files")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="text (.txt), JSONL of {'text'} (packed into chunks) or task JSONL of {'prompt', "
+                        "'completion'} (loss on completions; the schedule's prompt length is the prompt's)")
     p.add_argument("--heldout", nargs="*", default=[], help="held-out files: full-depth loss after training")
     p.add_argument("--out", required=True, help="output dir: checkpoints/ while training, HF model at the end")
     p.add_argument("--speedups", type=_floats, default=_floats(TUNE_SPEEDUPS),
                    help=f"target speedups, one drawn per batch (default {TUNE_SPEEDUPS}; 1 = full depth)")
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="global batch (rows per optimizer step) whatever the number of processes")
+    p.add_argument("--micro-batch-size", type=int,
+                   help="rows per forward on one process (default: all of its rows); gradient accumulation "
+                        "makes up the rest of the global batch")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk = T of the training schedule")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=50, help="linear LR warm-up steps")
@@ -60,7 +66,19 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-layers", type=int, default=1)
     p.add_argument("--loss-on", choices=("all", "generated"), default="all")
     p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available (one GPU per torchrun process), else CPU")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on GPUs that support it (fp32 master weights), fp32 elsewhere")
+    p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default="auto",
+                   help="under torchrun: ddp (replicas) or fsdp (FSDP2 sharding of weights, gradients, AdamW "
+                        "states); auto = ddp")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute layer activations in the backward pass (less memory, ~30%% more compute)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the self-distillation term: KL from the same model at full depth to the "
+                        "schedule's output on skipped columns (0 = off)")
     p.add_argument("--save-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -118,12 +136,16 @@ def cmd_finetune(args) -> int:
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, speedups=args.speedups, prompt_range=args.prompt_range,
         warmup_layers=args.warmup_layers, loss_on=args.loss_on, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, threads=args.threads)
+        checkpoint_every=args.checkpoint_every, threads=args.threads, micro_batch_size=args.micro_batch_size,
+        device=args.device, precision=args.precision, strategy=args.strategy,
+        grad_checkpointing=args.grad_checkpointing, distill=args.distill)
     job = FinetuneJob(out=Path(args.out), data=tuple(args.data), train=cfg, model=args.model, config=args.config,
                       tokenizer=args.tokenizer, heldout=tuple(args.heldout), save_dtype=args.save_dtype)
     summary = run_job(job, resume=args.resume)
-    keys = ("steps", "wall_time_s", "final_train_loss", "heldout_loss", "heldout_perplexity")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    if summary:  # rank 0 (the only process of a plain run)
+        keys = ("steps", "wall_time_s", "final_train_loss", "heldout_loss", "heldout_perplexity", "processes",
+                "strategy", "peak_memory_mb_rank0")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
 
 
