@@ -83,6 +83,12 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
+    p = sub.add_parser("make-task", help="a verse -> next verse task JSONL ({prompt, completion}) from text files")
+    p.add_argument("--data", nargs="+", required=True, help="text files with one verse per line (e.g. the corpus)")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--limit", type=int, help="keep the first N records")
+    p.add_argument("--max-chars", type=int, default=160, help="leave out pairs with a longer verse")
+
     p = sub.add_parser("eval-engine", help="teacher-forced perplexity through exported engines (e.g. fp32 vs int8)")
     p.add_argument("--engine", action="append", required=True,
                    help="engine directory (repeatable; the change is reported against the first)")
@@ -110,6 +116,39 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="prompt + continuation = T of the schedule")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", nargs="+",
+                   help="task JSONL ({prompt, completion}): generate completions through --engine (and --base-engine "
+                        "for --base) at each speedup and lossless, score ROUGE-L and completion perplexity")
+    p.add_argument("--base-engine", help="engine exported from --base (task evaluation)")
+    p.add_argument("--records", type=int, default=64, help="task records to evaluate (the first N)")
+    p.add_argument("--no-lossless", action="store_true", help="task evaluation without the lossless row")
+
+
+def cmd_make_task(args) -> int:
+    from skipdecode.training.corpus import read_documents
+    from skipdecode.training.task_eval import verse_task, write_task
+    rows = verse_task(read_documents(args.data), args.limit, args.max_chars)
+    if not rows:
+        raise InputError(f"no verse pairs in {', '.join(args.data)} (one verse per line, blank lines between "
+                         "documents)")
+    print(f"wrote {write_task(rows, args.out)} ({len(rows)} records)")
+    return 0
+
+
+def cmd_task_eval(args) -> int:
+    from skipdecode.training.task_eval import task_report
+    if args.engine is None:
+        raise InputError("--task evaluates through an exported engine: pass --engine DIR (skipdecode export "
+                         "--model MODEL)")
+    if (args.base is None) != (args.base_engine is None):
+        raise InputError("--base and --base-engine come together for the task evaluation of the control")
+    runs = [("tuned", args.model, args.engine)] + ([("control", args.base, args.base_engine)] if args.base else [])
+    rows = task_report(runs, args.task, args.json, args.out_dir, args.records, [s for s in args.speedups if s != 1],
+                       args.seq_len, not args.no_lossless, args.threads)
+    for r in rows:
+        print(f"{r['model']:>16} {r['role']:>8} {r['schedule']:>9}  rougeL {r['rouge_l']:.3f}  ppl "
+              f"{r['perplexity']:8.3f} ({100 * r['ppl_vs_1x']:+.1f}%)  layers {r['mean_layers']:5.2f}")
+    return 0
 
 
 def cmd_corpus(args) -> int:
@@ -164,6 +203,8 @@ def default_heldout(model_dir: str) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    if args.task:
+        return cmd_task_eval(args)
     from skipdecode.training.quality import EvalConfig, run_report
     cfg = EvalConfig(speedups=args.speedups, budgets=tuple(_budgets(args)), chunks=args.chunks,
                      gen_prompts=args.gen_prompts, prompt_length=args.prompt_length, seq_len=args.seq_len,
@@ -193,7 +234,7 @@ def cmd_eval_engine(args) -> int:
 
 
 TRAIN_COMMANDS = {"corpus": cmd_corpus, "train-tokenizer": cmd_train_tokenizer, "finetune": cmd_finetune,
-                  "eval": cmd_eval, "eval-engine": cmd_eval_engine}
+                  "make-task": cmd_make_task, "eval": cmd_eval, "eval-engine": cmd_eval_engine}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
