@@ -229,3 +229,17 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(task_setup, tmp_pat
     ref = tmp_path / "ref"
     assert main(finetune_args(model_dir, task, ref, steps)) == 0  # uninterrupted, one process
     assert max_diff(losses(out), losses(ref)) < LOSS_TOL
+
+
+def test_verse_task_and_report_table():
+    from skipdecode.training.task_eval import markdown, schedules, verse_task, words
+    rows = verse_task(["In the beginning.\nAnd the earth.\nAnd God said.", "One.\n" + "x" * 200 + "\nTwo."])
+    assert rows == [{"prompt": "In the beginning.", "completion": " And the earth."},
+                    {"prompt": "And the earth.", "completion": " And God said."}]  # over-long verses left out
+    assert words("And God SAID, Let") == ["and", "god", "said", "let"]
+    assert [s[0] for s in schedules([2, 3, 5], lossless=True)] == ["1x", "2x", "3x", "5x", "lossless"]
+    report = [{"model": "m", "role": r, "schedule": s, "rouge_l": 0.5, "perplexity": 9.0, "realised_speedup": 1.0}
+              for r in ("tuned", "control") for s in ("1x", "2x")]
+    table = markdown(report).splitlines()
+    assert table[0] == "| model | metric | 1x | 2x |" and len(table) == 2 + 2 * 3
+    assert table[2] == "| m (tuned) | rouge_l | 0.500 | 0.500 |"

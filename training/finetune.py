@@ -21,10 +21,25 @@ positions (p ~ U[8, 64] of 127 columns, ~28% of the loss); measured on tiny-opt-
 {2, 3, 5} moved full-depth held-out perplexity by +1.8% while 2x went from +77% to +4% over full depth.
 `p` is drawn uniformly from `prompt_range`, so the decay starts at many different columns.
 
+Task data (JSONL `{"prompt", "completion"}`, training/taskdata.py): a batch is a static inference batch of
+left-padded prompts (p = the batch's longest prompt, as the runtime pads) and completions; the loss covers the
+completion tokens only. S is still drawn per step.
+
 Data order, S and p of step k are pure functions of (seed, k), which makes `resume` reproduce an
-uninterrupted run: checkpoints hold model, optimizer, LR schedule, step, loss history and RNG states.
-`recompute_logits` puts the model in eval mode, so training runs without dropout (not needed for short
-runs; the tiny model is configured with dropout 0).
+uninterrupted run: checkpoints (torch.distributed.checkpoint) hold model and optimizer, the step and the loss
+history; the LR is a function of the step. `recompute_logits` puts the model in eval mode, so training runs
+without dropout (not needed for short runs; the tiny model is configured with dropout 0), hence no RNG state.
+
+Scale (training/distributed.py): `batch_size` is the global batch. Under torchrun each of W processes takes its
+contiguous B / W rows of the step's global batch, in micro-batches of `micro_batch_size` (gradient accumulation);
+every micro-batch's summed loss is divided by the global batch's scored-token count (known to every rank from
+the global batch) and multiplied by W, because DDP and FSDP average gradients over ranks: the step's gradient is
+the global mean whatever W and the micro-batch size, so a run's trajectory does not depend on how many processes
+ran it (tested: 2 ranks vs 1 process, DDP and FSDP). bf16 autocast on GPUs (fp32 master weights), gradient
+checkpointing per layer, fused AdamW on CUDA (foreach elsewhere).
+
+Self-distillation (`distill` > 0): the same weights at full depth (no gradient) are the teacher, and
+`distill * KL(teacher || schedule)` is added on the scored columns that skip layers.
 """
 
 from __future__ import annotations
