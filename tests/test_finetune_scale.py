@@ -26,9 +26,9 @@ from skipdecode.train_cli import main
 from .train_helpers import VOCAB, synthetic_docs
 
 SEQ = 48
-# Measured on this 2-core CPU (fp32): 2 ranks vs 1 process differ by at most ~1e-6 in the per-step loss (the
+# Measured on this 2-core CPU (fp32): 2 ranks vs 1 process differ by 3.7e-7 at most in the per-step loss (the
 # order of the gradient sums changes; nothing else does). A run on half the global batch (what one rank sees
-# alone) differs by > 1e-2 within 2 steps. 1e-4 sits 100x above the first and 100x below the second.
+# alone) differs by 8.6e-2. 1e-4 sits ~100x above the first and ~100x below the second.
 LOSS_TOL = 1e-4
 SKIPDECODE = str(Path(sys.executable).with_name("skipdecode"))
 
@@ -105,6 +105,7 @@ def test_accumulation_and_checkpointing_do_not_change_the_run(task_setup, tmp_pa
                 prompt_range=(4, 10), threads=1, device="cpu")
     ref = train(tiny_opt(), data, TrainConfig(**base), tmp_path / "a").losses
     acc = train(tiny_opt(), data, TrainConfig(**base, micro_batch_size=2, grad_checkpointing=True), tmp_path / "b")
+    print(f"micro-batch 2 + checkpointing vs one forward: max |loss diff| = {max_diff(acc.losses, ref):.2e}")
     assert acc.losses == pytest.approx(ref, abs=1e-6)
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] == acc.losses[-1]
@@ -228,6 +229,8 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(task_setup, tmp_pat
     assert again.returncode == 0, err[-3000:]
     ref = tmp_path / "ref"
     assert main(finetune_args(model_dir, task, ref, steps)) == 0  # uninterrupted, one process
+    print(f"killed at checkpoint {done}, resumed on 2 ranks: max |loss - loss(1 process, uninterrupted)| = "
+          f"{max_diff(losses(out), losses(ref)):.2e}")
     assert max_diff(losses(out), losses(ref)) < LOSS_TOL
 
 
@@ -243,3 +246,16 @@ def test_verse_task_and_report_table():
     table = markdown(report).splitlines()
     assert table[0] == "| model | metric | 1x | 2x |" and len(table) == 2 + 2 * 3
     assert table[2] == "| m (tuned) | rouge_l | 0.500 | 0.500 |"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 autocast, fused AdamW)")
+def test_cuda_bf16_checkpointed_steps_learn(task_setup, tmp_path):
+    model_dir, task = task_setup
+    from tokenizers import Tokenizer
+    data = encode_records(read_task_records([task]), Tokenizer.from_file(str(model_dir / "tokenizer.json")), SEQ)
+    cfg = TrainConfig(steps=20, batch_size=8, seq_len=SEQ, lr=3e-3, warmup_steps=2, speedups=(2.0, 3.0),
+                      prompt_range=(4, 10), device="cuda", precision="bf16", grad_checkpointing=True,
+                      micro_batch_size=4, distill=0.5)
+    state = train(tiny_opt(), data, cfg, tmp_path)
+    assert np.isfinite(state.losses).all() and np.mean(state.losses[-3:]) < np.mean(state.losses[:3])
+    assert state.peak_memory_bytes > 0 and next(state.model.parameters()).dtype == torch.float32  # fp32 masters
