@@ -353,8 +353,8 @@ def train(model: OPTForCausalLM, data: np.ndarray | TaskData, cfg: TrainConfig, 
                 save_checkpoint(out, module, opt, state, cfg, model.config.to_dict(), rt)
             if callback is not None:
                 callback(state.step, state.losses[-1])
-    except (RuntimeError, dist.DistBackendError) as exc:
-        if rt.world == 1:
+    except RuntimeError as exc:
+        if rt.world == 1 or not _lost_peer(exc):
             raise
         last = latest_checkpoint(out)
         raise TrainingAborted(f"rank {rt.rank}/{rt.world}: a peer process failed or left at step {state.step + 1} "
@@ -367,6 +367,12 @@ def train(model: OPTForCausalLM, data: np.ndarray | TaskData, cfg: TrainConfig, 
         metrics.plot(out / "loss.png")
     state.model = final_model(module, model, rt)
     return state
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """A collective broken by another process's death (gloo: connection closed / reset; NCCL: a DistError)."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(k in text for k in ("connection", "peer", "gloo", "nccl"))
 
 
 class TrainingAborted(SkipDecodeError):
