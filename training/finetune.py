@@ -23,7 +23,8 @@ positions (p ~ U[8, 64] of 127 columns, ~28% of the loss); measured on tiny-opt-
 
 Task data (JSONL `{"prompt", "completion"}`, training/taskdata.py): a batch is a static inference batch of
 left-padded prompts (p = the batch's longest prompt, as the runtime pads) and completions; the loss covers the
-completion tokens only. S is still drawn per step.
+completion tokens only. S is still drawn per step; as the prompt carries no loss there, full depth is trained
+only by S = 1 batches: include 1 in `speedups` for task data (docs/finetune.md, measured).
 
 Data order, S and p of step k are pure functions of (seed, k), which makes `resume` reproduce an
 uninterrupted run: checkpoints (torch.distributed.checkpoint) hold model and optimizer, the step and the loss
