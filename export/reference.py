@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from transformers import OPTForCausalLM
 
 from ..runtime.errors import InputError
@@ -163,11 +164,12 @@ class TorchReference(SlotBackend):
 
 
 def recompute_logits(model: OPTForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     layer_sets: Sequence[Sequence[int]]) -> torch.Tensor:
+                     layer_sets: Sequence[Sequence[int]], checkpointing: bool = False) -> torch.Tensor:
     """Uncached forward over whole sequences with per-position layer sets.
 
     input_ids, attention_mask: [B, S]; layer_sets[c] = layers of the pass over column c (len S).
-    Returns logits [B, S, V]. Differentiable (used by fine-tuning with teacher forcing).
+    Returns logits [B, S, V]. Differentiable (used by fine-tuning with teacher forcing); `checkpointing`
+    recomputes each layer's activations in the backward pass instead of keeping them (gradient checkpointing).
     """
     ref = TorchReference(model, max_batch=1)
     B, S = input_ids.shape
@@ -177,12 +179,15 @@ def recompute_logits(model: OPTForCausalLM, input_ids: torch.Tensor, attention_m
         runs[list(layers), c] = True
     pad = attention_mask.bool()
     causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()
-    mask = additive_mask(causal[None] & pad[:, None, :], ref.dtype)
+    mask = additive_mask(causal[None] & pad[:, None, :], ref.dtype).to(input_ids.device)
     pos = (torch.cumsum(attention_mask, 1) * attention_mask - 1).long()
     h = ref.embed(input_ids, pos)
     for idx, layer in enumerate(ref.decoder.layers):
         if not runs[idx].any():
             continue
-        out = layer(h, attention_mask=mask)
+        if checkpointing and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(layer, h, attention_mask=mask, use_reentrant=False)
+        else:
+            out = layer(h, attention_mask=mask)
         h = torch.where(runs[idx][None, :, None].to(h.device), out, h)
     return ref.head(h)
