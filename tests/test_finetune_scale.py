@@ -259,3 +259,14 @@ def test_cuda_bf16_checkpointed_steps_learn(task_setup, tmp_path):
     state = train(tiny_opt(), data, cfg, tmp_path)
     assert np.isfinite(state.losses).all() and np.mean(state.losses[-3:]) < np.mean(state.losses[:3])
     assert state.peak_memory_bytes > 0 and next(state.model.parameters()).dtype == torch.float32  # fp32 masters
+
+
+def test_a_checkpoint_of_the_earlier_format_is_refused_not_silently_restarted(tmp_path):
+    from skipdecode.runtime.errors import InputError
+    from skipdecode.training.finetune import CHECKPOINTS, latest_checkpoint
+    old = tmp_path / CHECKPOINTS / "step-000200"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="earlier skipdecode version"):
+        latest_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path / "empty") is None

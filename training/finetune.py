@@ -471,6 +471,12 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
+    root = Path(out) / CHECKPOINTS
+    older = [p for p in root.iterdir() if (p / "state.pt").is_file()] if root.is_dir() else []
+    if older:  # a run of an earlier skipdecode: resuming must not silently start again from step 0
+        raise InputError(f"{older[0]} is a checkpoint of an earlier skipdecode version (state.pt), which this one "
+                         "cannot resume: finish that run with the version that started it, or start a new run in "
+                         "another --out directory")
     found = sorted(_checkpoints(Path(out)))  # zero-padded step numbers sort as integers
     return found[-1] if found else None
 
