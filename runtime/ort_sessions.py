@@ -204,7 +204,7 @@ class CapiSessions(GraphSessions):
         if not ranges:
             return 0
         released = ort_capi.release_pages(self._buf, ranges)
-        if all(np.array_equal(a, b) for a, b in zip(before, probe(), strict=True)):
+        if all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, probe(), strict=True)):
             return released
         ort_capi.restore_pages(self._buf, self._path, ranges)
         warnings.warn(f"onnxruntime {ort.__version__} still reads weights it was expected to have pre-packed; the "
