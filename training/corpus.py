@@ -21,7 +21,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,15 +119,21 @@ def _read_text(path: Path) -> list[str]:
     return [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file; a line that is not JSON is a one-line
+    error naming the file and line."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{n} is not valid JSON: {exc.msg}") from exc
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for n, obj in jsonl_lines(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f"{path}:{n} has no string field 'text' (JSONL lines must be {{\"text\": ...}})")
         if obj["text"].strip():

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import InputError
+from .corpus import jsonl_lines
 
 PAD_ID = 1  # OPT's pad id: left padding of prompts, right padding after the completion
 EOS_ID = 2
@@ -60,13 +61,7 @@ def read_task_records(paths: Sequence[str | Path]) -> list[TaskRecord]:
     for p in map(Path, paths):
         if not p.is_file():
             raise InputError(f"task file {p} does not exist (or is not a file)")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{p}:{n} is not valid JSON: {exc.msg}") from exc
+        for n, obj in jsonl_lines(p):
             if not isinstance(obj, dict):
                 raise InputError(f"{p}:{n} is a JSON {type(obj).__name__}, not an object with 'prompt' and "
                                  "'completion'")
