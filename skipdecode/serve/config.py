@@ -93,8 +93,9 @@ class ServeConfig:
                                        group="access and limits", above=0, process=True)
     max_connections: int = option(512, "open connections; one beyond it is closed at once",
                                   group="access and limits", lo=1, process=True)
-    max_client_connections: int = option(64, "open connections from one client address; one beyond it is closed "
-                                         "at once, so one client cannot take every connection",
+    max_client_connections: int = option(256, "open connections from one client address; one beyond it is closed "
+                                         "at once, so one client cannot take every connection (behind a reverse "
+                                         "proxy every request comes from its address: set it to max_connections)",
                                          group="access and limits", lo=1, process=True)
     log_level: str = option("warning", "uvicorn's log level", choices=LOG_LEVELS, process=True)
 
