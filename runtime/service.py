@@ -224,24 +224,15 @@ class Service:
                listener: Listener | None = None) -> RequestHandle:
         """Validate and enqueue; raises InputError/ScheduleError (bad request), OverloadedError (queue full) or
         ServiceClosedError (shutting down) without enqueueing anything."""
-        timeout_s = timeout_s if timeout_s is not None else self.config.default_timeout_s
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
-            raise InputError(f"timeout={timeout_s!r} must be a number of seconds > 0")
+        deadline = self._deadline(timeout_s)
         with self._cv:
             rid = next(self._ids)
         g = self.generator
         request = prepare_request(rid, prompt, options, g.backend, g.vocab_size)
         check_fits(request.spec, self._sched_config)
-        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         handle = RequestHandle(request, deadline, self, listener)
         with self._cv:
-            if self._closing:
-                raise ServiceClosedError("the service is shutting down and accepts no new requests")
-            queued = self._queued()
-            if queued >= self.config.max_queue:
-                self._counts["rejected_overloaded"] += 1
-                raise OverloadedError(f"overloaded: {queued} requests are waiting, the queue limit is "
-                                      f"{self.config.max_queue}; retry later")
+            self._check_admission()
             self._counts["submitted"] += 1
             self._inbox.append((request, handle))
             self._handles[rid] = handle
@@ -255,26 +246,34 @@ class Service:
         (runtime/logprobs.py), fails with RequestTimeoutError past `timeout_s` (default: the service's), and is
         dropped when the Future is cancelled (a client that hung up). -> a Future of the list."""
         check_int("logprobs", k, lo=0, hi=MAX_LOGPROBS)
-        timeout_s = timeout_s if timeout_s is not None else self.config.default_timeout_s
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
-            raise InputError(f"timeout={timeout_s!r} must be a number of seconds > 0")
+        deadline = self._deadline(timeout_s)
         g = self.generator
         check_prompts([prompt], g.vocab_size, g.backend.max_batch)
         check_int("prompt length", len(prompt), lo=1, hi=g.backend.max_length - 1)
-        job = _ScoreJob(PromptScore(prompt, k), Future(),
-                        time.monotonic() + timeout_s if timeout_s is not None else None)
+        job = _ScoreJob(PromptScore(prompt, k), Future(), deadline)
         with self._cv:
-            if self._closing:
-                raise ServiceClosedError("the service is shutting down and accepts no new requests")
-            queued = self._queued()
-            if queued >= self.config.max_queue:
-                self._counts["rejected_overloaded"] += 1
-                raise OverloadedError(f"overloaded: {queued} requests are waiting, the queue limit is "
-                                      f"{self.config.max_queue}; retry later")
+            self._check_admission()
             self._counts["submitted_scores"] += 1
             self._scores.append(job)
             self._cv.notify_all()
         return job.future
+
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        """The time.monotonic() by which a request or scoring job must end (default: the service's timeout)."""
+        timeout_s = timeout_s if timeout_s is not None else self.config.default_timeout_s
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
+            raise InputError(f"timeout={timeout_s!r} must be a number of seconds > 0")
+        return time.monotonic() + timeout_s if timeout_s is not None else None
+
+    def _check_admission(self) -> None:
+        """Held under `_cv`: refuse new work while shutting down or with the queue full."""
+        if self._closing:
+            raise ServiceClosedError("the service is shutting down and accepts no new requests")
+        queued = self._queued()
+        if queued >= self.config.max_queue:
+            self._counts["rejected_overloaded"] += 1
+            raise OverloadedError(f"overloaded: {queued} requests are waiting, the queue limit is "
+                                  f"{self.config.max_queue}; retry later")
 
     def _queued(self) -> int:
         """Requests and scoring jobs waiting to start (held under `_cv`): the one queue `max_queue` bounds."""
