@@ -261,6 +261,13 @@ def plot(rows: Sequence[dict], path: str | Path) -> Path:
         ax.set_xlabel("target speedup (L / mean layers)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    return save_figure(fig, axes, path)
+
+
+def save_figure(fig, axes, path: str | Path) -> Path:
+    """The quality reports' figures: a legend on the first panel, tight layout, PNG at 110 dpi, closed."""
+    import matplotlib.pyplot as plt
+
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -30,7 +30,7 @@ from ..export.reference import recompute_logits
 from ..runtime.errors import InputError
 from ..runtime.generation import GenerateOptions
 from .finetune import layer_sets
-from .quality import rouge_l, write_json
+from .quality import rouge_l, save_figure, write_json
 from .taskdata import EOS_ID, collate, encode_records, read_task_records
 
 _WORD = re.compile(r"\w+")
@@ -144,11 +144,7 @@ def plot(rows: Sequence[dict], path: str | Path) -> Path:
         ax.set_xlabel("target speedup")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, axes, path)
 
 
 def verse_task(docs: Sequence[str], limit: int | None = None, max_chars: int = 160) -> list[dict]:
