@@ -233,9 +233,12 @@ def cluster(tiny_engine):
     c = Cluster(f"http://127.0.0.1:{port}", tiny_engine, before)
     try:
         serve.start(http_options=ray_serve.http_options(ServeConfig(port=port, max_timeout=60.0)))
-        # 2 running rows per replica: requests queue on each, so a killed replica always holds some
+        # 2 running rows per replica: requests queue on each, so a killed replica always holds some. Ray's router
+        # picks replicas from queue lengths it caches, so under a burst it may send everything to one replica
+        # unless that one is full: 12 in flight per replica makes a burst of more than 12 use both.
         ray_serve.deploy(ServeConfig(engine=str(tiny_engine), model_name="tiny", threads=1, max_batch=2, replicas=2,
-                                     replica_cpus=1, health_check_period=1), timeout_s=120)
+                                     replica_cpus=1, health_check_period=1, max_ongoing_requests=12),
+                         timeout_s=120)
         wait_for_replicas(c.url, 2, timeout_s=60)
         c.record()
         yield c
