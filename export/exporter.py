@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..runtime import contract as C
 from ..runtime.errors import EngineError, ScheduleError, check_int
+from ..runtime.generation import DEFAULT_DRAFT_SPEEDUP, draft_bucket
 from ..runtime.integrity import hash_files
 from ..runtime.manifest import MAX_BATCH, WEIGHTS_FILE, GraphSpec, Manifest
 from ..runtime.schedule import layers_for_budget, solve_budgets
@@ -25,7 +26,7 @@ from .graphs import DecodeGraph, PrefillGraph, VerifyGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, prepacked_weights, trace, write_weights
 from .parity import check_parity, plan_parity
-from .quantize_export import dequantized_model, quantize_files, resolve_scheme
+from .quantize_export import add_quantized_drafts, dequantized_model, quantize_files, resolve_scheme
 from .target import ExportTarget
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
@@ -49,6 +50,11 @@ class ExportConfig:
     force: bool = False  # replace an existing engine directory
     # weight-only quantization: "int8", "int4" or a full scheme (export/quantize_export.py); None keeps float weights
     quantize: str | None = None
+    # lossless mode's quantized drafts: a quantized copy of the draft buckets' decode graphs, which draft while the
+    # float verify graphs check (the output stays full depth's). "auto": int8 wherever the engine can carry them
+    # (float32 weights, onnxruntime, a block size the shape allows), else none; "none"; or a scheme as for
+    # `quantize` (refused where it cannot be built).
+    drafts: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -61,6 +67,8 @@ class ExportConfig:
             raise EngineError("backend=tensorrt needs attention='matmul' (TensorRT runs standard ONNX ops only)")
         check_int("max_batch", self.max_batch, lo=1, hi=MAX_BATCH)
         check_int("warmup_layers", self.warmup_layers, lo=0, error=ScheduleError)
+        if not isinstance(self.drafts, str) or not self.drafts:
+            raise EngineError(f"drafts={self.drafts!r} must be 'auto', 'none' or a quantization scheme such as 'int8'")
 
 
 def bucket_budgets(num_layers: int, cfg: ExportConfig) -> tuple[int, ...]:
@@ -111,6 +119,45 @@ def schedule_defaults(num_layers: int, cfg: ExportConfig, buckets: tuple[int, ..
     return {"speedups": exact, "warmup_layers": cfg.warmup_layers}
 
 
+def draft_buckets(num_layers: int, cfg: ExportConfig, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets lossless mode drafts with: the default draft depth's and each exported speedup's
+    (`draft_bucket`), so `--draft-speedup S` for any S of the export finds a quantized draft."""
+    if not any(b < num_layers for b in buckets):
+        return ()
+    speeds = {DEFAULT_DRAFT_SPEEDUP, *(s for s in cfg.speedups if s > 1)}
+    return tuple(sorted({draft_bucket(num_layers, buckets, s) for s in speeds}))
+
+
+def resolve_drafts(cfg: ExportConfig, shape: OPTShape, dtype: str, buckets: tuple[int, ...]
+                   ) -> tuple[str | None, tuple[int, ...], str]:
+    """-> (scheme of the quantized drafts or None, their buckets, why not when None). "auto" leaves them out where
+    the engine cannot carry them; an explicit scheme is refused there instead."""
+    if cfg.drafts == "none":
+        return None, (), "--drafts none"
+    why = None
+    if cfg.quantize is not None:
+        why = "the engine's own weights are quantized (its lossless mode is refused)"
+    elif dtype != "float32":
+        why = f"{dtype} engines have no quantized graphs"
+    elif cfg.backend != "onnxruntime":
+        why = "the TensorRT backend has no lossless mode"
+    elif not draft_buckets(shape.num_layers, cfg, buckets):
+        why = "no bucket below full depth to draft with"
+    scheme = None
+    if why is None:
+        try:
+            scheme = resolve_scheme("int8" if cfg.drafts == "auto" else cfg.drafts, shape, dtype)
+        except EngineError as exc:
+            if cfg.drafts != "auto":
+                raise
+            why = str(exc)
+    if why is not None:
+        if cfg.drafts != "auto":
+            raise EngineError(f"--drafts {cfg.drafts}: {why}")
+        return None, (), why
+    return scheme, draft_buckets(shape.num_layers, cfg, buckets), ""
+
+
 def tool_versions() -> dict:
     return {name: version(name) for name in ("skipdecode", "torch", "transformers", "onnx", "onnxruntime")}
 
@@ -131,13 +178,19 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
         cfg = replace(cfg, attention=attention)
         if cfg.quantize is not None:
             cfg = replace(cfg, quantize=resolve_scheme(cfg.quantize, shape, dtype))
+        drafts = resolve_drafts(cfg, shape, dtype, buckets)
         plan_parity(max_length, buckets, min(3, cfg.max_batch))  # refuses an impossible check before any tracing
         if progress and reason != "requested":
             print(f"export: attention {attention} ({reason})", file=sys.stderr)
-        man = _build(model, codec, shape, buckets, dtype, max_length, cfg, target.tmp, progress)
+        if progress and drafts[0] is None and cfg.drafts == "auto":
+            print(f"export: no quantized drafts for lossless mode ({drafts[2]})", file=sys.stderr)
+        man = _build(model, codec, shape, buckets, dtype, max_length, cfg, target.tmp, progress, drafts[:2])
         reference = model if not man.quantization else dequantized_model(model, target.tmp, man.weights,
                                                                               man.quantization)
-        man = replace(man, parity=check_parity(target.tmp, reference), attention_reason=reason)
+        draft_reference = None if not man.drafts else dequantized_model(model, target.tmp, man.weights,
+                                                                        man.drafts["quantization"])
+        man = replace(man, parity=check_parity(target.tmp, reference, draft_model=draft_reference),
+                      attention_reason=reason)
         man.write(target.tmp)
         _backend_checks(cfg, man, target.tmp, progress)
         target.commit()
@@ -158,7 +211,7 @@ def _backend_checks(cfg: ExportConfig, man: Manifest, tmp: Path, progress: bool)
 
 
 def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, cfg: ExportConfig,
-           tmp: Path, progress: bool) -> Manifest:
+           tmp: Path, progress: bool, drafts: tuple[str | None, tuple[int, ...]] = (None, ())) -> Manifest:
     L, H, D, V = shape.num_layers, shape.num_heads, shape.head_dim, shape.vocab_size
     prefill = PrefillGraph(model)
     index = write_weights(prefill, tmp / WEIGHTS_FILE)
@@ -189,9 +242,11 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         kind = name if name == "verify_row" else name.split("_")[0]
         graphs.append(GraphSpec(name, kind, path.name, budget, layers, tuple(ins), tuple(outs),
                                 tuple(used)))
-    quantization = {}
+    quantization, draft_info = {}, {}
     if cfg.quantize is not None:
         index, graphs, quantization = quantize_files(tmp, graphs, index, cfg.quantize)
+    if drafts[0] is not None:
+        index, graphs, draft_info = add_quantized_drafts(tmp, graphs, index, *drafts)
     if codec is not None:
         codec.save(tmp / "tokenizer.json")
     tokenizer = "tokenizer.json" if codec is not None else None
@@ -201,7 +256,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         graphs=tuple(graphs),
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults=schedule_defaults(L, cfg, buckets),
-        tokenizer=tokenizer, tools=tool_versions(), quantization=quantization,
+        tokenizer=tokenizer, tools=tool_versions(), quantization=quantization, drafts=draft_info,
         prepacked=prepacked_weights(tmp, [g.file for g in graphs], list(index)),
         integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *([tokenizer] if tokenizer else [])]))
     man.write(tmp)

@@ -7,7 +7,8 @@ greedy tokens to both. A KV window too short for all buckets in one sequence is 
 slots (`plan_parity`), so any max_length >= 2 can be checked. Compared per output: logits and K/V of every
 graph. Non-finite values fail: NaN compares as "no difference" in max(), so it is checked for explicitly.
 
-Quantized engines are checked twice (export/quantize_export.py). "exact.*": session-only copies of the graphs that
+Quantized engines, and the quantized draft graphs of a float engine (lossless mode), are checked twice
+(export/quantize_export.py). "exact.*": session-only copies of the graphs that
 multiply by the dequantized weights in float32, against the PyTorch model carrying those weights, at the float32
 tolerance: the weights, scales and zero points are right. Unprefixed keys: the engine as users run it (activations
 rounded at run time), against the same model, with the limit widened by `FAST_ROUNDING` times the deviation the
@@ -78,6 +79,11 @@ def tolerances(man) -> dict:
     return fast_tolerances(man.quantization) if man.quantization else TOLERANCES[man.dtype]
 
 
+# The float32 copies of quantized graphs (`exact_copy`: MatMulNBits at accuracy level 1) keep reading the weights
+# that the engine itself reads only pre-packed, so shared pre-packing could not give their bytes back (and warned).
+EXACT_PREPACK = "off"
+
+
 class ParityError(EngineError):
     """An exported graph disagrees with the PyTorch reference beyond its tolerance."""
 
@@ -140,18 +146,24 @@ def plan_parity(max_length: int, buckets, n_prompts: int, steps: int = 2) -> lis
     return [ParityRound(lengths, tuple(order[i: i + per_round]), steps) for i in range(0, len(order), per_round)]
 
 
-def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0) -> dict:
+def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0, draft_model=None) -> dict:
     """Return {output: {max_abs_diff, limit, finite[, rounding_diff]}}; raise ParityError naming every output over
     its limit.
-    `model`: the PyTorch model the engine must compute (for a quantized engine: carrying its dequantized weights)."""
+    `model`: the PyTorch model the engine must compute (for a quantized engine: carrying its dequantized weights).
+    `draft_model`: for an engine with quantized drafts, the model carrying their dequantized weights."""
     directory = Path(directory)
     man = load_manifest(directory)
     report: dict = {}
+    if man.drafts:
+        if draft_model is None:
+            raise EngineError(f"{directory.name} has quantized draft graphs: their parity check needs the model "
+                              "carrying the drafts' dequantized weights")
+        report.update(_draft_parity(directory, man, model, draft_model, steps_per_bucket, seed))
     if man.quantization:
         # inside the engine directory: same file system (weights.bin is hard-linked, not copied), removed with it
         with tempfile.TemporaryDirectory(prefix=".exact-", dir=directory) as tmp:
             exact = _parity_rounds(exact_copy(directory, man, Path(tmp) / directory.name), man, model, None,
-                                   TOLERANCES["exact"], steps_per_bucket, seed)
+                                   TOLERANCES["exact"], steps_per_bucket, seed, prepack=EXACT_PREPACK)
         report.update({f"exact.{k}": v for k, v in exact.items()})
         rounding = fast_path_rounding(model, man.quantization)
         try:
@@ -168,6 +180,25 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
         lines = ", ".join(f"{k}: {_describe(v)}" for k, v in failed.items())
         raise ParityError(f"parity check failed for {len(failed)} output(s) of {directory.name}: {lines}")
     return report
+
+
+def _draft_parity(directory: Path, man, model, draft_model, steps: int, seed: int) -> dict:
+    """Lossless mode's quantized draft graphs, checked as the quantized graphs of an engine are ("exact.draft.*" on
+    a copy computing in float32 from the dequantized weights, "draft.*" as users run them with the rounding bound);
+    the reference prefills with `model` and drafts with `draft_model`, as the engine prefills with its float graph."""
+    info = man.drafts["quantization"]
+    with tempfile.TemporaryDirectory(prefix=".exact-", dir=directory) as tmp:
+        exact = _parity_rounds(exact_copy(directory, man, Path(tmp) / directory.name), man, model, None,
+                               TOLERANCES["exact"], steps, seed, draft_model=draft_model, prepack=EXACT_PREPACK)
+    rounding = fast_path_rounding(draft_model, info)
+    try:
+        fast = _parity_rounds(directory, man, model, rounding, fast_tolerances(info), steps, seed,
+                              draft_model=draft_model)
+    finally:
+        if rounding is not None:
+            rounding.remove()
+    _widen(fast, fast_tolerances(info)["logits"].rounding)
+    return {**{f"exact.{k}": v for k, v in exact.items()}, **fast}
 
 
 def exact_copy(directory: Path, man, dst: Path) -> Path:
@@ -205,24 +236,56 @@ class _RoundedReference(TorchReference):
         with self.rounding:
             return super()._verify(*args)
 
+    def _decode_draft(self, *args):
+        with self.rounding:
+            return super()._decode_draft(*args)
+
 
 def _parity_rounds(directory: Path, man, model, rounding: FastPathRounding | None, tols: dict, steps_per_bucket: int,
-                   seed: int) -> dict:
+                   seed: int, draft_model=None, prepack: str | None = None) -> dict:
     """Every round of `plan_parity` on the engine at `directory` against `model` (and, given `rounding`, against the
-    same model with the engine's activation rounding, stepped alongside with the same tokens)."""
+    same model with the engine's activation rounding, stepped alongside with the same tokens). With `draft_model`
+    the rounds check the quantized draft graphs instead (`_check_draft_round`). `prepack`: as `Engine.load`."""
     n_prompts = min(3, man.max_batch)
-    engine = Engine.load(directory, max_batch=n_prompts, verify=False)  # the exporter wrote it just now
-    kw = {"max_batch": n_prompts, "warmup_layers": man.warmup_layers}
+    engine = Engine.load(directory, max_batch=n_prompts, verify=False, prepack=prepack)  # the exporter wrote it now
+    kw = {"max_batch": n_prompts, "warmup_layers": man.warmup_layers, "draft_model": draft_model}
     refs = [TorchReference(model, **kw)] + ([_RoundedReference(model, rounding, **kw)] if rounding else [])
     rng = np.random.default_rng(seed)
     report: dict = {}
+    buckets = man.draft_buckets if draft_model is not None else man.buckets
     try:
-        for rnd in plan_parity(engine.backend.max_length, man.buckets, n_prompts, steps_per_bucket):
+        for rnd in plan_parity(engine.backend.max_length, buckets, n_prompts, steps_per_bucket):
             prompts = [rng.integers(3, man.model.vocab_size, size=n).tolist() for n in rnd.prompt_lengths]
-            _check_round(engine, refs, man, prompts, rnd, report, tols)
+            if draft_model is not None:
+                _check_draft_round(engine, refs, man, prompts, rnd, report, tols)
+            else:
+                _check_round(engine, refs, man, prompts, rnd, report, tols)
     finally:
         engine.close()
     return report
+
+
+def _check_draft_round(engine, refs: list, man, prompts: list, rnd: ParityRound, report: dict, tols: dict) -> None:
+    """Float prefill on every side (checked by `_check_round`), then from the prompts `rnd.steps` draft steps through
+    each draft bucket (each step reads the K/V the draft wrote before, as a round of lossless mode does), compared
+    on logits and the K/V of the draft's layers, then rewound to the prompts."""
+    backend, n = engine.backend, len(prompts)
+    slots = backend.slots.allocate(n)
+    ref_slots = [ref.slots.allocate(n) for ref in refs]
+    assert all(s == slots for s in ref_slots)  # all tables hand out the lowest free slots
+    try:
+        prompt_wants = [ref.prefill_rows(prompts, slots) for ref in refs]
+        backend.prefill_rows(prompts, slots)
+        columns = backend.slots.lengths[slots].copy()
+        for bucket in rnd.buckets:
+            wants = prompt_wants
+            for _ in range(rnd.steps):
+                wants = _decode_step(backend, refs, man, slots, wants[0], bucket, report, tols, draft=True)
+            for side in (backend, *refs):
+                side.rewind(slots, columns.tolist())
+    finally:
+        for side in (backend, *refs):
+            side.slots.free(slots)
 
 
 def _check_round(engine, refs: list, man, prompts: list, rnd: ParityRound, report: dict, tols: dict) -> None:
@@ -254,22 +317,25 @@ def _check_round(engine, refs: list, man, prompts: list, rnd: ParityRound, repor
             ref.slots.free(s)
 
 
-def _decode_step(backend, refs: list, man, slots: list, want, bucket: int, report: dict, tols: dict) -> list:
-    """Every side decodes the reference's greedy tokens through `bucket`; -> every reference's logits."""
+def _decode_step(backend, refs: list, man, slots: list, want, bucket: int, report: dict, tols: dict,
+                 draft: bool = False) -> list:
+    """Every side decodes the reference's greedy tokens through `bucket` (`draft`: its quantized draft graph);
+    -> every reference's logits."""
     n = len(slots)
     tokens = np.argmax(want[:n], axis=-1).astype(np.int64)
     columns = backend.slots.lengths[slots].copy()
     gates = np.ones((n, bucket), dtype=bool)
-    wants = [ref.decode_rows(slots, tokens, bucket, gates)[slots] for ref in refs]
-    got = backend.decode_rows(slots, tokens, bucket, gates)[slots]
-    _record(report, f"decode.{bucket}.logits", got, *wants, tol=tols["logits"])
-    for layer in man.decode(bucket).layers:
+    wants = [ref.decode_rows(slots, tokens, bucket, gates, draft=draft)[slots] for ref in refs]
+    got = backend.decode_rows(slots, tokens, bucket, gates, draft=draft)[slots]
+    label = f"draft.{bucket}" if draft else f"decode.{bucket}"
+    _record(report, f"{label}.logits", got, *wants, tol=tols["logits"])
+    for layer in (man.draft if draft else man.decode)(bucket).layers:
         keys, values = backend.kv.read(layer)
         for b, slot in enumerate(slots):
             c = int(columns[b])
-            _record(report, f"decode.{bucket}.kv", keys[slot, :, c],
+            _record(report, f"{label}.kv", keys[slot, :, c],
                     *(r.cache[slot].keys[layer][0, :, -1] for r in refs), tol=tols["kv"])
-            _record(report, f"decode.{bucket}.kv", values[slot, :, c],
+            _record(report, f"{label}.kv", values[slot, :, c],
                     *(r.cache[slot].values[layer][0, :, -1] for r in refs), tol=tols["kv"])
     return wants
 

@@ -71,6 +71,35 @@ def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEn
     return new_index, out, info
 
 
+def add_quantized_drafts(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEntry], scheme: str,
+                         buckets: tuple[int, ...]) -> tuple[dict[str, WeightEntry], list[GraphSpec], dict]:
+    """Lossless mode's draft graphs: a quantized copy of the decode graph of each of `buckets` (`draft_bNNN.onnx`,
+    kind "draft"), for a float engine in `tmp`. The weights those copies read are quantized once and appended to
+    weights.bin after every float weight; the float weights keep their bytes and offsets, so the float graphs are
+    not touched. -> (new weights index, graphs + the draft graphs, the manifest's `drafts`)."""
+    decode = {g.budget: g for g in graphs if g.kind == "decode"}
+    names = {b: f"draft_b{b:03d}" for b in buckets}
+    protos = {names[b]: onnx.load(str(tmp / decode[b].file), load_external_data=False) for b in buckets}
+    float_weights = views(np.fromfile(tmp / WEIGHTS_FILE, dtype=np.uint8), index)  # in memory: the file is rewritten
+    q_protos, q_weights, info = quantize_graphs(protos, float_weights, scheme)
+    added = {name: arr for name, arr in q_weights.items() if name not in index}
+    new_index = write_weights({**float_weights, **added}, tmp / WEIGHTS_FILE)
+    moved = [name for name in index if new_index[name] != index[name]]
+    if moved:  # write_weights lays tensors out in order, so the float ones cannot move; a guard for changes to it
+        raise EngineError(f"adding the draft weights moved the float weight {moved[0]!r} inside {WEIGHTS_FILE}")
+    out = list(graphs)
+    for b in buckets:
+        model = q_protos[names[b]]
+        used = attach_external(model, new_index)
+        model.ir_version = IR_VERSION
+        onnx.save(model, str(tmp / f"{names[b]}.onnx"))
+        spec = decode[b]
+        out.append(GraphSpec(names[b], "draft", f"{names[b]}.onnx", b, spec.layers, spec.inputs, spec.outputs,
+                             tuple(used)))
+    drafts = {"scheme": scheme, "graphs": {str(b): names[b] for b in buckets}, "quantization": info}
+    return new_index, out, drafts
+
+
 def dequantized_model(model, directory: Path, index: dict[str, WeightEntry], info: dict):
     """A copy of `model` whose parameters are the weights the quantized graphs effectively use."""
     q = views(np.fromfile(Path(directory) / WEIGHTS_FILE, dtype=np.uint8), index)

@@ -70,14 +70,19 @@ class TorchReference(SlotBackend):
     """Cached SkipDecode forward passes on an HF `OPTForCausalLM`, one row at a time, behind the slot API.
 
     Every budget is a "bucket" (schedules run exactly). A bucket's graph is layers_for_budget(L, bucket,
-    warmup_layers), like an engine exported with that warm-up; `use_warmup` switches it between generations."""
+    warmup_layers), like an engine exported with that warm-up; `use_warmup` switches it between generations.
+    `draft_model` (the same model with other weights, e.g. dequantized ones): what `decode_rows(..., draft=True)`
+    runs, as an engine's quantized draft graphs do; every bucket below full depth then has one."""
 
-    def __init__(self, model: OPTForCausalLM, max_batch: int = 64, warmup_layers: int = 1) -> None:
+    def __init__(self, model: OPTForCausalLM, max_batch: int = 64, warmup_layers: int = 1,
+                 draft_model: OPTForCausalLM | None = None) -> None:
         self.model = model.eval()
         self.decoder = model.model.decoder
+        self.draft_model = draft_model.eval() if draft_model is not None else None
         cfg = model.config
         self.num_layers = len(self.decoder.layers)
         self.buckets = tuple(range(1, self.num_layers + 1))
+        self.draft_buckets = self.buckets[:-1] if draft_model is not None else ()
         self.warmup_layers = warmup_layers
         self.max_batch = max_batch
         self.max_length = cfg.max_position_embeddings
@@ -94,20 +99,22 @@ class TorchReference(SlotBackend):
                 raise InputError(f"warmup_layers={warmup}: generations with warm-up {self.warmup_layers} are running")
             self.warmup_layers = warmup
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        dec = self.decoder
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, model: OPTForCausalLM | None = None
+              ) -> torch.Tensor:
+        dec = (model or self.model).model.decoder
         x = dec.embed_tokens(input_ids)
         if dec.project_in is not None:
             x = dec.project_in(x)
         return x + dec.embed_positions(None, 0, position_ids=position_ids)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        dec = self.decoder
+    def head(self, hidden: torch.Tensor, model: OPTForCausalLM | None = None) -> torch.Tensor:
+        model = model or self.model
+        dec = model.model.decoder
         if dec.final_layer_norm is not None:
             hidden = dec.final_layer_norm(hidden)
         if dec.project_out is not None:
             hidden = dec.project_out(hidden)
-        return self.model.lm_head(hidden)
+        return model.lm_head(hidden)
 
     @torch.inference_mode()
     def _prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, slots: list[int]) -> np.ndarray:
@@ -123,18 +130,26 @@ class TorchReference(SlotBackend):
             out.append(self.head(h[:, -1]).float())
         return torch.cat(out).numpy()
 
-    @torch.inference_mode()
     def _decode(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        return self._step(self.model, ids, lengths, bucket, gates)
+
+    def _decode_draft(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        return self._step(self.draft_model, ids, lengths, bucket, gates)
+
+    @torch.inference_mode()
+    def _step(self, model: OPTForCausalLM, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray
+              ) -> np.ndarray:
         graph = layers_for_budget(self.num_layers, bucket, self.warmup_layers)
+        layers = model.model.decoder.layers
         out = np.zeros((len(ids), self.vocab_size), dtype=np.float32)
         for row in np.flatnonzero(gates.any(axis=1)):  # rows with no layer on are not part of this call
             kv = self.cache[int(row)]
-            h = self.embed(torch.tensor([[int(ids[row])]]), torch.tensor([[int(lengths[row])]]))
+            h = self.embed(torch.tensor([[int(ids[row])]]), torch.tensor([[int(lengths[row])]]), model)
             for layer, on in zip(graph, gates[row], strict=True):
                 if on:  # attends to this layer's own columns plus the new one: no mask needed
-                    h = self.decoder.layers[layer](h, attention_mask=None, past_key_values=kv)
+                    h = layers[layer](h, attention_mask=None, past_key_values=kv)
                     kv.ran(layer, [lengths[row]])
-            out[row] = self.head(h[:, -1]).float().numpy()[0]
+            out[row] = self.head(h[:, -1], model).float().numpy()[0]
         return out
 
     @torch.inference_mode()

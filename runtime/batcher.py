@@ -23,7 +23,14 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import InputError
-from .generation import DEFAULT_DRAFT_TOKENS, GenerateOptions, check_prompts, draft_bucket, resolve_max_length
+from .generation import (
+    DEFAULT_DRAFT_TOKENS,
+    GenerateOptions,
+    check_prompts,
+    draft_bucket,
+    draft_quantized,
+    resolve_max_length,
+)
 from .logprobs import TokenLogprob, token_logprob
 from .profiling import step_range
 from .sampling import Sampler
@@ -61,8 +68,10 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
         if backend.lossless_refusal:
             raise InputError(backend.lossless_refusal)
         auto = opts.draft_tokens is None
-        draft = Draft(draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup),
-                      opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=auto, shared=auto and opts.sampling.greedy)
+        bucket = draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup)
+        draft = Draft(bucket, opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=auto,
+                      shared=auto and opts.sampling.greedy,
+                      quantized=draft_quantized(bucket, backend.draft_buckets, opts.draft_weights))
     return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets, draft))
 
 
@@ -242,39 +251,50 @@ class Batcher:
 
     def _draft(self, rows: tuple[SpecRow, ...], seqs: list[_Sequence], work: int) -> tuple[list[_RowDraft], int]:
         """row.drafts tokens per row from its draft bucket: calls of the deepest draft bucket among the rows still
-        drafting, shallower rows gated. A row drafting automatically stops early at a token its draft gives less
-        than DRAFT_STOP_BELOW probability."""
-        L, be = self.backend.num_layers, self.backend
+        drafting, shallower rows gated (one call for the rows drafting with quantized weights, one for the others).
+        A row drafting automatically stops early at a token its draft gives less than DRAFT_STOP_BELOW
+        probability."""
         slots = [r.slot for r in rows]
         drafts = [_RowDraft() for _ in rows]
         feed = np.array([s.next_token for s in seqs], dtype=np.int64)
         limit = [r.drafts for r in rows]  # lowered when a row's draft is unsure of its token
         for i in range(max(limit)):
-            active = [j for j in range(len(rows)) if limit[j] > i]
-            if not active:
+            drafting = [j for j in range(len(rows)) if limit[j] > i]
+            if not drafting:
                 break
-            bucket = max(rows[j].draft_bucket for j in active)
-            gates = np.array([gate_row(L, self._warmup, bucket, rows[j].draft_bucket) for j in active], dtype=bool)
-            logits = be.decode_rows([slots[j] for j in active], feed[active], bucket, gates)
-            work += bucket * (max(slots[j] for j in active) + 1)
-            for j in active:
-                row, draft, sampler = logits[slots[j]], drafts[j], seqs[j].sampler
-                if not np.isfinite(row.max()):
-                    draft.broken = True  # reported after the verify pass; its logits decide nothing for this row
-                if draft.broken:
-                    d, confidence = 0, 0.0
-                elif sampler.params.greedy:
-                    d = int(np.argmax(row))
-                    confidence = 1.0 / float(np.exp(row - row[d]).sum())
-                else:
-                    draft.probs.append(sampler.probs(row))
-                    d = sampler.draw(draft.probs[-1])
-                    confidence = float(draft.probs[-1].max())
-                draft.tokens.append(d)
-                feed[j] = d
-                if rows[j].stop_when_unsure and confidence < DRAFT_STOP_BELOW:  # later drafts build on a likely miss
-                    limit[j] = i + 1
+            for quantized in (True, False):
+                active = [j for j in drafting if rows[j].quantized == quantized]
+                if active:
+                    work = self._draft_call(rows, seqs, slots, active, feed, limit, drafts, i, quantized, work)
         return drafts, work
+
+    def _draft_call(self, rows: tuple[SpecRow, ...], seqs: list[_Sequence], slots: list[int], active: list[int],
+                    feed: np.ndarray, limit: list[int], drafts: list[_RowDraft], i: int, quantized: bool,
+                    work: int) -> int:
+        """Draft token i of the rows `active` in one call; -> work."""
+        L, be = self.backend.num_layers, self.backend
+        bucket = max(rows[j].draft_bucket for j in active)
+        gates = np.array([gate_row(L, self._warmup, bucket, rows[j].draft_bucket) for j in active], dtype=bool)
+        logits = be.decode_rows([slots[j] for j in active], feed[active], bucket, gates, draft=quantized)
+        work += bucket * (max(slots[j] for j in active) + 1)
+        for j in active:
+            row, draft, sampler = logits[slots[j]], drafts[j], seqs[j].sampler
+            if not np.isfinite(row.max()):
+                draft.broken = True  # reported after the verify pass; its logits decide nothing for this row
+            if draft.broken:
+                d, confidence = 0, 0.0
+            elif sampler.params.greedy:
+                d = int(np.argmax(row))
+                confidence = 1.0 / float(np.exp(row - row[d]).sum())
+            else:
+                draft.probs.append(sampler.probs(row))
+                d = sampler.draw(draft.probs[-1])
+                confidence = float(draft.probs[-1].max())
+            draft.tokens.append(d)
+            feed[j] = d
+            if rows[j].stop_when_unsure and confidence < DRAFT_STOP_BELOW:  # later drafts build on a likely miss
+                limit[j] = i + 1
+        return work
 
     def _verify(self, rows: tuple[SpecRow, ...], seqs: list[_Sequence], drafts: list[_RowDraft], work: int
                 ) -> tuple[np.ndarray, int]:

@@ -71,6 +71,8 @@ class CudaBackend(OrtBackend):
             raise BackendError(f"this engine is {man.dtype} with gqa attention; GroupQueryAttention runs on CUDA in "
                                "float16 only: export with --dtype fp16 (or use the matmul flavour)")
         directory = Path(directory)
+        # quantized draft graphs (MatMulNBits) are not run on the GPU: lossless mode drafts with the float buckets
+        man = man.without_drafts()
         self.prepack = "off"
         self.cuda = CudaRuntime(device) if placement == CUDA else HostRuntime()
         self._setup(man, max_batch, max_length, self.cuda)

@@ -17,6 +17,8 @@ from .sampling import SamplingParams
 from .schedule import Schedule, schedule_for
 from .slot_backend import MAX_VERIFY_TOKENS
 
+DRAFT_WEIGHTS = ("quantized", "float")
+
 
 @dataclass(frozen=True)
 class GenerateOptions:
@@ -38,6 +40,10 @@ class GenerateOptions:
     lossless: bool = False
     draft_speedup: float | None = None  # the draft bucket: the smallest exported one with >= num_layers / this
     draft_tokens: int | None = None
+    # Which weights draft: "quantized" (the engine's int8/int4 draft graph of the draft bucket), "float" (the bucket
+    # itself). None: quantized where the engine has a draft graph for the bucket (a draft step then reads fewer bytes
+    # of weights), else float. Either way the verify pass runs the float weights: the output does not change.
+    draft_weights: str | None = None
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, lo=1)
@@ -48,8 +54,12 @@ class GenerateOptions:
             raise InputError(f"lossless decoding runs at full depth: speedup={self.speedup}, max_layers="
                              f"{self.max_layers}, min_layers={self.min_layers} pick a SkipDecode schedule; use "
                              "draft_speedup to choose the draft depth")
-        if not self.lossless and (self.draft_speedup is not None or self.draft_tokens is not None):
-            raise InputError("draft_speedup and draft_tokens apply to lossless decoding only (lossless=true)")
+        if not self.lossless and (self.draft_speedup is not None or self.draft_tokens is not None
+                                  or self.draft_weights is not None):
+            raise InputError("draft_speedup, draft_tokens and draft_weights apply to lossless decoding only "
+                             "(lossless=true)")
+        if self.draft_weights is not None and self.draft_weights not in DRAFT_WEIGHTS:
+            raise InputError(f"draft_weights={self.draft_weights!r} is not one of {list(DRAFT_WEIGHTS)}")
         if self.draft_tokens is not None:
             check_int("draft_tokens", self.draft_tokens, lo=1, hi=MAX_VERIFY_TOKENS - 1)
         d = self.draft_speedup
@@ -120,6 +130,20 @@ def draft_bucket(num_layers: int, buckets: Sequence[int], draft_speedup: float |
                          f"{list(buckets)}: export it with --speedups")
     want = math.ceil(num_layers / s - 1e-9)
     return next((b for b in shallow if b >= want), shallow[-1])
+
+
+def draft_quantized(bucket: int, draft_buckets: Sequence[int], draft_weights: str | None) -> bool:
+    """Whether a lossless request drafts with the quantized draft graph of `bucket` (`GenerateOptions.draft_weights`;
+    None: where the engine has one). Asking for quantized drafts the engine lacks is an input error."""
+    if draft_weights == "float":
+        return False
+    if bucket in draft_buckets:
+        return True
+    if draft_weights == "quantized":
+        have = f"buckets {list(draft_buckets)}" if draft_buckets else "none"
+        raise InputError(f"draft_weights='quantized': this engine has no quantized draft graph for the draft bucket "
+                         f"{bucket} (it has {have}); export it with --drafts int8, or pick another draft_speedup")
+    return False
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_batch: int) -> None:

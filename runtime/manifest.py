@@ -10,7 +10,7 @@ import glob
 import hashlib
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,10 @@ from .manifest_check import check_files, check_manifest
 
 FORMAT = "skipdecode-engine"
 # 2: ragged slot KV layout, past_length/gate inputs, `attention` flavour; 3: `integrity` (content hashes of every
-# file, runtime/integrity.py), every field validated strictly at load
-FORMAT_VERSION = 3
+# file, runtime/integrity.py), every field validated strictly at load; 4: lossless mode's quantized draft graphs
+# (graph kind "draft", the `drafts` section). Version 3 engines load unchanged (they have neither).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHTS_ALIGN = 64  # bytes; every tensor starts on a cache-line boundary of the shared weights file
@@ -97,14 +99,15 @@ class WeightEntry:
     nbytes: int
 
 
-GRAPH_KINDS = ("prefill", "decode", "verify", "verify_row")
+GRAPH_KINDS = ("prefill", "decode", "verify", "verify_row", "draft")
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
     # "prefill" | "decode" | "verify" (lossless mode's full-depth check of drafted tokens, any batch) | "verify_row"
-    # (the same for one row, in place: gqa engines)
+    # (the same for one row, in place: gqa engines) | "draft" (lossless mode's draft: a decode graph of one bucket on
+    # the quantized copy of the weights named in `Manifest.drafts`; never a SkipDecode bucket)
     kind: str
     file: str
     budget: int  # layers executed
@@ -140,6 +143,10 @@ class Manifest:
     # (MatMul, Gemm, MatMulNBits, DynamicQuantizeMatMul): with shared pre-packing the runtime releases their
     # unpacked bytes after load (ort_backend.py). Empty for engines exported before the field existed.
     prepacked: tuple[str, ...] = ()
+    # lossless mode's quantized drafts, {} when the engine has none: {"scheme": the quantization scheme, "graphs":
+    # {bucket (a string, JSON keys are): graph name}, "quantization": what `quantization` holds for a quantized
+    # engine, for the draft graphs' weights}. Those graphs draft; "verify"/"verify_row" (float weights) verify.
+    drafts: dict = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -156,6 +163,19 @@ class Manifest:
 
     def decode(self, budget: int) -> GraphSpec:
         return next(g for g in self.graphs if g.kind == "decode" and g.budget == budget)
+
+    @property
+    def draft_buckets(self) -> tuple[int, ...]:
+        """Buckets with a quantized draft graph (lossless mode); () for engines without."""
+        return tuple(sorted(g.budget for g in self.graphs if g.kind == "draft"))
+
+    def draft(self, budget: int) -> GraphSpec:
+        return next(g for g in self.graphs if g.kind == "draft" and g.budget == budget)
+
+    def without_drafts(self) -> Manifest:
+        """The engine as a backend that does not run the quantized draft graphs sees it (lossless mode then drafts
+        with the float buckets)."""
+        return replace(self, graphs=tuple(g for g in self.graphs if g.kind != "draft"), drafts={})
 
     def verify(self, kind: str = "verify") -> GraphSpec | None:
         """A verify graph of lossless mode ("verify" or "verify_row"); None for engines exported without one."""
@@ -199,9 +219,11 @@ def load_manifest(directory: str | Path) -> Manifest:
     fmt = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
     if fmt != FORMAT:
         raise EngineError(f"{path} is not a {FORMAT} manifest (format={fmt!r})")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise EngineError(f"{path} has format_version={raw.get('format_version')!r}; this runtime reads version "
-                          f"{FORMAT_VERSION}: re-export the model with this version of skipdecode")
+    version = raw.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise EngineError(f"{path} has format_version={version!r}; this runtime reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}: re-export the model with this version of "
+                          "skipdecode")
     man = parse_manifest(raw)
     check_manifest(man)
     check_files(directory, man)
@@ -232,7 +254,9 @@ def parse_manifest(raw: dict) -> Manifest:
         integrity=_integrity(F.need(raw, "integrity", m), f"{m}.integrity"),
         attention_reason=F.text(raw.get("attention_reason", ""), f"{m}.attention_reason"),
         quantization=F.obj(raw.get("quantization", {}), f"{m}.quantization"),
-        prepacked=tuple(F.text(x, f"{m}.prepacked") for x in F.seq(raw.get("prepacked", []), f"{m}.prepacked")))
+        prepacked=tuple(F.text(x, f"{m}.prepacked") for x in F.seq(raw.get("prepacked", []), f"{m}.prepacked")),
+        drafts=_drafts(raw.get("drafts", {}), f"{m}.drafts"),
+        format_version=raw.get("format_version", FORMAT_VERSION))
 
 
 _MODEL_FIELDS = {f.name: f for f in fields(OPTShape)}
@@ -286,6 +310,19 @@ def _weight(raw: object, where: str) -> WeightEntry:
     if nbytes != want:
         raise EngineError(f"{where}.nbytes={nbytes} does not match its shape {list(shape)} x {dtype} = {want} bytes")
     return WeightEntry(dtype, shape, offset, nbytes)
+
+
+def _drafts(raw: object, where: str) -> dict:
+    d = F.obj(raw, where)
+    if not d:
+        return {}
+    graphs = F.obj(F.need(d, "graphs", where), f"{where}.graphs")
+    for key, name in graphs.items():
+        if not key.isdigit():
+            raise EngineError(f"{where}.graphs key {key!r} must be a bucket (a positive integer)")
+        F.text(name, f"{where}.graphs[{key!r}]")
+    return {"scheme": F.text(F.need(d, "scheme", where), f"{where}.scheme"), "graphs": dict(graphs),
+            "quantization": F.obj(F.need(d, "quantization", where), f"{where}.quantization")}
 
 
 def _integrity(raw: object, where: str) -> dict:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 def check_manifest(man: Manifest) -> None:
     """Graphs consistent with the model and budgets, weights inside the file and disjoint, hashes for every file."""
     _check_graphs(man)
+    _check_drafts(man)
     _check_weights(man)
     _check_integrity(man)
 
@@ -36,7 +37,7 @@ def _check_graphs(man: Manifest) -> None:
     for g in man.graphs:
         if g.kind in ("prefill", "verify", "verify_row"):
             want = tuple(range(L))
-        else:
+        else:  # decode and draft graphs: one bucket's layers
             try:
                 want = layers_for_budget(L, g.budget, w)
             except ScheduleError as exc:
@@ -59,7 +60,7 @@ def _check_io(man: Manifest, g) -> None:
     args = (m.num_heads, m.head_dim, m.vocab_size, man.dtype)
     if g.kind == "prefill":
         want = C.prefill_io(man.num_layers, *args)
-    elif g.kind == "decode":
+    elif g.kind in ("decode", "draft"):
         want = C.decode_io(g.layers, *args, man.attention)
     else:
         want = C.verify_io(man.num_layers, *args, "gqa" if g.kind == "verify_row" else "matmul")
@@ -72,6 +73,31 @@ def _check_io(man: Manifest, g) -> None:
             raise EngineError(f"graph {g.name} {what}[{bad}] is {have}; the model in the manifest (hidden_size "
                               f"{m.hidden_size}, {m.num_heads} heads, vocab_size {m.vocab_size}, {man.dtype}) needs "
                               f"{need}")
+
+
+def _check_drafts(man: Manifest) -> None:
+    """Quantized draft graphs (lossless mode): each drafts for one exported bucket below full depth, and the `drafts`
+    section names exactly those graphs. They only propose tokens that float verify graphs check, so an engine whose
+    own weights are quantized (its verify pass too) has none."""
+    drafts = [g for g in man.graphs if g.kind == "draft"]
+    named = {int(k): v for k, v in man.drafts.get("graphs", {}).items()}
+    have = {g.budget: g.name for g in drafts}
+    if len(have) != len(drafts):
+        raise EngineError(f"manifest lists two draft graphs for one bucket: {sorted(g.budget for g in drafts)}")
+    if named != have:
+        raise EngineError(f"manifest.drafts.graphs {dict(sorted(named.items()))} does not match the draft graphs "
+                          f"{dict(sorted(have.items()))}")
+    if not drafts:
+        return
+    if man.quantization:
+        raise EngineError("manifest lists draft graphs on an engine whose own weights are quantized: drafts are "
+                          "quantized copies for a float engine's lossless mode")
+    if man.verify() is None:
+        raise EngineError("manifest lists draft graphs but no verify graph to check their tokens")
+    for g in drafts:
+        if g.budget not in man.buckets or g.budget >= man.num_layers:
+            raise EngineError(f"draft graph {g.name} drafts for bucket {g.budget}, which is not an exported bucket "
+                              f"below full depth (buckets {list(man.buckets)})")
 
 
 def _check_weights(man: Manifest) -> None:

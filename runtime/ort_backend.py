@@ -104,7 +104,7 @@ class OrtBackend(GraphBackend):
         self._finalizer.atexit = False
 
     def _probe(self) -> list[np.ndarray]:
-        """Outputs of one call of the prefill graph and of every decode graph on fixed inputs, in slot 0 (no
+        """Outputs of one call of the prefill graph and of every decode and draft graph on fixed inputs, in slot 0 (no
         generation holds a slot yet). The verify graphs are not run (their buffers are allocated on first use): they
         read the same weights through the same operators as the prefill graph."""
         token = self.pad_token_id + 1  # one prompt token, one decoded: fits any max_length (>= 2)
@@ -113,6 +113,9 @@ class OrtBackend(GraphBackend):
         for bucket in self.buckets:
             gates = np.ones((1, bucket), dtype=bool)
             out.append(self._decode(np.array([token]), np.array([1], dtype=np.int32), bucket, gates).copy())
+        for bucket in self.draft_buckets:  # they read quantized weights no other graph reads
+            gates = np.ones((1, bucket), dtype=bool)
+            out.append(self._decode_draft(np.array([token]), np.array([1], dtype=np.int32), bucket, gates).copy())
         return out
 
     def _run_prefill(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray):
@@ -125,7 +128,7 @@ class OrtBackend(GraphBackend):
         return outs[0], [(k.ctypes.data, v.ctypes.data) for k, v in kv], kv
 
     def _run_decode(self, spec: GraphSpec, n: int) -> None:
-        self._run_bound(spec, (spec.budget, n), lambda: self._decode_io(spec, n))
+        self._run_bound(spec, (spec.name, n), lambda: self._decode_io(spec, n))
 
     def _run_verify(self, spec: GraphSpec, n: int, S: int) -> None:
         self._run_bound(spec, (spec.kind, n, S), lambda: self._verify_io(spec, n, S))

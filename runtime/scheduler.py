@@ -49,12 +49,14 @@ class Draft:
     the end of the request). `shared` (automatic greedy requests only): the request drafts only in steps with at
     most `SchedulerConfig.max_speculative_rows` lossless rows, and otherwise decodes at full depth. Greedy tokens are
     the same either way; a sampled request's tokens depend on its rounds, so its choices depend on itself alone and
-    a seeded request gives the same tokens alone, batched or served."""
+    a seeded request gives the same tokens alone, batched or served. `quantized`: it drafts with the quantized draft
+    graph of `bucket` (`SlotBackend.draft_buckets`), a request property like the others."""
 
     bucket: int
     tokens: int
     auto: bool = True
     shared: bool = False
+    quantized: bool = False  # draft with the bucket's quantized draft graph (the engine's int8/int4 copy)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class SpecRow:
     drafts: int
     step: int
     stop_when_unsure: bool = True  # automatic drafting: the round ends at a draft token below the confidence cut
+    quantized: bool = False  # drafts with the quantized draft graph of draft_bucket
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,8 @@ class Scheduler:
                                                                  and r.step >= r.resume_at))
             drafts = min(draft.tokens, len(r.spec.buckets) - r.step - 1) if drafting else 0
             if drafts > 0:
-                spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step, draft.auto))
+                spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step, draft.auto,
+                                    draft.quantized))
             else:
                 rows.append(DecodeRow(r.spec.request_id, r.slot, column, r.spec.buckets[r.step], r.step))
         return StepPlan(calls=self._calls(tuple(rows)), admits=self._admit(), speculative=tuple(spec))

@@ -11,6 +11,8 @@ checking at the slot API boundary and one lock, so graph calls from several thre
   the window that are not in the call are gated off and point at their own length, a column that holds nothing yet
   and that their owner's next step overwrites before anything reads it (so two generations, or the two calls of a
   "group" step, never clobber each other's K/V).
+  With `draft=True` it runs the bucket's quantized draft graph instead (lossless mode, engines exported with
+  drafts: `draft_buckets`): the same layers on an int8/int4 copy of their weights.
 
 Lossless mode (self-speculative decoding, docs/DESIGN.md) adds two calls:
 
@@ -21,7 +23,8 @@ Lossless mode (self-speculative decoding, docs/DESIGN.md) adds two calls:
   a later length covers it.
 
 A subclass implements `_prefill(ids, pos, mask, slots)` (left-padded prompts), `_decode(ids, lengths, bucket,
-gates)` and `_verify(ids, lengths, rows)` over rows 0..n-1 (= slots). `GraphBackend` does that for compiled engines
+gates)` and `_verify(ids, lengths, rows)` over rows 0..n-1 (= slots), and `_decode_draft` (same arguments) where it
+has quantized drafts. `GraphBackend` does that for compiled engines
 over a `KVCache` and leaves `_run_prefill`, `_run_decode` and `_run_verify` to the onnxruntime CPU/CUDA and TensorRT
 backends (TensorRT has no verify plan: no lossless mode).
 """
@@ -98,6 +101,10 @@ class SlotBackend:
     # Why lossless decoding would not reproduce this backend's own full-depth tokens (None: it does). A quantized
     # engine's int8 kernels round the activations of a several-token verify call differently from a one-token step.
     lossless_refusal: str | None = None
+    # Buckets with a quantized draft graph (`decode_rows(..., draft=True)`): lossless mode drafts with them by default,
+    # since a draft step reads fewer weight bytes; the verify pass stays on the float weights, so the output is still
+    # full depth's.
+    draft_buckets: tuple[int, ...] = ()
 
     @property
     def has_verify(self) -> bool:
@@ -129,15 +136,20 @@ class SlotBackend:
             self.slots.lengths[list(slots)] = [len(p) for p in prompts]
             return logits
 
-    def decode_rows(self, slots: Sequence[int], token_ids: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
-        """One pass of `bucket`'s graph advancing `slots` by one token each. -> logits [max(slots) + 1, V]: row s is
-        slot s (rows of slots not in the call hold no meaning). The array is the caller's own: it is copied out of
-        the backend's output buffer before the lock is released, so another thread's next call cannot change it."""
+    def decode_rows(self, slots: Sequence[int], token_ids: np.ndarray, bucket: int, gates: np.ndarray,
+                    draft: bool = False) -> np.ndarray:
+        """One pass of `bucket`'s graph advancing `slots` by one token each (`draft`: its quantized draft graph).
+        -> logits [max(slots) + 1, V]: row s is slot s (rows of slots not in the call hold no meaning). The array is
+        the caller's own: it is copied out of the backend's output buffer before the lock is released, so another
+        thread's next call cannot change it."""
         k = len(slots)
         if k == 0 or len(set(slots)) != k or len(token_ids) != k:
             raise InputError(f"{len(token_ids)} tokens need as many distinct slots, got {list(slots)}")
         if bucket not in self.buckets:
             raise InputError(f"bucket {bucket} is not exported (buckets: {list(self.buckets)})")
+        if draft and bucket not in self.draft_buckets:
+            raise InputError(f"bucket {bucket} has no quantized draft graph (draft buckets: "
+                             f"{list(self.draft_buckets)})")
         if gates.shape != (k, bucket):
             raise InputError(f"gates have shape {gates.shape}; bucket {bucket} over {k} rows needs {(k, bucket)}")
         with self._lock:
@@ -147,7 +159,7 @@ class SlotBackend:
             ids[rows] = token_ids
             window = np.zeros((n, bucket), dtype=bool)
             window[rows] = gates
-            logits = self._decode(ids, lengths, bucket, window).copy()
+            logits = (self._decode_draft if draft else self._decode)(ids, lengths, bucket, window).copy()
             self.slots.lengths[rows] += 1
             return logits
 
@@ -214,6 +226,10 @@ class SlotBackend:
         """Rows 0..n-1 are slots 0..n-1; row i's token sits at column/position lengths[i]. -> logits [n, V]."""
         raise NotImplementedError
 
+    def _decode_draft(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        """`_decode` on the bucket's quantized draft weights (only called for a bucket in `draft_buckets`)."""
+        raise NotImplementedError
+
     def _verify(self, ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """ids [n, S]: row i's tokens at columns lengths[i] ..; write the K/V of `rows` only. -> logits [n, S, V]."""
         raise EngineError(f"{type(self).__name__} has no lossless mode (no verify pass)")
@@ -240,6 +256,8 @@ class GraphBackend(SlotBackend):
         self.vocab_size, self.pad_token_id, self.heads, self.head_dim = m.vocab_size, m.pad_token_id, m.num_heads, \
             m.head_dim
         self._specs = {b: man.decode(b) for b in self.buckets}  # looked up every step
+        self._draft_specs = {b: man.draft(b) for b in man.draft_buckets}
+        self.draft_buckets = man.draft_buckets
         if man.quantization:
             self.lossless_refusal = (f"lossless decoding is not exact on this {man.quantization.get('scheme')} "
                                      "engine (its verify pass rounds activations differently from one-token "
@@ -267,12 +285,19 @@ class GraphBackend(SlotBackend):
         return logits
 
     def _decode(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
-        n = len(ids)
+        return self._step(self._specs[bucket], ids, lengths, gates)
+
+    def _decode_draft(self, ids: np.ndarray, lengths: np.ndarray, bucket: int, gates: np.ndarray) -> np.ndarray:
+        # the draft graph writes K/V of its layers at the drafted columns like any bucket; the verify pass rewrites
+        # every layer's K/V of those columns from the float weights before anything else reads them (DESIGN §9)
+        return self._step(self._draft_specs[bucket], ids, lengths, gates)
+
+    def _step(self, spec: GraphSpec, ids: np.ndarray, lengths: np.ndarray, gates: np.ndarray) -> np.ndarray:
+        n, bucket = len(ids), spec.budget
         self._ids[:n, 0] = ids
         self._lengths[:n] = lengths
         self._kv_length[()] = int(lengths.max()) + 1
         self._gate[: n * bucket] = gates.reshape(-1)
-        spec = self._specs[bucket]
         self._run_decode(spec, n)
         if not self.in_place:
             for j, layer in enumerate(spec.layers):  # a gated-off row writes no K/V

@@ -144,6 +144,7 @@ class TrtBackend(GraphBackend):
                                f"{trt.__version__}: rebuild them with `skipdecode export --backend tensorrt`")
         self.trt = trt
         self.cuda = CudaRuntime(device)
+        man = man.without_drafts()  # TensorRT plans no quantized draft graph (a TensorRT export has none)
         self._setup(man, max_batch, max_length, self.cuda)
         self.itemsize = self.kv.itemsize
         self._logger = trt.Logger(trt.Logger.WARNING)
