@@ -146,7 +146,7 @@ def resolve_drafts(cfg: ExportConfig, shape: OPTShape, dtype: str, buckets: tupl
     scheme = None
     if why is None:
         try:
-            scheme = resolve_scheme("int8" if cfg.drafts == "auto" else cfg.drafts, shape, dtype)
+            scheme = resolve_scheme("int8" if cfg.drafts == "auto" else cfg.drafts, shape, dtype, "--drafts")
         except EngineError as exc:
             if cfg.drafts != "auto":
                 raise

@@ -36,20 +36,21 @@ from .quantize import attach_external, dequantize, parse_scheme, quantize_graphs
 SHORT_SCHEMES = ("int8", "int4")
 
 
-def resolve_scheme(name: str, shape: OPTShape, dtype: str) -> str:
-    """A user's --quantize value -> a full scheme string; bad values are refused before any tracing."""
+def resolve_scheme(name: str, shape: OPTShape, dtype: str, flag: str = "--quantize") -> str:
+    """A user's --quantize (or --drafts: `flag`) value -> a full scheme string; bad values are refused before any
+    tracing."""
     if dtype != "float32":
-        raise EngineError(f"--quantize {name} needs --dtype fp32 (quantized {dtype} graphs are not supported)")
+        raise EngineError(f"{flag} {name} needs --dtype fp32 (quantized {dtype} graphs are not supported)")
     if name in SHORT_SCHEMES:
         dims = (shape.hidden_size, shape.ffn_dim, shape.word_embed_proj_dim)
         block = next((b for b in (128, 64, 32, 16) if all(d % b == 0 for d in dims)), None)
         if block is None:
-            raise EngineError(f"--quantize {name}: the input dimensions {dims} share no block size in 16..128")
+            raise EngineError(f"{flag} {name}: the input dimensions {dims} share no block size in 16..128")
         name = f"{name}-b{block}"
     try:
         parse_scheme(name)
     except ValueError as exc:
-        raise EngineError(f"--quantize: {exc}") from exc
+        raise EngineError(f"{flag}: {exc}") from exc
     return name
 
 

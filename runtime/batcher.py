@@ -71,7 +71,8 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
         bucket = draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup)
         draft = Draft(bucket, opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=auto,
                       shared=auto and opts.sampling.greedy,
-                      quantized=draft_quantized(bucket, backend.draft_buckets, opts.draft_weights))
+                      quantized=draft_quantized(bucket, backend.draft_buckets, opts.draft_weights,
+                                                opts.sampling.greedy))
     return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets, draft))
 
 

@@ -41,8 +41,11 @@ class GenerateOptions:
     draft_speedup: float | None = None  # the draft bucket: the smallest exported one with >= num_layers / this
     draft_tokens: int | None = None
     # Which weights draft: "quantized" (the engine's int8/int4 draft graph of the draft bucket), "float" (the bucket
-    # itself). None: quantized where the engine has a draft graph for the bucket (a draft step then reads fewer bytes
-    # of weights), else float. Either way the verify pass runs the float weights: the output does not change.
+    # itself). Either way the verify pass runs the float weights, so greedy tokens are full depth's and sampled ones
+    # have its distribution. None: greedy requests draft quantized where the engine has a draft graph for the bucket
+    # (a draft step reads fewer bytes of weights); sampled requests draft float, because the int8 rounding of the
+    # activations magnifies the float noise that batching adds, and a seeded request would then not always give
+    # the same tokens alone and batched (`draft_quantized`).
     draft_weights: str | None = None
 
     def __post_init__(self) -> None:
@@ -132,13 +135,20 @@ def draft_bucket(num_layers: int, buckets: Sequence[int], draft_speedup: float |
     return next((b for b in shallow if b >= want), shallow[-1])
 
 
-def draft_quantized(bucket: int, draft_buckets: Sequence[int], draft_weights: str | None) -> bool:
+def draft_quantized(bucket: int, draft_buckets: Sequence[int], draft_weights: str | None, greedy: bool) -> bool:
     """Whether a lossless request drafts with the quantized draft graph of `bucket` (`GenerateOptions.draft_weights`;
-    None: where the engine has one). Asking for quantized drafts the engine lacks is an input error."""
+    None: greedy requests where the engine has one). Asking for quantized drafts the engine lacks is an input error.
+
+    Why sampled requests draft float by default: a sampled row's drafts decide which tokens it emits (the
+    acceptance test compares their probabilities), so its tokens follow every bit of its draft logits. Batching
+    changes the float K/V of a row by ~1e-6 (a left-padded prefill, the several-row verify graph); float drafts pass
+    that on unchanged, but an activation near an int8 rounding boundary turns it into a whole rounding step. On the
+    embedded model, seeded rows sampled alone and in a batch of 4 (30 tokens, 80 rows) differed in 3 rows with
+    quantized drafts and in none with float ones. Greedy tokens are the verifier's argmax whatever the drafts."""
     if draft_weights == "float":
         return False
     if bucket in draft_buckets:
-        return True
+        return draft_weights == "quantized" or greedy
     if draft_weights == "quantized":
         have = f"buckets {list(draft_buckets)}" if draft_buckets else "none"
         raise InputError(f"draft_weights='quantized': this engine has no quantized draft graph for the draft bucket "

@@ -42,6 +42,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-speedup", type=float,
                    help="draft depth: the smallest exported bucket with >= layers / this (default 3)")
     g.add_argument("--draft-tokens", type=int, help="tokens drafted per round, 1..15 (default 4)")
+    g.add_argument("--draft-weights", choices=("quantized", "float"),
+                   help="draft with the engine's int8 draft graphs or its float buckets (default: quantized for "
+                        "greedy requests where the engine has them, else float); the output is full depth's either way")
     g = p.add_argument_group("sampling (default greedy)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -156,7 +159,8 @@ def options_from_args(args, eos_token_id: int | None):
         min_layers=args.min_layers, warmup_layers=args.warmup_layers, max_length=args.max_length,
         sampling=sampling, eos_token_id=None if args.ignore_eos else eos_token_id,
         stop_token_ids=tuple(args.stop_token_ids), lossless=getattr(args, "lossless", False),
-        draft_speedup=getattr(args, "draft_speedup", None), draft_tokens=getattr(args, "draft_tokens", None))
+        draft_speedup=getattr(args, "draft_speedup", None), draft_tokens=getattr(args, "draft_tokens", None),
+        draft_weights=getattr(args, "draft_weights", None))
 
 
 def cmd_generate(args) -> int:

@@ -37,10 +37,11 @@ class Setting:
     name: str
     speedup: float | None = None
     lossless: bool = False
+    draft_weights: str | None = None  # lossless mode: "float" or "quantized" drafts; None: the default
 
     def options(self, max_new_tokens: int, eos_token_id: int | None) -> GenerateOptions:
         return GenerateOptions(max_new_tokens=max_new_tokens, speedup=self.speedup, eos_token_id=eos_token_id,
-                               lossless=self.lossless)
+                               lossless=self.lossless, draft_weights=self.draft_weights)
 
 
 @dataclass
@@ -62,9 +63,16 @@ class SettingResult:
     accepted: int = 0
 
 
-def default_settings(speedups: Sequence[float], lossless: bool) -> list[Setting]:
+def default_settings(speedups: Sequence[float], lossless: bool, draft_scheme: str | None = None) -> list[Setting]:
+    """Full depth, each SkipDecode speedup, lossless mode; on an engine with quantized drafts (`draft_scheme`, e.g.
+    "int8-b64") lossless mode twice: as it runs by default (quantized drafts) and drafting with the float buckets."""
     settings = [Setting(FULL_DEPTH)] + [Setting(f"SkipDecode {s:g}x", speedup=s) for s in speedups]
-    return settings + ([Setting(LOSSLESS, lossless=True)] if lossless else [])
+    if not lossless:
+        return settings
+    if draft_scheme:
+        return settings + [Setting(f"{LOSSLESS} ({draft_scheme.split('-')[0]} drafts)", lossless=True),
+                           Setting(f"{LOSSLESS} (float drafts)", lossless=True, draft_weights="float")]
+    return settings + [Setting(LOSSLESS, lossless=True)]
 
 
 def _timed(engine, prompt: Sequence[int], opts: GenerateOptions) -> tuple[float, float, list[int], int, int]:
@@ -161,7 +169,8 @@ def cmd_demo(args) -> int:
         load_s = time.perf_counter() - t0
         prompt = engine.encode(args.prompt) if args.prompt is not None else list(args.prompt_ids)
         refusal = engine.backend.lossless_refusal  # quantized engines: lossless would not be their full depth's
-        settings = default_settings(args.speedups, args.lossless and refusal is None)
+        drafts = engine.manifest.drafts.get("scheme") if engine.backend.draft_buckets else None
+        settings = default_settings(args.speedups, args.lossless and refusal is None, drafts)
         L = engine.backend.num_layers
         log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
         log(f"loaded {args.engine} in {load_s:.1f} s: {L} layers, buckets "

@@ -48,3 +48,25 @@ def tiny_engine(tmp_path_factory):
     export(ExportConfig(model=str(root / "ckpt"), out=root / "tiny", speedups=(2.0, 3.0), max_batch=4),
            progress=False)
     return root / "tiny"
+
+
+EMBEDDED = "models/tiny-opt-kjv/skip-tuned"
+
+
+@pytest.fixture(scope="session")
+def kjv_engine_dir(tmp_path_factory):
+    """The embedded skip-tuned model exported as a plain export does (int8 lossless drafts included): its shallow
+    buckets agree with full depth often (drafts get accepted), so rounds accept different numbers of tokens;
+    random-weight models mostly reject."""
+    from skipdecode.export.exporter import ExportConfig, export
+    out = tmp_path_factory.mktemp("lossless") / "kjv"
+    export(ExportConfig(model=EMBEDDED, out=out, speedups=(2.0, 3.0, 5.0), max_batch=4, max_length=96),
+           progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def kjv_engine(kjv_engine_dir):
+    from skipdecode.runtime.engine import Engine
+    with Engine.load(kjv_engine_dir) as engine:
+        yield engine

@@ -31,20 +31,6 @@ from skipdecode.runtime.speculative import Acceptance  # noqa: E402
 
 from .conftest import PROMPTS  # noqa: E402
 
-EMBEDDED = "models/tiny-opt-kjv/skip-tuned"
-
-
-@pytest.fixture(scope="module")
-def kjv_engine(tmp_path_factory):
-    """The embedded skip-tuned model: its shallow buckets agree with full depth often (drafts get accepted), so
-    rounds accept different numbers of tokens; random-weight models mostly reject."""
-    out = tmp_path_factory.mktemp("lossless") / "kjv"
-    export(ExportConfig(model=EMBEDDED, out=out, speedups=(2.0, 3.0, 5.0), max_batch=4, max_length=96),
-           progress=False)
-    with Engine.load(out) as engine:
-        yield engine
-
-
 KJV_PROMPTS = ["And God said unto Moses,", "In the beginning", "Blessed are the poor in spirit: for",
                "And it came to pass"]
 
@@ -194,8 +180,8 @@ def chi2_pvalue(counts, expected_p):
 
 
 def test_speculative_sampling_matches_the_full_depth_distribution(small_vocab, tmp_path):
-    """4000 sampled continuations (temperature 1) per mode. Tokens 2 and 3 come from lossless rounds (token 1 is
-    the prefill's). Their joint frequencies must fit the exact full-depth distribution: chi-square p-value above
+    """4000 sampled continuations (temperature 1) per mode, float and int8 drafts. Tokens 2 and 3 come from lossless
+    rounds (token 1 is the prefill's). Their joint frequencies must fit the exact full-depth distribution: chi-square p-value above
     1e-3 (a correct sampler fails this 1 time in 1000). The negative control, the draft model's own sampling,
     must fail it."""
     small_vocab.save_pretrained(tmp_path / "ckpt")
@@ -209,6 +195,10 @@ def test_speculative_sampling_matches_the_full_depth_distribution(small_vocab, t
     lossless = GenerateOptions(max_new_tokens=4, lossless=True, draft_tokens=2, draft_speedup=3.0)
     counts = sampled_pairs(engine, prompt, lossless, 4000)
     assert chi2_pvalue(counts, exact) > 1e-3
+    # the engine's int8 drafts (sampled requests draft float unless asked: runtime/generation.py draft_quantized)
+    assert engine.backend.draft_buckets
+    int8 = sampled_pairs(engine, prompt, replace(lossless, draft_weights="quantized"), 4000)
+    assert chi2_pvalue(int8, exact) > 1e-3 and not np.array_equal(int8, counts)
     draft = draft_bucket(engine.backend.num_layers, engine.backend.buckets, 3.0)
     shallow = GenerateOptions(max_new_tokens=4, max_layers=draft, min_layers=draft)
     assert chi2_pvalue(sampled_pairs(engine, prompt, shallow, 4000), exact) < 1e-3

@@ -4,7 +4,8 @@
                            echo (with logprobs: the prompt scored at full depth, one decode step per prompt
                            token; max_tokens 0: the scored prompt only), stream_options.include_usage, plus
                            SkipDecode's speedup | max_layers + min_layers, lossless (+ draft_speedup,
-                           draft_tokens: full-depth output, drafted and accepted counts in the response),
+                           draft_tokens, draft_weights: full-depth output, drafted and accepted counts in the
+                           response),
                            stop_token_ids, ignore_eos, timeout
     GET  /v1/models        the one served model (OpenAI list shape); GET /v1/models/{id} the model object
     GET  /health           200 while serving, 503 while shutting down (never needs the API key)

@@ -24,11 +24,12 @@ from skipdecode.runtime.errors import (
     RequestTimeoutError,
     SkipDecodeError,
     check_bool,
+    check_choice,
     check_int,
     check_number,
     show,
 )
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.generation import DRAFT_WEIGHTS, GenerateOptions
 from skipdecode.runtime.logprobs import MAX_LOGPROBS, TokenLogprob
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.slot_backend import MAX_VERIFY_TOKENS
@@ -41,6 +42,7 @@ MAX_NAME_CHARS = 256  # model and user strings
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n",
           "user", "speedup", "max_layers", "min_layers", "stop_token_ids", "ignore_eos", "timeout",
           "logprobs", "echo", "stream_options", "lossless", "draft_speedup", "draft_tokens",
+          "draft_weights",
           # OpenAI fields not implemented: accepted only with a value that leaves the result unchanged
           "best_of", "frequency_penalty", "presence_penalty", "logit_bias", "suffix")
 
@@ -139,7 +141,8 @@ def parse_completion(body: object, limits: ServerLimits, codec) -> CompletionReq
         eos_token_id=None if ignore_eos else limits.eos_token_id, logprobs=logprobs,
         lossless=_get(body, "lossless", False, check_bool),
         draft_speedup=_get(body, "draft_speedup", None, check_number),
-        draft_tokens=_get(body, "draft_tokens", None, check_int, 1, MAX_VERIFY_TOKENS - 1))
+        draft_tokens=_get(body, "draft_tokens", None, check_int, 1, MAX_VERIFY_TOKENS - 1),
+        draft_weights=_get(body, "draft_weights", None, check_choice, DRAFT_WEIGHTS))
     text = _one_prompt(body.get("prompt"))
     return CompletionRequest(prompt, options, stream, stop, float(timeout), model, max_tokens, logprobs, echo,
                              include_usage, text if isinstance(text, str) else None)
