@@ -181,9 +181,9 @@ def chi2_pvalue(counts, expected_p):
 
 def test_speculative_sampling_matches_the_full_depth_distribution(small_vocab, tmp_path):
     """4000 sampled continuations (temperature 1) per mode, float and int8 drafts. Tokens 2 and 3 come from lossless
-    rounds (token 1 is the prefill's). Their joint frequencies must fit the exact full-depth distribution: chi-square p-value above
-    1e-3 (a correct sampler fails this 1 time in 1000). The negative control, the draft model's own sampling,
-    must fail it."""
+    rounds (token 1 is the prefill's). Their joint frequencies must fit the exact full-depth distribution:
+    chi-square p-value above 1e-3 (a correct sampler fails this 1 time in 1000). The negative control, the draft
+    model's own sampling, must fail it."""
     small_vocab.save_pretrained(tmp_path / "ckpt")
     export(ExportConfig(model=str(tmp_path / "ckpt"), out=tmp_path / "eng", speedups=(3.0,), max_batch=50,
                        max_length=16), progress=False)
