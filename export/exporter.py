@@ -187,10 +187,7 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
         man = _build(model, codec, shape, buckets, dtype, max_length, cfg, target.tmp, progress, drafts[:2])
         reference = model if not man.quantization else dequantized_model(model, target.tmp, man.weights,
                                                                               man.quantization)
-        draft_reference = None if not man.drafts else dequantized_model(model, target.tmp, man.weights,
-                                                                        man.drafts["quantization"])
-        man = replace(man, parity=check_parity(target.tmp, reference, draft_model=draft_reference),
-                      attention_reason=reason)
+        man = replace(man, parity=check_parity(target.tmp, reference), attention_reason=reason)
         man.write(target.tmp)
         _backend_checks(cfg, man, target.tmp, progress)
         target.commit()
@@ -202,7 +199,7 @@ def _backend_checks(cfg: ExportConfig, man: Manifest, tmp: Path, progress: bool)
     TensorRT plans are built from the finished graphs and compared with onnxruntime CPU through polygraphy."""
     if cfg.dtype == "fp16":
         from .fp16_parity import check_fp16_export
-        check_fp16_export(replace(cfg, dtype="fp32", backend="onnxruntime"), tmp, progress)
+        check_fp16_export(replace(cfg, dtype="fp32", backend="onnxruntime", drafts="none"), tmp, progress)
     if cfg.backend == "tensorrt":
         from .polygraphy_check import check_backend_parity
         from .tensorrt_build import TrtBuildConfig, build_plans

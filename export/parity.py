@@ -31,7 +31,7 @@ from ..runtime.engine import Engine
 from ..runtime.errors import EngineError
 from ..runtime.manifest import load_manifest
 from .quantize import exact_graph
-from .quantize_export import FastPathRounding, fast_path_rounding
+from .quantize_export import FastPathRounding, dequantized_model, fast_path_rounding
 from .reference import TorchReference
 
 
@@ -146,18 +146,17 @@ def plan_parity(max_length: int, buckets, n_prompts: int, steps: int = 2) -> lis
     return [ParityRound(lengths, tuple(order[i: i + per_round]), steps) for i in range(0, len(order), per_round)]
 
 
-def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0, draft_model=None) -> dict:
+def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0) -> dict:
     """Return {output: {max_abs_diff, limit, finite[, rounding_diff]}}; raise ParityError naming every output over
     its limit.
     `model`: the PyTorch model the engine must compute (for a quantized engine: carrying its dequantized weights).
-    `draft_model`: for an engine with quantized drafts, the model carrying their dequantized weights."""
+    The quantized drafts of a float engine are checked against a copy of `model` carrying their dequantized
+    weights (read from the engine)."""
     directory = Path(directory)
     man = load_manifest(directory)
     report: dict = {}
     if man.drafts:
-        if draft_model is None:
-            raise EngineError(f"{directory.name} has quantized draft graphs: their parity check needs the model "
-                              "carrying the drafts' dequantized weights")
+        draft_model = dequantized_model(model, directory, man.weights, man.drafts["quantization"])
         report.update(_draft_parity(directory, man, model, draft_model, steps_per_bucket, seed))
     if man.quantization:
         # inside the engine directory: same file system (weights.bin is hard-linked, not copied), removed with it

@@ -62,10 +62,12 @@ def test_graphs_share_one_weights_file(engine_dir):
     out = engine_dir[2]
     man = json.loads((out / "manifest.json").read_text())
     files = {g["file"] for g in man["graphs"]}
-    # prefill, one graph per bucket, and the verify graphs of lossless mode (any batch; one row in place for gqa)
+    # prefill, one graph per bucket, the verify graphs of lossless mode (any batch; one row in place for gqa) and
+    # its int8 drafts (one per draft bucket)
     kinds = [g["kind"] for g in man["graphs"]]
     assert kinds.count("verify") == 1 and kinds.count("verify_row") == (man["attention"] == "gqa")
-    assert len(files) == len(kinds) == 1 + kinds.count("decode") + 1 + kinds.count("verify_row")
+    assert kinds.count("draft") == len(man["drafts"]["graphs"]) > 0
+    assert len(files) == len(kinds) == 1 + kinds.count("decode") + 1 + kinds.count("verify_row") + kinds.count("draft")
     weights_size = (out / WEIGHTS_FILE).stat().st_size
     for f in files:
         model = onnx.load(str(out / f), load_external_data=False)

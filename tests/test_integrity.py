@@ -44,11 +44,13 @@ def poke(path, offset: int, data: bytes) -> None:
 
 
 def nan_weights(d) -> None:
-    """Every weight NaN (the hashes are not updated: load with verify=False)."""
+    """Every float weight NaN, the scales of quantized drafts included (the hashes are not updated: load with
+    verify=False)."""
     man = load_manifest(d)
     buf = np.fromfile(d / WEIGHTS_FILE, dtype=np.uint8)
     for w in man.weights.values():
-        buf[w.offset: w.offset + w.nbytes].view(w.dtype)[:] = np.nan
+        if w.dtype.startswith("float"):
+            buf[w.offset: w.offset + w.nbytes].view(w.dtype)[:] = np.nan
     buf.tofile(d / WEIGHTS_FILE)
 
 

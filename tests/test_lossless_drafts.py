@@ -281,3 +281,17 @@ def test_draft_weights_over_http_and_on_the_command_line():
     args = build_parser().parse_args(["generate", "--engine", "e", "--prompt-ids", "2 5", "--lossless",
                                       "--draft-weights", "quantized"])
     assert options_from_args(args, 2).draft_weights == "quantized"
+
+
+def test_the_drafts_benchmark_script_reports_every_setting(kjv_engine, monkeypatch):
+    """bench/lossless_drafts.py on one prompt, one round (no timing asserted): the three settings, the same tokens,
+    acceptance and tokens per round that agree with the drafted and accepted counts."""
+    from skipdecode.bench.lossless_drafts import measure, table
+    rows = measure(kjv_engine, [KJV_PROMPTS[0]], max_new_tokens=24, rounds=1, log=lambda _: None)
+    assert [r["setting"] for r in rows] == ["full depth", f"lossless, {kjv_engine.manifest.drafts['scheme']} drafts",
+                                           "lossless, float drafts"]
+    assert all(r["identical"] for r in rows)
+    for r in rows[1:]:
+        assert 0 < r["acceptance"] < 1 and 1 < r["tokens_per_round"] <= 5 and r["rounds"] > 0
+    assert not hasattr(kjv_engine.backend, "__dict__") or "verify_rows" not in vars(kjv_engine.backend)
+    assert len(table(rows)) == 2 + 3 + 1 + 2 + 3

@@ -57,8 +57,10 @@ def test_negative_control_perturbed_weight_fails(engines):
     bad = OrtRunners(engines["mm"], label="bad", weight_override={name: weight(ref, name) * 1.01})
     with pytest.raises(CrossBackendError) as err:
         compare_engine(ref.manifest, ref, bad, TOLERANCES["fp32"])
+    drafts = [g for g in ref.manifest.graphs if g.kind == "draft"]
+    assert drafts  # lossless mode's int8 drafts read their own quantized copy of the weight, not the float one
     for graph in ref.manifest.graphs:
-        assert f"{graph.name}.logits" in str(err.value)
+        assert (f"{graph.name}.logits" in str(err.value)) == (graph.kind != "draft"), graph.name
 
 
 def test_feeds_are_realistic(engines):

@@ -56,8 +56,10 @@ def test_shared_prepacking_releases_only_packed_weights(engine_dir):
     with Engine.load(directory, prepack="shared") as engine:
         man = engine.manifest
         assert man.prepacked, "the exporter found no pre-packed weight"
-        # every released weight is a matrix; the embedding table (read by the token Gather) stays
-        assert all(len(man.weights[n].shape) == 2 for n in man.prepacked)
+        # every released weight is a matrix (float, or the int8 blocks of lossless mode's quantized drafts); the
+        # embedding table (read by the token Gather) stays
+        assert all(len(man.weights[n].shape) == 2 or n.endswith(".qweight") for n in man.prepacked)
+        assert any(n.endswith(".qweight") for n in man.prepacked) == bool(man.drafts)
         assert not any("embed_tokens" in n for n in man.prepacked)
         packed_bytes = sum(man.weights[n].nbytes for n in man.prepacked)
         assert 0 < engine.backend.released_bytes <= packed_bytes
