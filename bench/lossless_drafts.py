@@ -1,6 +1,7 @@
 """Lossless mode with float and with quantized drafts, side by side in one warm process (no torch).
 
     python -m skipdecode.bench.lossless_drafts --engine engines/tiny-opt-kjv [--prompt TEXT ...] [--rounds 7]
+        [--draft-tokens K]
 
 For each prompt: batch 1, greedy, the interleaved rounds of `skipdecode demo` (skipdecode/demo.py: warm-up, then
 every setting once per round in rotating order; tokens/s and speedups are medians over rounds of ratios taken
@@ -44,14 +45,15 @@ def rounds_per_generation(engine, prompt, opts: GenerateOptions) -> tuple[int, i
     return calls[0], len(gen.tokens), gen.accepted
 
 
-def measure(engine, prompts, max_new_tokens: int, rounds: int, log) -> list[dict]:
+def measure(engine, prompts, max_new_tokens: int, rounds: int, log, draft_tokens: int | None = None) -> list[dict]:
     if not engine.backend.draft_buckets:
         raise InputError("this engine has no quantized draft graphs: export it with this version of skipdecode "
                          "(a plain `skipdecode export` adds int8 drafts)")
     scheme = engine.manifest.drafts["scheme"]
     settings = [Setting(FULL_DEPTH),
-                Setting(f"lossless, {scheme} drafts", lossless=True, draft_weights="quantized"),
-                Setting("lossless, float drafts", lossless=True, draft_weights="float")]
+                Setting(f"lossless, {scheme} drafts", lossless=True, draft_weights="quantized",
+                        draft_tokens=draft_tokens),
+                Setting("lossless, float drafts", lossless=True, draft_weights="float", draft_tokens=draft_tokens)]
     rows = []
     for text in prompts:
         prompt = engine.encode(text)
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", action="append", help="prompt text (repeat; default four KJV openings)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per prompt after the warm-up")
+    p.add_argument("--draft-tokens", type=int, help="drafts per round (default: automatic drafting)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default SKIPDECODE_THREADS, else every core)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         with Engine.load(args.engine) as engine:
             t0 = time.perf_counter()
-            rows = measure(engine, args.prompt or PROMPTS, args.max_new_tokens, args.rounds, log)
+            rows = measure(engine, args.prompt or PROMPTS, args.max_new_tokens, args.rounds, log, args.draft_tokens)
             log(f"{len(rows)} rows in {time.perf_counter() - t0:.0f} s, {threads} threads")
     except SkipDecodeError as exc:
         print(f"lossless_drafts: error: {exc}", file=sys.stderr)

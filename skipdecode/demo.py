@@ -38,10 +38,12 @@ class Setting:
     speedup: float | None = None
     lossless: bool = False
     draft_weights: str | None = None  # lossless mode: "float" or "quantized" drafts; None: the default
+    draft_tokens: int | None = None  # lossless mode: drafts per round; None: automatic
 
     def options(self, max_new_tokens: int, eos_token_id: int | None) -> GenerateOptions:
         return GenerateOptions(max_new_tokens=max_new_tokens, speedup=self.speedup, eos_token_id=eos_token_id,
-                               lossless=self.lossless, draft_weights=self.draft_weights)
+                               lossless=self.lossless, draft_weights=self.draft_weights,
+                               draft_tokens=self.draft_tokens)
 
 
 @dataclass
