@@ -11,7 +11,7 @@ PROMPT ?= And God said unto Moses,
 
 EXPORT_SPEEDUPS ?= 2,3,5
 
-.PHONY: install install-ray install-peers test lint demo export memory clean
+.PHONY: install install-ray install-peers test test-unit test-integration test-system lint demo export memory clean
 
 # Extras per job. `make install` sets up the main job only: export (torch CPU, transformers, onnx), generate, demo,
 # serve. The targets that need more install it on first use, once: a stamp file per set under .venv/, redone when
@@ -45,6 +45,11 @@ install-peers: $(VENV)/.extras-peers
 # openai client, lm-eval, ...), peers and ray extras the tests exercise.
 test: $(VENV)/.extras-test
 	$(PY) -m pytest -q
+
+# One tier of the suite (tests/conftest.py): unit (~1 min: logic on fakes), integration (exported tiny engines),
+# system (servers, subprocesses, Ray, torchrun).
+test-unit test-integration test-system: $(VENV)/.extras-test
+	$(PY) -m pytest -q -m $(@:test-%=%)
 
 # Static checks (installs ruff on first use).
 lint: $(VENV)/.extras-lint

@@ -23,9 +23,17 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import InputError
-from .generation import DEFAULT_DRAFT_TOKENS, GenerateOptions, check_prompts, draft_bucket, resolve_max_length
-from .logprobs import TokenLogprob, token_logprob
+from .logprobs import token_logprob
 from .profiling import step_range
+from .request import (
+    DEFAULT_DRAFT_TOKENS,
+    FinishEvent,
+    GenerateOptions,
+    TokenEvent,
+    check_prompts,
+    draft_bucket,
+    resolve_max_length,
+)
 from .sampling import Sampler
 from .schedule import layers_for_budget, make_plan
 from .scheduler import DecodeCall, Draft, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, SpecRow, StepPlan
@@ -64,26 +72,6 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
         draft = Draft(draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup),
                       opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=auto, shared=auto and opts.sampling.greedy)
     return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets, draft))
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """Token number `index` of a request, produced by `budget` layers (its own bucket)."""
-
-    request_id: int
-    index: int
-    token: int
-    budget: int
-    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    request_id: int
-    reason: str  # "eos" | "stop" | "length" | "error"
-    error: str | None = None  # what went wrong, for reason "error"
-    drafted: int = 0  # lossless mode: tokens the request's drafts proposed, and how many the full model accepted
-    accepted: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     engine = Engine.load("engines/opt-1.3b")
     results = engine.generate([engine.encode("Hello")], GenerateOptions(max_new_tokens=32, speedup=2))
-    for event in engine.stream(prompts, opts): ...   # one StepEvent per step: each row's new token
+    for event in engine.stream(prompts, opts): ...   # a TokenEvent per token, a FinishEvent per row
     engine.close()                                     # or `with Engine.load(...) as engine:`
 """
 

@@ -107,7 +107,7 @@ class SchedulerConfig:
         check_choice("strategy", self.strategy, STRATEGIES)
 
 
-def check_fits(spec: SeqSpec, config: SchedulerConfig) -> None:
+def check_admissible(spec: SeqSpec, config: SchedulerConfig) -> None:
     """A request that could never be admitted is refused up front (it would block the queue forever)."""
     if spec.reserved_tokens > config.max_tokens_in_flight:
         raise InputError(f"prompt length {spec.prompt_length} + max_new_tokens {spec.max_new_tokens} = "
@@ -199,7 +199,7 @@ class Scheduler:
 
     # -- requests in and out ------------------------------------------------------------------------------
     def submit(self, spec: SeqSpec) -> None:
-        check_fits(spec, self.config)
+        check_admissible(spec, self.config)
         if spec.request_id in self._running or any(w.request_id == spec.request_id for w in self._waiting):
             raise SchedulerError(f"request {spec.request_id} was submitted twice")
         self._waiting.append(spec)

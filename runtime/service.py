@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .batcher import Batcher, FinishEvent, Request, StepResult, TokenEvent, prepare_request
+from .batcher import Batcher, Request, StepResult, prepare_request
 from .errors import (  # the service's errors live with every other error; imported from here too
     BackendError,
     InputError,
@@ -41,10 +41,10 @@ from .errors import (  # the service's errors live with every other error; impor
     check_int,
     check_number,
 )
-from .generation import GenerateOptions, check_prompts
 from .generator import NonFiniteLogitsError
-from .logprobs import MAX_LOGPROBS, PromptScore, TokenLogprob
-from .scheduler import SchedulerConfig, check_fits
+from .logprobs import MAX_LOGPROBS, PromptScore
+from .request import FinishEvent, GenerateOptions, Generation, TokenEvent, check_prompts
+from .scheduler import SchedulerConfig, check_admissible
 from .slot_backend import SlotBackend
 
 Listener = Callable[[TokenEvent | FinishEvent], None]
@@ -78,18 +78,6 @@ class ServiceConfig:
         batch = self.max_batch or slots
         return SchedulerConfig(batch, self.max_tokens_in_flight or batch * max_length, self.max_prefill_tokens,
                                self.strategy, self.max_speculative_rows)
-
-
-@dataclass(frozen=True)
-class Completion:
-    request_id: int
-    prompt: tuple[int, ...]
-    tokens: tuple[int, ...]
-    budgets: tuple[int, ...]  # layers each token ran (its own bucket; the prefill's token: all layers)
-    finish_reason: str  # "eos" | "stop" | "length" | "cancelled" | "timeout"
-    logprobs: tuple[TokenLogprob, ...] | None = None  # per token, when the options asked for logprobs
-    drafted: int = 0  # lossless mode: tokens drafted, and how many of them the full model accepted
-    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,16 +152,17 @@ class RequestHandle:
         with self._cv:
             return self._drafts
 
-    def result(self, timeout: float | None = None) -> Completion:
+    def result(self, timeout: float | None = None) -> Generation:
         with self._cv:
             if not self._cv.wait_for(lambda: self._reason is not None, timeout):
                 raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
             if self._error is not None:
                 raise RequestFailedError(f"request {self.request_id} failed: {self._error}") from self._error
-            asked = bool(self._events) and self._events[0].logprob is not None
-            lps = tuple(e.logprob for e in self._events) if asked else None
-            return Completion(self.request_id, self.prompt, tuple(e.token for e in self._events),
-                              tuple(e.budget for e in self._events), self._reason, lps, *self._drafts)
+            out = Generation(request_id=self.request_id, prompt=self.prompt)
+            for ev in self._events:
+                out.add(ev)
+            out.finish_reason, (out.drafted, out.accepted) = self._reason, self._drafts
+            return out
 
     # -- worker thread only -------------------------------------------------------------------------------
     def _push(self, event: TokenEvent) -> None:
@@ -229,7 +218,7 @@ class Service:
             rid = next(self._ids)
         g = self.generator
         request = prepare_request(rid, prompt, options, g.backend, g.vocab_size)
-        check_fits(request.spec, self._sched_config)
+        check_admissible(request.spec, self._sched_config)
         handle = RequestHandle(request, deadline, self, listener)
         with self._cv:
             self._check_admission()
@@ -279,7 +268,7 @@ class Service:
         """Requests and scoring jobs waiting to start (held under `_cv`): the one queue `max_queue` bounds."""
         return len(self._inbox) + self._waiting + len(self._scores) + max(0, self._score_jobs - 1)
 
-    def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Completion:
+    def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Generation:
         return self.submit(prompt, options, timeout_s).result()
 
     def stats(self) -> ServiceStats:

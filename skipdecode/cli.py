@@ -148,7 +148,7 @@ def _ranges(layers: Sequence[int]) -> str:
 
 
 def options_from_args(args, eos_token_id: int | None):
-    from skipdecode.runtime.generation import GenerateOptions
+    from skipdecode.runtime.request import GenerateOptions
     from skipdecode.runtime.sampling import SamplingParams
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     return GenerateOptions(
@@ -165,7 +165,7 @@ def cmd_generate(args) -> int:
     if args.backend == "torch":
         if not args.model:
             raise InputError("--backend torch needs --model (local dir, hub id or short name)")
-        from skipdecode.export.generator import TorchGenerator
+        from skipdecode.export.torch_generator import TorchGenerator
         gen = TorchGenerator.load(args.model)
     else:
         if not args.engine:
@@ -227,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SkipDecodeError as exc:
         print(f"skipdecode {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling (loading, importing)
+        print(f"skipdecode {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from skipdecode.runtime import batcher as batcher_mod
-from skipdecode.runtime.batcher import Batcher, FinishEvent, TokenEvent, gate_row, prepare_request
+from skipdecode.runtime.batcher import Batcher, gate_row, prepare_request
 from skipdecode.runtime.errors import InputError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.kv import SlotsExhaustedError, SlotTable
+from skipdecode.runtime.request import FinishEvent, GenerateOptions, TokenEvent
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import layers_for_budget
 from skipdecode.runtime.scheduler import (
