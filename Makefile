@@ -17,7 +17,8 @@ EXPORT_SPEEDUPS ?= 2,3,5
 # serve. The targets that need more install it on first use, once: a stamp file per set under .venv/, redone when
 # pyproject.toml changes. So `make install && make demo` and `make test` still do all the set-up themselves.
 MAIN_EXTRAS := export,serve
-EXTRAS_test := $(MAIN_EXTRAS),dev,peers,ray
+EXTRAS_test := $(MAIN_EXTRAS),dev,peers,ray,eval
+EXTRAS_eval := $(MAIN_EXTRAS),eval
 EXTRAS_lint := lint
 EXTRAS_peers := $(MAIN_EXTRAS),peers
 EXTRAS_ray := serve,ray

@@ -35,8 +35,11 @@ from .taskdata import EOS_ID, collate, encode_records, read_task_records
 
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
     """-> (mean sentence ROUGE-L F1, corpus BLEU) of generated texts against their references."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError as exc:
+        raise InputError(f"task evaluation needs the eval extra ({exc}): pip install -e '.[eval]'") from None
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)]
