@@ -225,3 +225,38 @@ def test_bench_report_names_the_choice_and_the_cpu_extensions():
     text = "\n".join(_kernel_lines(out))
     assert "CPU extensions: avx2 avx512f." in text and "| a4 | measured | fastest at batch 8" in text
     assert _kernel_lines({"machine": {}, "kernels": []}) == []
+
+
+class _FakeBackend:
+    """Slot-backend stand-in whose decode step advances a shared clock by `ms`."""
+
+    def __init__(self, clock: dict, ms: float) -> None:
+        from skipdecode.runtime.kv import SlotTable
+        self.clock, self.ms, self.steps = clock, ms, 0
+        self.buckets, self.pad_token_id, self.max_length = (2,), 1, 64
+        self.slots = SlotTable(8)
+
+    def prefill_rows(self, prompts, slots):
+        pass
+
+    def decode_rows(self, slots, tokens, bucket, gates):
+        self.steps += 1
+        self.clock["t"] += self.ms / 1e3
+
+    def close(self):
+        pass
+
+
+def test_a_candidate_far_slower_after_one_round_is_not_timed_further():
+    clock = {"t": 0.0}
+    made = {}
+
+    def open_backend(cand, batch, length):
+        made[cand.name] = _FakeBackend(clock, {"fast": 1.0, "close": 2.0, "slow": 10.0}[cand.name])
+        return made[cand.name]
+
+    cands = [K.Candidate(n, {}, "engine") for n in ("fast", "close", "slow")]
+    out = K.measure_steps(open_backend, cands, (1, 8), rounds=5, timer=lambda: clock["t"])
+    assert {n: round(t[8]) for n, t in out.items()} == {"fast": 1, "close": 2, "slow": 10}
+    # warm-up (one per band) + timed steps: 5 rounds x 2 bands, the slow one only its first round
+    assert (made["fast"].steps, made["close"].steps, made["slow"].steps) == (12, 12, 4)
