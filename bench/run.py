@@ -90,6 +90,8 @@ class BenchConfig:
     # automatic default (4 tokens, drafting only in steps with one lossless row).
     lossless: tuple[tuple[float, int], ...] = ((3.0, 0), (3.0, 4))
     lossless_backends: tuple[str, ...] = ("onnxruntime",)
+    # quantized engines' kernel path (runtime/kernels.py): auto = the fastest that passed parity on this machine
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         known = [*EMBEDDED_MODELS, *OPT_SHAPES, *TINY_SHAPES]
@@ -258,8 +260,11 @@ def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callabl
     directory = model.engines.get(quantize, model.engine)
     max_length = min(cfg.max_length, load_manifest(directory).max_length)  # a model may have fewer positions
     engine = Engine.load(directory, threads=cfg.threads, max_batch=max(cfg.batches), max_length=max_length,
-                         prepack=prepack)
-    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": []}
+                         prepack=prepack, kernel=cfg.kernel)
+    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": [], "kernels": []}
+    if engine.kernel_choice is not None:
+        log(f"[{model.name}] {backend}: {engine.kernel_choice.line()}")
+        out["kernels"].append({"model": model.name, "backend": backend, **engine.kernel_choice.to_dict()})
     for batch in cfg.batches:
         rows, cm, lossless = _bench_batch(engine, model.name, backend, batch, cfg, log, baselines)
         out["results"] += rows
@@ -399,7 +404,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
     cfg = replace(cfg, weight_gbps=cfg.weight_gbps or memory_read_gbps())
     log(f"weight-streaming bandwidth {cfg.weight_gbps:.1f} GB/s (the batch-1 roofline)")
     out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": [], "memory_models": [],
-                 "skipped": []}
+                 "skipped": [], "kernels": []}
     for name in cfg.models:
         model = prepare_model(name, cfg, log)
         backends = list(cfg.backends)

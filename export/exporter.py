@@ -25,7 +25,7 @@ from .graphs import DecodeGraph, PrefillGraph, VerifyGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, prepacked_weights, trace, write_weights
 from .parity import check_parity, plan_parity
-from .quantize_export import dequantized_model, quantize_files, resolve_scheme
+from .quantize_export import dequantized_model, kernel_variants, quantize_files, resolve_scheme
 from .target import ExportTarget
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
@@ -192,6 +192,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
     quantization = {}
     if cfg.quantize is not None:
         index, graphs, quantization = quantize_files(tmp, graphs, index, cfg.quantize)
+        quantization["kernels"] = kernel_variants(tmp, graphs, quantization)
     if codec is not None:
         codec.save(tmp / "tokenizer.json")
     tokenizer = "tokenizer.json" if codec is not None else None
@@ -202,10 +203,16 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults=schedule_defaults(L, cfg, buckets),
         tokenizer=tokenizer, tools=tool_versions(), quantization=quantization,
-        prepacked=prepacked_weights(tmp, [g.file for g in graphs], list(index)),
-        integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *([tokenizer] if tokenizer else [])]))
+        prepacked=prepacked_weights(tmp, [g.file for g in graphs] + variant_files(quantization), list(index)),
+        integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *variant_files(quantization),
+                                   *([tokenizer] if tokenizer else [])]))
     man.write(tmp)
     return man
+
+
+def variant_files(quantization: dict) -> list[str]:
+    """The alternative graph files of a quantized engine's kernel candidates (export/quantize_export.py)."""
+    return [f for k in quantization.get("kernels", ()) for f in k["files"].values()]
 
 
 # Example inputs for tracing: sizes >= 2 and distinct from each other so no dim is specialised.

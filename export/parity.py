@@ -211,7 +211,7 @@ def _parity_rounds(directory: Path, man, model, rounding: FastPathRounding | Non
     """Every round of `plan_parity` on the engine at `directory` against `model` (and, given `rounding`, against the
     same model with the engine's activation rounding, stepped alongside with the same tokens)."""
     n_prompts = min(3, man.max_batch)
-    engine = Engine.load(directory, max_batch=n_prompts, verify=False)  # the exporter wrote it just now
+    engine = Engine.load(directory, max_batch=n_prompts, verify=False, kernel="exported")  # written just now
     kw = {"max_batch": n_prompts, "warmup_layers": man.warmup_layers}
     refs = [TorchReference(model, **kw)] + ([_RoundedReference(model, rounding, **kw)] if rounding else [])
     rng = np.random.default_rng(seed)

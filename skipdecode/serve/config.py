@@ -73,6 +73,9 @@ class ServeConfig:
                                  "core; on Ray: the replica's CPUs)", group="runtime", lo=1)
     prepack: str | None = option(None, "weight pre-packing: shared (default), private (one packed copy per graph), "
                                  "off", group="runtime", choices="skipdecode.runtime.ort_backend:PREPACK_MODES")
+    kernel: str | None = option(None, "quantized engines: exported, auto (default: the fastest kernel path that "
+                                "passed parity, measured once per machine and cached), measure, or a candidate's "
+                                "name (default: $SKIPDECODE_KERNEL, else auto)", group="runtime")
     verify: bool = option(True, "skip the content-hash check of the engine's files at load", group="runtime")
     engine_cache: str | None = option(None, "per-machine directory archive URIs are unpacked into (default: "
                                       "$SKIPDECODE_ENGINE_CACHE or ~/.cache/skipdecode/engines)", group="runtime")
