@@ -49,6 +49,10 @@ class ExportConfig:
     force: bool = False  # replace an existing engine directory
     # weight-only quantization: "int8", "int4" or a full scheme (export/quantize_export.py); None keeps float weights
     quantize: str | None = None
+    # quantized engines: also write the graphs of the other kernel paths the runtime may choose between per machine
+    # (runtime/kernels.py). Off by default: the only such path today (MatMulNBits accuracy level 1) measured 8-24x
+    # slower than the exported one on an AVX2-only CPU (docs/quantization.md)
+    kernel_candidates: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -192,7 +196,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
     quantization = {}
     if cfg.quantize is not None:
         index, graphs, quantization = quantize_files(tmp, graphs, index, cfg.quantize)
-        quantization["kernels"] = kernel_variants(tmp, graphs, quantization)
+        quantization["kernels"] = kernel_variants(tmp, graphs, quantization, cfg.kernel_candidates)
     if codec is not None:
         codec.save(tmp / "tokenizer.json")
     tokenizer = "tokenizer.json" if codec is not None else None

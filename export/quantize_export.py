@@ -71,7 +71,7 @@ def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEn
     return new_index, out, info
 
 
-def kernel_variants(tmp: Path, graphs: list[GraphSpec], info: dict) -> list[dict]:
+def kernel_variants(tmp: Path, graphs: list[GraphSpec], info: dict, alternatives: bool = True) -> list[dict]:
     """Alternative graph files over the same weights that the runtime may choose between on each machine
     (runtime/kernels.py), written next to the engine's own graphs; -> the manifest's `quantization["kernels"]`.
 
@@ -79,11 +79,11 @@ def kernel_variants(tmp: Path, graphs: list[GraphSpec], info: dict) -> list[dict
     MatMulNBits at accuracy level 4 the exporter also writes `<graph>.a1.onnx`: the same weights at accuracy level 1
     (MLAS dequantizes each weight block and runs a float32 GEMM; the activations are not rounded). That graph is
     byte for byte what the export's "exact.*" parity check loads (`exact_graph`), so it is held to the float32
-    bound. DynamicQuantizeMatMul (dyn8) offers no second candidate: its exact form folds into float32 weights at
-    session creation (4x the memory of the engine's own)."""
+    bound (written only with `alternatives`). DynamicQuantizeMatMul (dyn8) offers no second candidate: its exact
+    form folds into float32 weights at session creation (4x the memory of the engine's own)."""
     exported = {"name": f"a{info['accuracy_level']}" if info["op"] == "MatMulNBits" else "dyn8",
                 "files": {}, "parity": "engine"}
-    if info["op"] != "MatMulNBits" or info["accuracy_level"] != 4:
+    if not alternatives or info["op"] != "MatMulNBits" or info["accuracy_level"] != 4:
         return [exported]
     files = {}
     for g in graphs:

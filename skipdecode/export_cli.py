@@ -34,6 +34,9 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", metavar="SCHEME",
                    help="weight-only quantization: int8 (MatMulNBits, int8 dot products; about 3x faster steps on "
                         "CPU, weights 3.7x smaller), int4, or a full scheme such as int8-b64 (export/quantize.py)")
+    p.add_argument("--kernel-candidates", action="store_true",
+                   help="quantized engines: also write the graphs of the other kernel paths (MatMulNBits accuracy "
+                        "level 1) so the runtime can measure and choose per machine (docs/quantization.md)")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-progress", action="store_true")
 
@@ -48,7 +51,7 @@ def cmd_export(args) -> int:
     cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
                        warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
                        dtype=args.dtype, attention=args.attention, backend=args.backend, trt=trt, force=args.force,
-                       quantize=args.quantize)
+                       quantize=args.quantize, kernel_candidates=args.kernel_candidates)
     man = export(cfg, progress=not args.no_progress)
     print_summary(args.out, man)
     return 0

@@ -27,7 +27,8 @@ def int8_engine(tmp_path_factory):
     from skipdecode.export.random_models import build_random_opt
     root = tmp_path_factory.mktemp("kernels")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
-    export(ExportConfig(model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8"),
+    export(ExportConfig(model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8",
+                        kernel_candidates=True),
            progress=False)
     return root / "int8"
 
