@@ -41,7 +41,8 @@ class FakeSlotBackend(SlotBackend):
         self.kv = np.full((num_layers, max_batch, max_length), EMPTY, dtype=np.int64)
         self._out = np.zeros((max_batch, vocab), dtype=np.float32)
         self.calls: list[tuple[int, int, int]] = []  # (bucket, rows, rows with any gate on) per decode call
-        # every call in order: ("prefill", prompt tokens), ("decode", {slots with a gate on}), ("verify", {slot: tokens})
+        # every call in order: ("prefill", prompt tokens), ("decode", {slots with a gate on}),
+        # ("verify", {slot: tokens})
         self.log: list[tuple[str, object]] = []
 
     def logits(self, context, layers) -> np.ndarray:

@@ -235,8 +235,7 @@ def test_the_serve_option_defaults_to_the_service_and_0_means_no_limit():
         ServiceConfig(max_prefill_tokens=0)
 
 
-# -- real engines, both OPT styles ---------------------------------------------------------------------------------------
-torch = pytest.importorskip("torch")
+# -- real engines, both OPT styles -------------------------------------------------------------------------------------
 
 
 def test_feeding_after_a_partial_prefill_equals_a_one_call_prefill(engine_dir):
