@@ -220,7 +220,8 @@ class Batcher:
             last.update({c.request_id: logits[i: i + 1] for i, c in enumerate(first)})
         for c in chunks:
             if c.start:
-                last[c.request_id] = be.feed(c.slot, self._seqs[c.request_id].request.prompt[c.start: c.stop])[-1:]
+                last[c.request_id] = be.feed(c.slot, self._seqs[c.request_id].request.prompt[c.start: c.stop],
+                                             last_only=True)
         for c in chunks:
             if c.last:
                 self._emit(self._seqs[c.request_id], last[c.request_id], be.num_layers, events, finished)

@@ -123,6 +123,7 @@ class ServiceStats:
     tokens_per_s: float  # over the trailing metrics window
     draft_tokens: int = 0  # lossless requests: tokens drafted by the shallow graphs, and accepted by the verifier
     accepted_draft_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens prefilled (whole prompts and chunks)
 
     @property
     def mean_layers_per_token(self) -> float:
@@ -311,7 +312,7 @@ class Service:
                 queue_depth=self._queued(),
                 running=self._running + min(1, self._score_jobs),
                 last_batch_size=self._last_batch, tokens_per_s=sum(window) / span,
-                draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"])
+                draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"], prefill_tokens=c["prefill_tokens"])
 
     def shutdown(self, cancel: bool = False, timeout_s: float | None = None) -> None:
         """Stop accepting requests; then finish every in-flight one (cancel=False) or end each with
@@ -472,6 +473,7 @@ class Service:
             c["graph_row_layers"] += result.graph_row_layers
             c["drafted"] += result.drafted
             c["accepted"] += result.accepted
+            c["prefill_tokens"] += result.prefill_tokens
             self._last_batch = result.decoded_rows
             self._window.append((time.monotonic(), tokens))
             while self._window and self._window[0][0] < time.monotonic() - self.config.metrics_window_s:

@@ -186,11 +186,11 @@ class SlotBackend:
             self.slots.lengths[rows] = np.minimum(lengths[rows] + S, self.max_length)
             return logits
 
-    def feed(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+    def feed(self, slot: int, token_ids: Sequence[int], last_only: bool = False) -> np.ndarray:
         """Append `token_ids` to `slot` after the tokens it holds, at full depth, writing every layer's K/V: one
         verify call per MAX_VERIFY_TOKENS tokens (backends without a verify pass: one full-depth decode step per
-        token). -> logits [n, V], row j the prediction after token j. The slot must hold a full-depth prefix (a
-        prefill, earlier feeds) for the result to be the model's own."""
+        token). -> logits [n, V], row j the prediction after token j (`last_only`: [1, V], the last row). The slot
+        must hold a full-depth prefix (a prefill, earlier feeds) for the result to be the model's own."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         check_int("tokens to feed", len(ids), lo=1, hi=self.max_length - 1)
         L, out = self.num_layers, []
@@ -201,9 +201,11 @@ class SlotBackend:
             chunk = ids[start: start + MAX_VERIFY_TOKENS]
             if self.has_verify:
                 out.append(self.verify_rows([slot], chunk[None])[slot])
-                continue
-            gates = np.ones((1, L), dtype=bool)
-            out += [self.decode_rows([slot], chunk[j: j + 1], L, gates)[slot: slot + 1] for j in range(len(chunk))]
+            else:
+                gates = np.ones((1, L), dtype=bool)
+                out += [self.decode_rows([slot], chunk[j: j + 1], L, gates)[slot: slot + 1] for j in range(len(chunk))]
+            if last_only:
+                out = [out[-1][-1:]]
         return np.concatenate(out)
 
     def rewind(self, slots: Sequence[int], lengths: Sequence[int]) -> None:

@@ -212,6 +212,7 @@ def test_the_service_chunks_by_default_where_the_backend_can():
             next(iter(h))
         long = svc.submit(LONG_PROMPT, GenerateOptions(max_new_tokens=8))
         outs = [h.result(30) for h in (*streams, long)]
+        assert svc.stats().prefill_tokens == 4 * 3 + len(LONG_PROMPT)
     check_call_log(gen.backend.log, 16)
     assert any(kind == "verify" for kind, _ in gen.backend.log)  # the prompt was chunked
     ref = fake_generator(verify=True, max_batch=5, max_length=128)
@@ -249,6 +250,8 @@ def test_feeding_after_a_partial_prefill_equals_a_one_call_prefill(engine_dir):
         one = be.prefill_rows([prompt], [slots[0]])[0]
         be.prefill_rows([prompt[:20]], [slots[1]])
         got = be.feed(slots[1], prompt[20:])  # 70 tokens: five verify calls
+        be.rewind([slots[1]], [40])
+        np.testing.assert_allclose(be.feed(slots[1], prompt[40:], last_only=True), got[-1:], atol=1e-4)
         be.prefill_rows([prompt[:37]], [slots[2]])
         type(be).has_verify = property(lambda self: False)  # the per-token fallback of backends without verify
         try:
@@ -291,9 +294,9 @@ def serve_all(generator, budget, prompts):
     be, fed = generator.backend, []
     feed = be.feed
 
-    def counting_feed(slot, tokens):
+    def counting_feed(slot, tokens, **kw):
         fed.append(len(tokens))
-        return feed(slot, tokens)
+        return feed(slot, tokens, **kw)
 
     be.feed = counting_feed
     try:
