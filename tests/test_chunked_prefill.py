@@ -324,3 +324,15 @@ def test_served_tokens_are_the_same_with_and_without_chunking_and_equal_the_refe
     for i, p in enumerate(prompts):
         r = ref.generate([p], OPTIONS[i % len(OPTIONS)])[0]
         assert chunked_out[i] == (r.tokens, r.budgets, r.finish_reason), (style, i)
+
+
+def test_prefill_bench_smoke(engine_dir, tmp_path):
+    import json
+
+    from skipdecode.bench import prefill_bench
+    out = tmp_path / "prefill.json"
+    assert prefill_bench.main(["--engine", str(engine_dir[2]), "--budgets", "0,16", "--rounds", "1", "--streams", "2",
+                               "--stream-new-tokens", "60", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["medians"]
+    assert [r["budget"] for r in rows] == [0, 16] and all(r["itl_max_ms"] > 0 for r in rows)
+    assert rows[1]["stream_tokens"] >= 120 // 16  # the streams kept decoding through the chunks
