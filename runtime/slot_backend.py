@@ -347,6 +347,12 @@ class GraphBackend(SlotBackend):
     def has_verify(self) -> bool:
         return self.manifest.verify() is not None and type(self)._run_verify is not GraphBackend._run_verify
 
+    @property
+    def chunked_prefill(self) -> bool:
+        # a chunk runs the one-row verify graph in place; the any-batch one (matmul engines) would compute every
+        # slot of the call window 0..slot, several times the chunk's own work
+        return super().chunked_prefill and self.manifest.verify("verify_row") is not None
+
     def _decode_io(self, spec: GraphSpec, n: int) -> tuple[list[IO], list[IO]]:
         """Inputs and outputs of a bucket graph over slots [0, n): the host inputs and logits, the cache's K/V
         buffers, and (matmul flavour) the staging for the new column; the gqa flavour writes it in place (present =

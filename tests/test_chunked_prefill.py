@@ -271,6 +271,13 @@ def test_feeding_after_a_partial_prefill_equals_a_one_call_prefill(engine_dir):
             be.feed(slots[0], [])
         be.lossless_refusal = "quantized"  # an engine whose verify pass rounds differently prefills in one call
         assert not be.chunked_prefill
+        be.lossless_refusal = None
+        graphs = be.manifest.graphs
+        object.__setattr__(be.manifest, "graphs", [g for g in graphs if g.kind != "verify_row"])
+        try:
+            assert be.has_verify and not be.chunked_prefill  # matmul engines: no one-row in-place verify graph
+        finally:
+            object.__setattr__(be.manifest, "graphs", graphs)
 
 
 def test_a_quantized_engine_prefills_in_one_call():
