@@ -113,8 +113,8 @@ class SlotBackend:
     def chunked_prefill(self) -> bool:
         """Whether a prompt may be prefilled in chunks (its first through the prefill graph, the rest appended by
         `feed`) with the tokens of a one-call prefill: it needs the verify pass (one decode step per prompt token
-        would cost far more than the prefill it replaces), and an engine whose verify pass rounds activations
-        differently from its other graphs (`lossless_refusal`: quantized) prefills in one call."""
+        would cost far more than the prefill it replaces), and an engine whose int8 kernels round activations
+        differently with a call's row count (`lossless_refusal`: quantized) prefills in one call."""
         return self.has_verify and self.lossless_refusal is None
 
     def _init_slots(self) -> None:
