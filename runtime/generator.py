@@ -67,7 +67,7 @@ class Generator:
         try:
             while not batcher.idle:
                 result = batcher.step()
-                if not result.events:  # nothing running and nothing admitted: other generations hold every slot
+                if not result.events and not result.prefill_tokens:  # nothing ran: other generations hold every slot
                     raise SlotsExhaustedError(f"no KV slot of {self.backend.max_batch} is free for this batch of "
                                               f"{B}: other generations on this engine hold them")
                 for ev in result.events:

@@ -15,6 +15,10 @@ Ownership and threads:
   loop with `call_soon_threadsafe`).
 * Backpressure: at most `max_queue` requests wait for admission; beyond that `submit` raises `OverloadedError`
   at once instead of queueing without bound.
+* Chunked prefill: each step prefills at most `max_prefill_tokens` prompt tokens, so a long prompt is prefilled in
+  chunks over several steps while running requests keep getting a token every step (runtime/scheduler.py), on
+  backends where chunks give the tokens of a one-call prefill (`SlotBackend.chunked_prefill`; elsewhere a prompt
+  above the budget is prefilled alone, in one call).
 """
 
 from __future__ import annotations
@@ -57,12 +61,19 @@ class _ScoreJob:
     deadline: float | None  # time.monotonic() value, or None
 
 
+# Prompt tokens a service step prefills: the longest a long prompt's prefill holds up the decode steps of running
+# requests, in exchange for a later first token of that prompt (docs/serving.md, "Chunked prefill", measures both).
+DEFAULT_MAX_PREFILL_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     max_batch: int | None = None  # running rows; default: every KV slot of the backend
     max_tokens_in_flight: int | None = None  # reserved KV columns; default: max_batch x max_length (no limit)
     max_queue: int = 64  # requests waiting for admission before submit raises OverloadedError
-    max_prefill_tokens: int | None = None
+    # prompt tokens prefilled per step: longer prompts are prefilled in chunks that share steps with decoding;
+    # None: no limit, every prompt is prefilled in one call when admitted (running requests wait for it)
+    max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS
     strategy: str = "gate"
     default_timeout_s: float | None = None
     metrics_window_s: float = 10.0  # tokens/s is measured over this trailing window
@@ -70,14 +81,18 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         check_int("max_queue", self.max_queue, lo=1)
+        if self.max_prefill_tokens is not None:
+            check_int("max_prefill_tokens", self.max_prefill_tokens, lo=1)
         for name in ("default_timeout_s", "metrics_window_s"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), above=0)
 
-    def scheduler_config(self, slots: int, max_length: int) -> SchedulerConfig:
+    def scheduler_config(self, slots: int, max_length: int, chunked_prefill: bool = False) -> SchedulerConfig:
+        """`chunked_prefill`: whether the backend may prefill a prompt in chunks (`SlotBackend.chunked_prefill`)."""
         batch = self.max_batch or slots
         return SchedulerConfig(batch, self.max_tokens_in_flight or batch * max_length, self.max_prefill_tokens,
-                               self.strategy, self.max_speculative_rows)
+                               self.strategy, self.max_speculative_rows,
+                               chunked_prefill and self.max_prefill_tokens is not None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,7 @@ class ServiceStats:
     tokens_per_s: float  # over the trailing metrics window
     draft_tokens: int = 0  # lossless requests: tokens drafted by the shallow graphs, and accepted by the verifier
     accepted_draft_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens prefilled (whole prompts and chunks)
 
     @property
     def mean_layers_per_token(self) -> float:
@@ -186,7 +202,7 @@ class Service:
         if not isinstance(be, SlotBackend):
             raise BackendError(f"{type(be).__name__} is not a SlotBackend (runtime/slot_backend.py): continuous "
                                "batching needs the slot API")
-        self._sched_config = self.config.scheduler_config(be.max_batch, be.max_length)
+        self._sched_config = self.config.scheduler_config(be.max_batch, be.max_length, be.chunked_prefill)
         self._batcher = Batcher(be, self._sched_config)  # worker thread only
         self._cv = threading.Condition()  # guards everything below
         self._ids = itertools.count()
@@ -285,7 +301,7 @@ class Service:
                 queue_depth=self._queued(),
                 running=self._running + min(1, self._score_jobs),
                 last_batch_size=self._last_batch, tokens_per_s=sum(window) / span,
-                draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"])
+                draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"], prefill_tokens=c["prefill_tokens"])
 
     def shutdown(self, cancel: bool = False, timeout_s: float | None = None) -> None:
         """Stop accepting requests; then finish every in-flight one (cancel=False) or end each with
@@ -446,6 +462,7 @@ class Service:
             c["graph_row_layers"] += result.graph_row_layers
             c["drafted"] += result.drafted
             c["accepted"] += result.accepted
+            c["prefill_tokens"] += result.prefill_tokens
             self._last_batch = result.decoded_rows
             self._window.append((time.monotonic(), tokens))
             while self._window and self._window[0][0] < time.monotonic() - self.config.metrics_window_s:

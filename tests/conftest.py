@@ -19,10 +19,10 @@ from skipdecode.export.random_models import build_random_opt  # noqa: E402
 TIERS = {
     "unit": ("architecture", "facade", "fp16_mask", "generation", "model_card", "profiling", "runtime_imports",
              "schedule", "scheduler", "speculative"),
-    "integration": ("bench", "cli", "concurrency", "ct2_peer", "demo", "engine", "engine_source", "export_options",
-                    "export_safety", "finetune", "gpu", "integrity", "lm_eval_harness", "logprobs", "lossless",
-                    "ort_capi", "polygraphy", "quality", "quantize", "quantize_export", "reference", "scoring_service",
-                    "slots", "weights_after_load"),
+    "integration": ("bench", "chunked_prefill", "cli", "concurrency", "ct2_peer", "demo", "engine", "engine_source",
+                    "export_options", "export_safety", "finetune", "gpu", "integrity", "kernels", "lm_eval_harness",
+                    "logprobs", "lossless", "ort_capi", "polygraphy", "quality", "quantize", "quantize_export",
+                    "reference", "scoring_service", "slots", "weights_after_load"),
     "system": ("finetune_scale", "openai_client", "ray_serve", "serve_drain", "server_hardening", "service_exit",
                "serving"),
 }

@@ -14,8 +14,8 @@ from skipdecode.export.exporter import ExportConfig, export
 from skipdecode.runtime import kernels as K
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.manifest import MANIFEST, load_manifest
+from skipdecode.runtime.request import GenerateOptions
 
 from .conftest import PROMPTS
 

@@ -239,8 +239,8 @@ def test_prefill_before_decode_is_exact_too(monkeypatch):
     def step_prefill_first(self):
         plan = self.scheduler.plan()
         events, finished = [], set()
-        if plan.admits:
-            self._prefill(plan, events, finished)
+        if plan.prefills:
+            self._prefill(plan.prefills, events, finished)
         for call in plan.calls:
             self._decode(call, events, finished)
         self.scheduler.commit(plan, finished)

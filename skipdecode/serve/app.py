@@ -128,6 +128,8 @@ class ServiceCollector:
         yield CounterMetricFamily("skipdecode_requests_overloaded", "Requests refused: queue full",
                                   value=s.rejected_overloaded)
         yield CounterMetricFamily("skipdecode_generated_tokens", "Tokens generated", value=s.generated_tokens)
+        yield CounterMetricFamily("skipdecode_prefill_tokens", "Prompt tokens prefilled (long prompts in chunks of "
+                                  "at most --max-prefill-tokens per step)", value=s.prefill_tokens)
         yield CounterMetricFamily("skipdecode_layers_executed", "Decoder layers run, summed over generated tokens",
                                   value=s.layers_executed)
         yield GaugeMetricFamily("skipdecode_tokens_per_second", "Tokens generated per second (trailing window)",

@@ -42,7 +42,7 @@ def build_server(config: ServeConfig) -> Server:
     report_kernel(engine)
     service = Service(engine, ServiceConfig(
         max_batch=config.max_batch, max_tokens_in_flight=config.max_tokens_in_flight, max_queue=config.max_queue,
-        max_prefill_tokens=config.max_prefill_tokens, strategy=config.strategy))
+        max_prefill_tokens=config.max_prefill_tokens or None, strategy=config.strategy))
     return Server(engine, service, create_app(engine, service, config))
 
 

@@ -58,8 +58,9 @@ class ServeConfig:
     max_tokens_in_flight: int | None = option(
         None, "KV columns reserved by running requests, prompt + max_tokens each (default: no limit)",
         group="batching", lo=1)
-    max_prefill_tokens: int | None = option(None, "prompt tokens admitted per step (default: no limit)",
-                                            group="batching", lo=1)
+    max_prefill_tokens: int = option(64, "prompt tokens prefilled per step: a longer prompt is prefilled in "
+                                     "chunks while running requests keep decoding (0: no limit, each prompt in one "
+                                     "call)", group="batching", lo=0)
     strategy: str = option("gate", "gate: one call of the deepest row's graph, shallower rows gated; group: one "
                            "call per bucket", group="batching", choices="skipdecode.runtime.scheduler:STRATEGIES")
     max_timeout: float = option(600.0, "largest per-request timeout in seconds", group="batching", above=0)
