@@ -11,13 +11,14 @@ PROMPT ?= And God said unto Moses,
 
 EXPORT_SPEEDUPS ?= 2,3,5
 
-.PHONY: install install-ray install-peers test lint demo export memory clean
+.PHONY: install install-ray install-peers test test-unit test-integration test-system lint demo export memory clean
 
 # Extras per job. `make install` sets up the main job only: export (torch CPU, transformers, onnx), generate, demo,
 # serve. The targets that need more install it on first use, once: a stamp file per set under .venv/, redone when
 # pyproject.toml changes. So `make install && make demo` and `make test` still do all the set-up themselves.
 MAIN_EXTRAS := export,serve
-EXTRAS_test := $(MAIN_EXTRAS),dev,peers,ray
+EXTRAS_test := $(MAIN_EXTRAS),dev,peers,ray,eval
+EXTRAS_eval := $(MAIN_EXTRAS),eval
 EXTRAS_lint := lint
 EXTRAS_peers := $(MAIN_EXTRAS),peers
 EXTRAS_ray := serve,ray
@@ -45,6 +46,11 @@ install-peers: $(VENV)/.extras-peers
 # openai client, lm-eval, ...), peers and ray extras the tests exercise.
 test: $(VENV)/.extras-test
 	$(PY) -m pytest -q
+
+# One tier of the suite (tests/conftest.py): unit (~1 min: logic on fakes), integration (exported tiny engines),
+# system (servers, subprocesses, Ray, torchrun).
+test-unit test-integration test-system: $(VENV)/.extras-test
+	$(PY) -m pytest -q -m $(@:test-%=%)
 
 # Static checks (installs ruff on first use).
 lint: $(VENV)/.extras-lint

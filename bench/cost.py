@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.generation import GenerateOptions
 from ..runtime.ort_sessions import session_options
+from ..runtime.request import GenerateOptions
 from ..runtime.schedule import make_plan
 
 
@@ -73,7 +73,7 @@ def ideal_speedup(cost: CostModel, num_layers: int, step_layers: Sequence[int]) 
 def step_buckets(num_layers: int, warmup: int | None, buckets: Sequence[int], speedup: float,
                  prompt_length: int, max_new_tokens: int) -> list[int]:
     """Layers run by each decode step of `Engine.generate` for a static batch with (padded) prompt length p: the
-    same schedule, plan and bucket choice the generation loop makes (runtime/generation.py)."""
+    same schedule, plan and bucket choice the generation loop makes (runtime/request.py)."""
     opts = GenerateOptions(max_new_tokens=max_new_tokens, speedup=speedup)
     plan = make_plan(opts.schedule(num_layers, warmup), prompt_length, prompt_length + max_new_tokens, buckets)
     return [s.bucket for s in plan.steps[: max_new_tokens - 1]]

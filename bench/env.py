@@ -43,7 +43,10 @@ def _git_commit() -> str | None:
 
 
 def machine_info(threads: int | None) -> dict:
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+    from ..runtime.kernels import cpu_info, isa
+
+    return {"cpu": _cpu_model(), "isa": isa(cpu_info()["flags"]), "cores": os.cpu_count(), "threads": threads,
+            "platform": platform.platform(),
             "memory_bytes": _meminfo("MemTotal"), "load_average": load_average(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "git": _git_commit()}

@@ -184,8 +184,24 @@ def markdown(out: dict) -> str:
         lines.append(f"| {c['model']} | {c['backend']} | {c['batch']} | {c['fixed_s'] * 1e3:.2f} | "
                      f"{c['per_layer_s'] * 1e3:.3f} | {c['fixed_fraction']:.0%} | {c['r2']:.3f} |")
     lines += _lossless_lines(out.get("lossless", []))
+    lines += _kernel_lines(out)
     lines += _memory_lines(out["memory"]) + _scaling_lines(out["length_scaling"]) + _target_lines(out)
     return "\n".join(lines) + "\n"
+
+
+def _kernel_lines(out: dict) -> list[str]:
+    """Which kernel path each quantized engine ran and why, with the CPU extensions that decide it."""
+    kernels = out.get("kernels", [])
+    if not kernels:
+        return []
+    flags = " ".join(k for k, v in out["machine"].get("isa", {}).items() if v) or "none"
+    lines = ["", "## Quantized kernel path", "", f"CPU extensions: {flags}. Candidates that failed the export's "
+             "parity check are never chosen (runtime/kernels.py).", "",
+             "| model | backend | kernel | how | why | per batch band |", "|---|---|---|---|---|---|"]
+    for k in kernels:
+        bands = ", ".join(f"{b}: {n}" for b, n in k.get("per_band", {}).items()) or "-"
+        lines.append(f"| {k['model']} | {k['backend']} | {k['name']} | {k['source']} | {k['reason']} | {bands} |")
+    return lines
 
 
 PEER_COLUMNS = (("onnxruntime", 1.0, "fp32 1x"), ("onnxruntime", 3.0, "fp32 3x"), ("onnxruntime-int8", 1.0, "int8 1x"),

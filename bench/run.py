@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..export.random_models import OPT_SHAPES, TINY_SHAPES
-from ..runtime.generation import GenerateOptions
 from ..runtime.manifest import load_manifest
+from ..runtime.request import GenerateOptions, Generation, TokenEvent
 from . import cost
 from .env import load_average, machine_info, memory_available, memory_read_gbps, probe_load_rss
 from .hf import HFBaseline
@@ -90,6 +90,8 @@ class BenchConfig:
     # automatic default (4 tokens, drafting only in steps with one lossless row).
     lossless: tuple[tuple[float, int], ...] = ((3.0, 0), (3.0, 4))
     lossless_backends: tuple[str, ...] = ("onnxruntime",)
+    # quantized engines' kernel path (runtime/kernels.py): auto = the fastest that passed parity on this machine
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         known = [*EMBEDDED_MODELS, *OPT_SHAPES, *TINY_SHAPES]
@@ -229,17 +231,23 @@ def _repeats(cfg: BenchConfig, measurements: int) -> Iterator[int]:
 
 def _timed_generate(engine, prompts, opts: GenerateOptions, runs: _Runs) -> None:
     t0 = time.perf_counter()
-    events = list(engine.stream(prompts, opts))
+    rows = [Generation() for _ in prompts]
+    first, last = None, t0
+    for ev in engine.stream(prompts, opts):  # a token event as each token is produced; one finish event per row
+        rows[ev.request_id].add(ev)
+        if isinstance(ev, TokenEvent):
+            last = time.perf_counter()
+            first = first if first is not None else last
+    first = first if first is not None else last
     runs.total.append(time.perf_counter() - t0)
-    # one event per step; lossless rows may emit several tokens in a step, as consecutive events
-    runs.tokens = [tuple(ev.tokens[i] for ev in events if ev.tokens[i] is not None) for i in range(len(prompts))]
+    runs.tokens = [tuple(r.tokens) for r in rows]
     short = [len(t) for t in runs.tokens if len(t) != opts.max_new_tokens]
     if short:
         raise RuntimeError(f"generation stopped after {short[0]} of {opts.max_new_tokens} tokens")
-    runs.prefill.append(events[0].elapsed_s)  # prefill + sampling of the first token
-    runs.decode.append(events[-1].elapsed_s - events[0].elapsed_s)
-    runs.drafted += sum(n for ev in events for n in ev.drafted if n)  # set on each row's last event
-    runs.accepted += sum(n for ev in events for n in ev.accepted if n)
+    runs.prefill.append(first - t0)  # prefill + sampling of the first token
+    runs.decode.append(last - first)
+    runs.drafted += sum(r.drafted for r in rows)
+    runs.accepted += sum(r.accepted for r in rows)
 
 
 def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None],
@@ -252,8 +260,11 @@ def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callabl
     directory = model.engines.get(quantize, model.engine)
     max_length = min(cfg.max_length, load_manifest(directory).max_length)  # a model may have fewer positions
     engine = Engine.load(directory, threads=cfg.threads, max_batch=max(cfg.batches), max_length=max_length,
-                         prepack=prepack)
-    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": []}
+                         prepack=prepack, kernel=cfg.kernel)
+    out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": [], "kernels": []}
+    if engine.kernel_choice is not None:
+        log(f"[{model.name}] {backend}: {engine.kernel_choice.line()}")
+        out["kernels"].append({"model": model.name, "backend": backend, **engine.kernel_choice.to_dict()})
     for batch in cfg.batches:
         rows, cm, lossless = _bench_batch(engine, model.name, backend, batch, cfg, log, baselines)
         out["results"] += rows
@@ -393,7 +404,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
     cfg = replace(cfg, weight_gbps=cfg.weight_gbps or memory_read_gbps())
     log(f"weight-streaming bandwidth {cfg.weight_gbps:.1f} GB/s (the batch-1 roofline)")
     out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": [], "memory_models": [],
-                 "skipped": []}
+                 "skipped": [], "kernels": []}
     for name in cfg.models:
         model = prepare_model(name, cfg, log)
         backends = list(cfg.backends)

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from skipdecode.runtime.batcher import Batcher, FinishEvent, TokenEvent, gate_row, prepare_request
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.batcher import Batcher, gate_row, prepare_request
+from skipdecode.runtime.request import FinishEvent, GenerateOptions, TokenEvent
 from skipdecode.runtime.scheduler import SchedulerConfig
 
 from skipdecode.cliargs import floats
@@ -118,18 +118,24 @@ def run_static(engine, reqs: list[BenchRequest], speedup: float, max_batch: int,
         batch = []
         while pending and pending[0][1].arrival_s <= now and len(batch) < max_batch:
             batch.append(pending.popleft())
+        # a static batch: every row runs to the batch's longest request (as engine.generate would run it); a
+        # request is complete at its own length
         opts = _options(max(r.max_new_tokens for _, r in batch), speedup)
-        counts = [0] * len(batch)
-        for ev in engine.stream([list(r.prompt) for _, r in batch], opts):
+        be = engine.backend
+        batcher = Batcher(be, SchedulerConfig(len(batch), len(batch) * be.max_length))
+        for row, (_, r) in enumerate(batch):
+            batcher.add(prepare_request(row, r.prompt, opts, be, engine.vocab_size))
+        while not batcher.idle:
+            res = batcher.step()
             t = time.perf_counter()
-            work += max((b for b in ev.budgets if b is not None), default=0) * len(batch)
-            for row, ((i, r), tok) in enumerate(zip(batch, ev.tokens, strict=True)):
-                if tok is None or counts[row] >= r.max_new_tokens:
-                    continue  # this request is complete; its row keeps running to the batch's end
-                counts[row] += 1
-                layers += ev.budgets[row]
+            work += res.graph_row_layers
+            for ev in res.events:
+                i, r = batch[ev.request_id]
+                if not isinstance(ev, TokenEvent) or ev.index >= r.max_new_tokens:
+                    continue
+                layers += ev.budget
                 first.setdefault(i, t)
-                if counts[row] == r.max_new_tokens:
+                if ev.index == r.max_new_tokens - 1:
                     finish[i] = t
     return _summary("static", speedup, repeat, reqs, finish, first, layers, work, start)
 

@@ -18,15 +18,15 @@ from tqdm import tqdm
 
 from ..runtime import contract as C
 from ..runtime.errors import EngineError, ScheduleError, check_int
-from ..runtime.generation import DEFAULT_DRAFT_SPEEDUP, draft_bucket
 from ..runtime.integrity import hash_files
 from ..runtime.manifest import MAX_BATCH, WEIGHTS_FILE, GraphSpec, Manifest
+from ..runtime.request import DEFAULT_DRAFT_SPEEDUP, draft_bucket
 from ..runtime.schedule import layers_for_budget, solve_budgets
 from .graphs import DecodeGraph, PrefillGraph, VerifyGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, prepacked_weights, trace, write_weights
 from .parity import check_parity, plan_parity
-from .quantize_export import add_quantized_drafts, dequantized_model, quantize_files, resolve_scheme
+from .quantize_export import add_quantized_drafts, dequantized_model, kernel_variants, quantize_files, resolve_scheme
 from .target import ExportTarget
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
@@ -55,6 +55,10 @@ class ExportConfig:
     # (float32 weights, onnxruntime, a block size the shape allows), else none; "none"; or a scheme as for
     # `quantize` (refused where it cannot be built).
     drafts: str = "auto"
+    # quantized engines: also write the graphs of the other kernel paths the runtime may choose between per machine
+    # (runtime/kernels.py). Off by default: the only such path today (MatMulNBits accuracy level 1) measured 8-24x
+    # slower than the exported one on an AVX2-only CPU (docs/quantization.md)
+    kernel_candidates: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -242,6 +246,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
     quantization, draft_info = {}, {}
     if cfg.quantize is not None:
         index, graphs, quantization = quantize_files(tmp, graphs, index, cfg.quantize)
+        quantization["kernels"] = kernel_variants(tmp, graphs, quantization, cfg.kernel_candidates)
     if drafts[0] is not None:
         index, graphs, draft_info = add_quantized_drafts(tmp, graphs, index, *drafts)
     if codec is not None:
@@ -254,10 +259,16 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults=schedule_defaults(L, cfg, buckets),
         tokenizer=tokenizer, tools=tool_versions(), quantization=quantization, drafts=draft_info,
-        prepacked=prepacked_weights(tmp, [g.file for g in graphs], list(index)),
-        integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *([tokenizer] if tokenizer else [])]))
+        prepacked=prepacked_weights(tmp, [g.file for g in graphs] + variant_files(quantization), list(index)),
+        integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *variant_files(quantization),
+                                   *([tokenizer] if tokenizer else [])]))
     man.write(tmp)
     return man
+
+
+def variant_files(quantization: dict) -> list[str]:
+    """The alternative graph files of a quantized engine's kernel candidates (export/quantize_export.py)."""
+    return [f for k in quantization.get("kernels", ()) for f in k["files"].values()]
 
 
 # Example inputs for tracing: sizes >= 2 and distinct from each other so no dim is specialised.

@@ -246,7 +246,8 @@ def _parity_rounds(directory: Path, man, model, rounding: FastPathRounding | Non
     same model with the engine's activation rounding, stepped alongside with the same tokens). With `draft_model`
     the rounds check the quantized draft graphs instead (`_check_draft_round`). `prepack`: as `Engine.load`."""
     n_prompts = min(3, man.max_batch)
-    engine = Engine.load(directory, max_batch=n_prompts, verify=False, prepack=prepack)  # the exporter wrote it now
+    # the exporter wrote it just now
+    engine = Engine.load(directory, max_batch=n_prompts, verify=False, prepack=prepack, kernel="exported")
     kw = {"max_batch": n_prompts, "warmup_layers": man.warmup_layers, "draft_model": draft_model}
     refs = [TorchReference(model, **kw)] + ([_RoundedReference(model, rounding, **kw)] if rounding else [])
     rng = np.random.default_rng(seed)

@@ -31,7 +31,7 @@ from ..runtime.errors import EngineError
 from ..runtime.manifest import WEIGHTS_FILE, GraphSpec, OPTShape, WeightEntry
 from ..runtime.weights import views, write_weights
 from .onnx_export import IR_VERSION
-from .quantize import attach_external, dequantize, parse_scheme, quantize_graphs
+from .quantize import attach_external, dequantize, exact_graph, parse_scheme, quantize_graphs
 
 SHORT_SCHEMES = ("int8", "int4")
 
@@ -99,6 +99,29 @@ def add_quantized_drafts(tmp: Path, graphs: list[GraphSpec], index: dict[str, We
                              tuple(used)))
     drafts = {"scheme": scheme, "graphs": {str(b): names[b] for b in buckets}, "quantization": info}
     return new_index, out, drafts
+
+
+def kernel_variants(tmp: Path, graphs: list[GraphSpec], info: dict, alternatives: bool = True) -> list[dict]:
+    """Alternative graph files over the same weights that the runtime may choose between on each machine
+    (runtime/kernels.py), written next to the engine's own graphs; -> the manifest's `quantization["kernels"]`.
+
+    The exported graphs are candidate "a<level>" (their parity: the unprefixed keys of the parity report). For
+    MatMulNBits at accuracy level 4 the exporter also writes `<graph>.a1.onnx`: the same weights at accuracy level 1
+    (MLAS dequantizes each weight block and runs a float32 GEMM; the activations are not rounded). That graph is
+    byte for byte what the export's "exact.*" parity check loads (`exact_graph`), so it is held to the float32
+    bound (written only with `alternatives`). DynamicQuantizeMatMul (dyn8) offers no second candidate: its exact
+    form folds into float32 weights at session creation (4x the memory of the engine's own)."""
+    exported = {"name": f"a{info['accuracy_level']}" if info["op"] == "MatMulNBits" else "dyn8",
+                "files": {}, "parity": "engine"}
+    if not alternatives or info["op"] != "MatMulNBits" or info["accuracy_level"] != 4:
+        return [exported]
+    files = {}
+    for g in graphs:
+        name = g.file.removesuffix(".onnx") + ".a1.onnx"
+        model = exact_graph(onnx.load(str(tmp / g.file), load_external_data=False))
+        onnx.save(model, str(tmp / name))
+        files[g.name] = name
+    return [exported, {"name": "a1", "files": files, "parity": "exact"}]
 
 
 def dequantized_model(model, directory: Path, index: dict[str, WeightEntry], info: dict):

@@ -4,7 +4,9 @@ SERVE_BENCH_JSON ?= build/serve_bench.json
 SOAK_JSON ?= build/soak.json
 SOAK_SECONDS ?= 600
 
-.PHONY: serve serve-bench soak
+PREFILL_BENCH_JSON ?= build/prefill_bench.json
+
+.PHONY: serve serve-bench prefill-bench soak
 
 # Serve OUT on http://127.0.0.1:$(PORT): OpenAI-style POST /v1/completions (SSE streaming), GET /health, GET /metrics.
 serve:
@@ -13,6 +15,11 @@ serve:
 # Continuous (gate, group) vs static batching under Poisson arrivals at 1x/2x/3x plus gate-vs-group step timings.
 serve-bench:
 	$(PY) -m skipdecode.bench.serve_bench --engine $(OUT) --requests 64 --rate 40 --repeats 3 --json $(SERVE_BENCH_JSON)
+
+# Inter-token latency of 4 streams while a prompt as long as the KV window is admitted, one-call vs chunked prefill.
+prefill-bench:
+	$(PY) -m skipdecode.bench.prefill_bench --engine $(OUT) --budgets 0,32,64 --rounds 7 --threads 1 \
+		--json $(PREFILL_BENCH_JSON)
 
 # Soak `skipdecode serve` for SOAK_SECONDS under mixed load (cancels, streams); reports server memory over time.
 soak:

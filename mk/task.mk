@@ -19,7 +19,7 @@ task-data: corpus
 	$(SD) make-task --data $(CORPUS)/kjv-heldout.txt --out $(TASK_DIR)/test.jsonl --limit $(TASK_RECORDS)
 
 # <= 15 min on 2 CPU cores: two fine-tunes, two exports, the engine evaluation; report in $(TASK_DIR)/report.md.
-task-recipe: task-data
+task-recipe: task-data $(VENV)/.extras-eval
 	$(SD) finetune $(TASK_TRAIN_ARGS) --speedups $(TUNE_SPEEDUPS) --distill $(TASK_DISTILL) --out $(TASK_DIR)/tuned
 	$(SD) finetune $(TASK_TRAIN_ARGS) --speedups 1 --out $(TASK_DIR)/control
 	for m in tuned control; do $(SD) export --model $(TASK_DIR)/$$m --out $(TASK_DIR)/engine-$$m \

@@ -11,7 +11,9 @@ Ownership:
 
 Each request runs as it would alone: the first token from a full-depth prefill, then its own plan's steps (its own
 prompt length and max length) in order, its own sampler, eos/stop handling and finish_reason. Rows sharing a
-decode call are gated to exactly their own bucket's layers.
+decode call are gated to exactly their own bucket's layers. A prompt prefilled in chunks over several steps (the
+scheduler's chunked prefill) ends with the same K/V in every layer of every prompt column, and its first token comes
+from the same full-depth logits, as a one-call prefill (equal up to float rounding: the chunks run other graphs).
 """
 
 from __future__ import annotations
@@ -23,19 +25,30 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import InputError
-from .generation import (
+from .logprobs import token_logprob
+from .profiling import step_range
+from .request import (
     DEFAULT_DRAFT_TOKENS,
+    FinishEvent,
     GenerateOptions,
+    TokenEvent,
     check_prompts,
     draft_bucket,
     draft_quantized,
     resolve_max_length,
 )
-from .logprobs import TokenLogprob, token_logprob
-from .profiling import step_range
 from .sampling import Sampler
 from .schedule import layers_for_budget, make_plan
-from .scheduler import DecodeCall, Draft, Scheduler, SchedulerConfig, SchedulerError, SeqSpec, SpecRow, StepPlan
+from .scheduler import (
+    DecodeCall,
+    Draft,
+    PrefillChunk,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerError,
+    SeqSpec,
+    SpecRow,
+)
 from .slot_backend import SlotBackend
 from .speculative import speculative_accept
 
@@ -77,35 +90,16 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
 
 
 @dataclass(frozen=True)
-class TokenEvent:
-    """Token number `index` of a request, produced by `budget` layers (its own bucket)."""
-
-    request_id: int
-    index: int
-    token: int
-    budget: int
-    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    request_id: int
-    reason: str  # "eos" | "stop" | "length" | "error"
-    error: str | None = None  # what went wrong, for reason "error"
-    drafted: int = 0  # lossless mode: tokens the request's drafts proposed, and how many the full model accepted
-    accepted: int = 0
-
-
-@dataclass(frozen=True)
 class StepResult:
     """What one step did: events in order, plus counts for metrics."""
 
     events: tuple[TokenEvent | FinishEvent, ...]
     decoded_rows: int  # rows advanced by decode calls
-    admitted: int  # prompts prefilled
+    admitted: int  # requests admitted (given a slot; their prompts prefilled whole or in a first chunk)
     graph_row_layers: int  # sum over calls of graph budget x rows covered: the compute the graphs were given
     drafted: int = 0  # lossless rows: tokens drafted in this step, and how many the verify pass accepted
     accepted: int = 0
+    prefill_tokens: int = 0  # prompt tokens prefilled in this step (chunks included)
 
 
 class _Sequence:
@@ -192,25 +186,37 @@ class Batcher:
         work = drafted = accepted = 0
         deepest = max((c.bucket for c in plan.calls), default=self.backend.num_layers)
         rows = len(plan.rows) + len(plan.speculative)
-        with step_range(self._steps, deepest, rows + len(plan.admits)):  # NVTX (runtime/profiling.py)
+        with step_range(self._steps, deepest, rows + len(plan.prefills)):  # NVTX (runtime/profiling.py)
             for call in plan.calls:
                 work += call.bucket * call.num_rows
                 self._decode(call, events, finished)
             if plan.speculative:
                 work, drafted, accepted = self._speculate(plan.speculative, events, finished, emitted, work)
-            if plan.admits:
-                self._prefill(plan, events, finished)
+            if plan.prefills:
+                self._prefill(plan.prefills, events, finished)
         self._steps += 1
         self.scheduler.commit(plan, finished, emitted)
         for rid in finished:
             del self._seqs[rid]
-        return StepResult(tuple(events), rows, len(plan.admits), work, drafted, accepted)
+        return StepResult(tuple(events), rows, len(plan.admits), work, drafted, accepted, plan.prefill_tokens)
 
-    def _prefill(self, plan: StepPlan, events: list, finished: set[int]) -> None:
-        seqs = [self._seqs[a.request_id] for a in plan.admits]
-        logits = self.backend.prefill_rows([s.request.prompt for s in seqs], [a.slot for a in plan.admits])
-        for i, seq in enumerate(seqs):  # the first token comes from the prefill at full depth
-            self._emit(seq, logits[i: i + 1], self.backend.num_layers, events, finished)
+    def _prefill(self, chunks: tuple[PrefillChunk, ...], events: list, finished: set[int]) -> None:
+        """A step's prompt work: the first chunks (mostly whole prompts) in one prefill-graph call, later chunks of
+        long prompts appended to their slots at full depth (`SlotBackend.feed`). A prompt's last chunk gives its
+        first token, from full-depth logits of its last column either way."""
+        be, last = self.backend, {}
+        first = [c for c in chunks if c.start == 0]
+        if first:
+            logits = be.prefill_rows([self._seqs[c.request_id].request.prompt[: c.stop] for c in first],
+                                     [c.slot for c in first])
+            last.update({c.request_id: logits[i: i + 1] for i, c in enumerate(first)})
+        for c in chunks:
+            if c.start:
+                last[c.request_id] = be.feed(c.slot, self._seqs[c.request_id].request.prompt[c.start: c.stop],
+                                             last_only=True)
+        for c in chunks:
+            if c.last:
+                self._emit(self._seqs[c.request_id], last[c.request_id], be.num_layers, events, finished)
 
     def _decode(self, call: DecodeCall, events: list, finished: set[int]) -> None:
         L = self.backend.num_layers

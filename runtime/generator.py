@@ -10,13 +10,12 @@ generation that finds no free slot fails with `SlotsExhaustedError` instead of w
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 
-from .batcher import Batcher, FinishEvent, Request, TokenEvent, prepare_request
+from .batcher import Batcher, Request, prepare_request
 from .errors import BackendError, InputError
-from .generation import GenerateOptions, Generation, StepEvent, check_prompts
 from .kv import SlotsExhaustedError
+from .request import FinishEvent, GenerateOptions, Generation, TokenEvent, check_prompts
 from .scheduler import SchedulerConfig
 from .slot_backend import SlotBackend
 
@@ -41,66 +40,39 @@ class Generator:
             raise InputError("this model has no tokenizer: pass prompt token ids instead of text")
         return self.codec.encode(text)
 
-    def stream(self, prompts: Sequence[Sequence[int]], opts: GenerateOptions) -> Iterator[StepEvent]:
-        """Yield one `StepEvent` per step (the new token of every row). Prompts and options are checked here, before
-        anything runs; KV slots are taken at the first step and given back when the stream ends or is closed."""
+    def stream(self, prompts: Sequence[Sequence[int]], opts: GenerateOptions) -> Iterator[TokenEvent | FinishEvent]:
+        """Yield a `TokenEvent` for every token as it is produced (`request_id` is the prompt's row) and one
+        `FinishEvent` per row when it ends. Prompts and options are checked here, before anything runs; KV slots are
+        taken at the first step and given back when the stream ends or is closed."""
         check_prompts(prompts, self.vocab_size, self.backend.max_batch)
         requests = [prepare_request(row, prompt, opts.for_row(row), self.backend, self.vocab_size)
                     for row, prompt in enumerate(prompts)]
         return self._run(requests)
 
     def generate(self, prompts: Sequence[Sequence[int]], opts: GenerateOptions) -> list[Generation]:
-        out = [Generation(tokens=[], budgets=[]) for _ in prompts]
+        out = [Generation(request_id=row, prompt=tuple(int(t) for t in p)) for row, p in enumerate(prompts)]
         for ev in self.stream(prompts, opts):
-            for row, (gen, tok, budget, reason) in enumerate(zip(out, ev.tokens, ev.budgets, ev.finished,
-                                                                 strict=True)):
-                if tok is not None:
-                    gen.tokens.append(tok)
-                    gen.budgets.append(budget)
-                if reason is not None:
-                    gen.finish_reason = reason
-                    gen.drafted, gen.accepted = ev.drafted[row], ev.accepted[row]
+            out[ev.request_id].add(ev)
         if self.codec is not None:
             for r in out:
                 r.text = self.codec.decode(r.tokens)
         return out
 
-    def _run(self, requests: list[Request]) -> Iterator[StepEvent]:
+    def _run(self, requests: list[Request]) -> Iterator[TokenEvent | FinishEvent]:
         B = len(requests)
         config = SchedulerConfig(max_batch=B, max_tokens_in_flight=sum(r.spec.reserved_tokens for r in requests))
         batcher = Batcher(self.backend, config)
         for r in requests:
             batcher.add(r)
-        start, step = time.perf_counter(), 0
         try:
             while not batcher.idle:
                 result = batcher.step()
-                if not result.events:  # nothing running and nothing admitted: other generations hold every slot
+                if not result.events and not result.prefill_tokens:  # nothing ran: other generations hold every slot
                     raise SlotsExhaustedError(f"no KV slot of {self.backend.max_batch} is free for this batch of "
                                               f"{B}: other generations on this engine hold them")
-                # a lossless row may emit several tokens in one step: they go out as consecutive StepEvents, each
-                # with at most one token per row
-                per_row: list[list[tuple[int, int]]] = [[] for _ in range(B)]
-                reasons: list = [None] * B
-                counts: list = [(None, None)] * B
                 for ev in result.events:
-                    if isinstance(ev, TokenEvent):
-                        per_row[ev.request_id].append((ev.token, ev.budget))
-                    elif isinstance(ev, FinishEvent) and ev.reason == "error":
+                    if isinstance(ev, FinishEvent) and ev.reason == "error":
                         raise NonFiniteLogitsError(f"row {ev.request_id}: {ev.error}")
-                    else:
-                        reasons[ev.request_id] = ev.reason
-                        counts[ev.request_id] = (ev.drafted, ev.accepted)
-                depth = max(1, *(len(r) for r in per_row))
-                elapsed = time.perf_counter() - start
-                for k in range(depth):
-                    tokens = tuple(r[k][0] if k < len(r) else None for r in per_row)
-                    budgets = tuple(r[k][1] if k < len(r) else None for r in per_row)
-                    last = [k == max(len(per_row[i]), 1) - 1 for i in range(B)]
-                    finished = tuple(reasons[i] if last[i] else None for i in range(B))
-                    yield StepEvent(step, tokens, budgets, finished, elapsed,
-                                    tuple(counts[i][0] if last[i] else None for i in range(B)),
-                                    tuple(counts[i][1] if last[i] else None for i in range(B)))
-                    step += 1
+                    yield ev
         finally:
             batcher.reset()

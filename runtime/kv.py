@@ -28,7 +28,7 @@ from .device import column_copies, prefill_copies, span_copies
 from .errors import EngineError, InputError, check_int
 
 
-def check_fits(nbytes: int, available: int | None, slots: int, max_length: int) -> None:
+def check_memory(nbytes: int, available: int | None, slots: int, max_length: int) -> None:
     """Refuse a KV cache larger than the memory available now (None: unknown, not checked)."""
     if available is not None and nbytes > available:
         raise EngineError(f"the KV cache of {slots} slots x {max_length} columns needs {nbytes} bytes "
@@ -99,7 +99,7 @@ class KVCache:
         self.layer_bytes = int(np.prod(self.shape)) * self.itemsize
         staged = slots * heads * head_dim * self.itemsize if staging else 0
         self.nbytes = num_layers * 2 * (self.layer_bytes + staged)
-        check_fits(self.nbytes, memory.available_bytes(), slots, max_length)
+        check_memory(self.nbytes, memory.available_bytes(), slots, max_length)
         # zeroed: see the module docstring
         self.keys = [memory.malloc(self.layer_bytes) for _ in range(num_layers)]
         self.values = [memory.malloc(self.layer_bytes) for _ in range(num_layers)]

@@ -60,7 +60,8 @@ class PromptScore:
 
     `advance(backend)`: the first call takes a free slot (False while none is free) and prefills prompt[0]; each
     later call feeds the next SCORE_CHUNK tokens in one full-depth verify pass, which returns every position's
-    logits (backends without a verify graph: one decode step per token). `done` once every token is scored;
+    logits (`SlotBackend.feed`, which chunked prefill uses too; backends without a verify graph: one decode step per
+    token). `done` once every token is scored;
     `release(backend)` gives the slot back (call it however the job ends)."""
 
     def __init__(self, prompt: Sequence[int], k: int) -> None:
@@ -89,13 +90,7 @@ class PromptScore:
             self.result.append(token_logprob(logits[0], p[1], self.k))
             return True
         n = min(SCORE_CHUNK, len(p) - 1 - self.fed)
-        chunk = np.array([p[self.fed: self.fed + n]], dtype=np.int64)
-        if backend.has_verify:
-            logits = backend.verify_rows([self.slot], chunk)[self.slot]
-        else:
-            gates = np.ones((1, L), dtype=bool)
-            logits = np.stack([backend.decode_rows([self.slot], chunk[:, j], L, gates)[self.slot]
-                               for j in range(n)])
+        logits = backend.feed(self.slot, p[self.fed: self.fed + n])  # the slot API's full-depth append
         for j in range(n):
             self.result.append(token_logprob(logits[j], p[self.fed + j + 1], self.k))
         self.fed += n

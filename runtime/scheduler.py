@@ -17,8 +17,13 @@ Policy:
   starve behind a stream of small ones; it waits only for running requests, which finish within their
   max_new_tokens steps (no preemption, so nothing already admitted is ever evicted).
 * Limits: `max_batch` running rows (<= KV slots), `max_tokens_in_flight` reserved KV columns (each running
-  request reserves prompt + max_new_tokens columns), `max_prefill_tokens` prompt tokens admitted per step (bounds
-  the stall that a prefill adds to running rows; the head is admitted alone if it exceeds it).
+  request reserves prompt + max_new_tokens columns), `max_prefill_tokens` prompt tokens prefilled per step (bounds
+  the stall that prefills add to the decode steps of running rows).
+* Chunked prefill (`chunked_prefill`): a prompt longer than `max_prefill_tokens` is prefilled over several steps,
+  at most that many of its tokens per step, while the running rows keep decoding; prompts that are being prefilled
+  get the step's budget first, in admission order, then new requests. A prompt that fits the budget is never split
+  (it waits for a step with room instead), so short prompts keep their one batched prefill call. Without
+  chunking, a prompt above the budget is admitted alone and prefilled in one call.
 * Every running request decodes in every step, so running requests are served round-robin by construction.
 """
 
@@ -87,7 +92,7 @@ class SeqSpec:
 class SchedulerConfig:
     max_batch: int
     max_tokens_in_flight: int
-    max_prefill_tokens: int | None = None  # None: admit as many prompts per step as fit
+    max_prefill_tokens: int | None = None  # prompt tokens prefilled per step; None: admit as many prompts as fit
     # "gate": one call of the deepest row's graph, shallower rows gated; "group": one call per distinct bucket.
     # gate is the default: on tiny-opt-kjv (serve_bench, 64 Poisson requests) grouping reached about half of gating's
     # tokens/s at 2x and 3x and a step over 8 rows of spread buckets took several times as long (docs/serving.md,
@@ -99,6 +104,9 @@ class SchedulerConfig:
     # but two to three at batches 2-8, where a step is already compute-bound, and drafting there ran slower than
     # full depth (docs/DESIGN.md §9; docs/bench/2026-11-30/quick/bench.md, "Lossless mode").
     max_speculative_rows: int = 1
+    # Split prompts longer than max_prefill_tokens into chunks over several steps (the service sets it where the
+    # backend's chunks are exact: SlotBackend.chunked_prefill); False: such a prompt is admitted alone, in one call.
+    chunked_prefill: bool = False
 
     def __post_init__(self) -> None:
         check_int("max_batch", self.max_batch, lo=1)
@@ -107,9 +115,11 @@ class SchedulerConfig:
             check_int("max_prefill_tokens", self.max_prefill_tokens, lo=1)
         check_int("max_speculative_rows", self.max_speculative_rows, lo=0)
         check_choice("strategy", self.strategy, STRATEGIES)
+        if self.chunked_prefill and self.max_prefill_tokens is None:
+            raise InputError("chunked_prefill needs max_prefill_tokens: the prompt tokens each step may prefill")
 
 
-def check_fits(spec: SeqSpec, config: SchedulerConfig) -> None:
+def check_admissible(spec: SeqSpec, config: SchedulerConfig) -> None:
     """A request that could never be admitted is refused up front (it would block the queue forever)."""
     if spec.reserved_tokens > config.max_tokens_in_flight:
         raise InputError(f"prompt length {spec.prompt_length} + max_new_tokens {spec.max_new_tokens} = "
@@ -118,11 +128,29 @@ def check_fits(spec: SeqSpec, config: SchedulerConfig) -> None:
 
 @dataclass(frozen=True)
 class Admit:
-    """Prefill `request_id` (full depth) into `slot`; its first token comes from this prefill."""
+    """`request_id` starts in `slot` (taken for it at admission); its prompt is prefilled by `PrefillChunk`s."""
 
     request_id: int
     slot: int
     prompt_length: int
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens [start, stop) of `request_id` into `slot`, at full depth: through the prefill graph when start
+    is 0 (with the other first chunks of the step, in one call), else appended to the K/V of the earlier chunks
+    (SlotBackend.feed). The chunk that reaches prompt_length produces the request's first token. A whole prompt is
+    one chunk [0, prompt_length)."""
+
+    request_id: int
+    slot: int
+    start: int
+    stop: int
+    prompt_length: int
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.prompt_length
 
 
 @dataclass(frozen=True)
@@ -164,12 +192,15 @@ class DecodeCall:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One scheduler step as plain data: `calls` then `admits`. (Either order is exact: a call points every slot it
-    covers but does not advance at that slot's next free column, runtime/slot_backend.py.)"""
+    """One scheduler step as plain data: `calls`, then the prompt work `prefills` (`admits`: the requests that took
+    a slot in this step; their first chunks are among `prefills`). Either order is exact: a call points every slot
+    it covers but does not advance at that slot's next free column, runtime/slot_backend.py, and a slot being
+    prefilled is one of those."""
 
     calls: tuple[DecodeCall, ...]
     admits: tuple[Admit, ...]
     speculative: tuple[SpecRow, ...] = ()  # lossless rows: draft calls and one verify call, after `calls`
+    prefills: tuple[PrefillChunk, ...] = ()
 
     @cached_property  # read several times per step: the plan is immutable, so computed once
     def rows(self) -> tuple[DecodeRow, ...]:
@@ -177,7 +208,11 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.calls and not self.admits and not self.speculative
+        return not self.calls and not self.admits and not self.speculative and not self.prefills
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(c.stop - c.start for c in self.prefills)
 
 
 @dataclass
@@ -185,9 +220,13 @@ class _Running:
     spec: SeqSpec
     slot: int
     step: int = 0  # decode steps done
-    prefilled: bool = False
+    fed: int = 0  # prompt tokens prefilled so far (chunked prefill: over several steps)
     misses: int = 0  # automatic lossless drafting: rounds in a row whose drafts were all rejected ...
     resume_at: int = 0  # ... and the step from which it drafts again (backoff)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.fed == self.spec.prompt_length
 
 
 class Scheduler:
@@ -202,7 +241,7 @@ class Scheduler:
 
     # -- requests in and out ------------------------------------------------------------------------------
     def submit(self, spec: SeqSpec) -> None:
-        check_fits(spec, self.config)
+        check_admissible(spec, self.config)
         if spec.request_id in self._running or any(w.request_id == spec.request_id for w in self._waiting):
             raise SchedulerError(f"request {spec.request_id} was submitted twice")
         self._waiting.append(spec)
@@ -247,7 +286,8 @@ class Scheduler:
 
     # -- planning -----------------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
-        """Decode every prefilled running request one step, then admit waiting ones (FIFO) into free slots."""
+        """Decode every prefilled running request one step, then give the step's prefill budget to prompts being
+        prefilled and to waiting requests admitted (FIFO) into free slots."""
         rows, spec = [], []
         running = [r for r in sorted(self._running.values(), key=lambda r: r.slot) if r.prefilled]
         auto_ok = sum(r.spec.draft is not None for r in running) <= self.config.max_speculative_rows  # greedy only
@@ -264,7 +304,8 @@ class Scheduler:
                                     draft.quantized))
             else:
                 rows.append(DecodeRow(r.spec.request_id, r.slot, column, r.spec.buckets[r.step], r.step))
-        return StepPlan(calls=self._calls(tuple(rows)), admits=self._admit(), speculative=tuple(spec))
+        admits, prefills = self._prefill_work()
+        return StepPlan(self._calls(tuple(rows)), admits, tuple(spec), prefills)
 
     def _calls(self, rows: tuple[DecodeRow, ...]) -> tuple[DecodeCall, ...]:
         if not rows:
@@ -278,23 +319,42 @@ class Scheduler:
             calls.append(DecodeCall(bucket, max(r.slot for r in group) + 1, group))
         return tuple(calls)
 
-    def _admit(self) -> tuple[Admit, ...]:
-        cfg, admits = self.config, []
-        in_flight, prefill_tokens = self.tokens_in_flight, 0
+    def _prefill_work(self) -> tuple[tuple[Admit, ...], tuple[PrefillChunk, ...]]:
+        """The step's prompt work within `max_prefill_tokens`: the next chunk of every prompt being prefilled (in
+        admission order), then admissions (FIFO). -> (admits, chunks)."""
+        cfg = self.config
+        budget = cfg.max_prefill_tokens
+        left = budget if budget is not None else float("inf")
+        chunks: list[PrefillChunk] = []
+        for run in self._running.values():  # insertion order = admission order
+            todo = run.spec.prompt_length - run.fed
+            if run.fed and todo and left > 0:  # started in an earlier step (its first chunk committed)
+                n = int(min(todo, left))
+                chunks.append(PrefillChunk(run.spec.request_id, run.slot, run.fed, run.fed + n, run.spec.prompt_length))
+                left -= n
+        admits: list[Admit] = []
+        in_flight = self.tokens_in_flight
         while self._waiting and len(self._running) < cfg.max_batch and self._slots.num_free:
             head = self._waiting[0]
+            p = head.prompt_length
             if in_flight + head.reserved_tokens > cfg.max_tokens_in_flight:
                 break  # head-of-line blocking: nobody overtakes the head (no starvation)
-            budget = cfg.max_prefill_tokens
-            if budget is not None and admits and prefill_tokens + head.prompt_length > budget:
-                break
+            if p <= left:
+                n = p
+            elif cfg.chunked_prefill and p > budget and left > 0:
+                n = int(left)  # a prompt that can never fit a step starts with what is left of this one
+            elif not cfg.chunked_prefill and not chunks:
+                n = p  # without chunking, a prompt above the budget is prefilled alone, in one call
+            else:
+                break  # it fits a step of its own: it waits for one rather than being split
             self._waiting.popleft()
             slot = self._slots.allocate(1)[0]
             self._running[head.request_id] = _Running(head, slot)
-            admits.append(Admit(head.request_id, slot, head.prompt_length))
+            admits.append(Admit(head.request_id, slot, p))
+            chunks.append(PrefillChunk(head.request_id, slot, 0, n, p))
             in_flight += head.reserved_tokens
-            prefill_tokens += head.prompt_length
-        return tuple(admits)
+            left = max(left - n, 0)
+        return tuple(admits), tuple(chunks)
 
     @staticmethod
     def _backoff(run: _Running, accepted: bool) -> None:
@@ -332,9 +392,14 @@ class Scheduler:
             run.step += n
             if isinstance(row, SpecRow) and run.spec.draft.auto:
                 self._backoff(run, accepted=n > 1)
-        for a in plan.admits:
-            if a.request_id in self._running:
-                self._running[a.request_id].prefilled = True
+        for c in plan.prefills:
+            run = self._running.get(c.request_id)
+            if run is None:
+                continue
+            if run.fed != c.start:
+                raise SchedulerError(f"request {c.request_id} has {run.fed} prompt tokens prefilled, plan fed "
+                                     f"[{c.start}, {c.stop})")
+            run.fed = c.stop
         for rid in done:
             run = self._running.pop(rid, None)
             if run is not None:

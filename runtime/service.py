@@ -15,6 +15,10 @@ Ownership and threads:
   loop with `call_soon_threadsafe`).
 * Backpressure: at most `max_queue` requests wait for admission; beyond that `submit` raises `OverloadedError`
   at once instead of queueing without bound.
+* Chunked prefill: each step prefills at most `max_prefill_tokens` prompt tokens, so a long prompt is prefilled in
+  chunks over several steps while running requests keep getting a token every step (runtime/scheduler.py), on
+  backends where chunks give the tokens of a one-call prefill (`SlotBackend.chunked_prefill`; elsewhere a prompt
+  above the budget is prefilled alone, in one call).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .batcher import Batcher, FinishEvent, Request, StepResult, TokenEvent, prepare_request
+from .batcher import Batcher, Request, StepResult, prepare_request
 from .errors import (  # the service's errors live with every other error; imported from here too
     BackendError,
     InputError,
@@ -41,10 +45,10 @@ from .errors import (  # the service's errors live with every other error; impor
     check_int,
     check_number,
 )
-from .generation import GenerateOptions, check_prompts
 from .generator import NonFiniteLogitsError
-from .logprobs import MAX_LOGPROBS, PromptScore, TokenLogprob
-from .scheduler import SchedulerConfig, check_fits
+from .logprobs import MAX_LOGPROBS, PromptScore
+from .request import FinishEvent, GenerateOptions, Generation, TokenEvent, check_prompts
+from .scheduler import SchedulerConfig, check_admissible
 from .slot_backend import SlotBackend
 
 Listener = Callable[[TokenEvent | FinishEvent], None]
@@ -57,12 +61,19 @@ class _ScoreJob:
     deadline: float | None  # time.monotonic() value, or None
 
 
+# Prompt tokens a service step prefills: the longest a long prompt's prefill holds up the decode steps of running
+# requests, in exchange for a later first token of that prompt (docs/serving.md, "Chunked prefill", measures both).
+DEFAULT_MAX_PREFILL_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     max_batch: int | None = None  # running rows; default: every KV slot of the backend
     max_tokens_in_flight: int | None = None  # reserved KV columns; default: max_batch x max_length (no limit)
     max_queue: int = 64  # requests waiting for admission before submit raises OverloadedError
-    max_prefill_tokens: int | None = None
+    # prompt tokens prefilled per step: longer prompts are prefilled in chunks that share steps with decoding;
+    # None: no limit, every prompt is prefilled in one call when admitted (running requests wait for it)
+    max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS
     strategy: str = "gate"
     default_timeout_s: float | None = None
     metrics_window_s: float = 10.0  # tokens/s is measured over this trailing window
@@ -70,26 +81,18 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         check_int("max_queue", self.max_queue, lo=1)
+        if self.max_prefill_tokens is not None:
+            check_int("max_prefill_tokens", self.max_prefill_tokens, lo=1)
         for name in ("default_timeout_s", "metrics_window_s"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), above=0)
 
-    def scheduler_config(self, slots: int, max_length: int) -> SchedulerConfig:
+    def scheduler_config(self, slots: int, max_length: int, chunked_prefill: bool = False) -> SchedulerConfig:
+        """`chunked_prefill`: whether the backend may prefill a prompt in chunks (`SlotBackend.chunked_prefill`)."""
         batch = self.max_batch or slots
         return SchedulerConfig(batch, self.max_tokens_in_flight or batch * max_length, self.max_prefill_tokens,
-                               self.strategy, self.max_speculative_rows)
-
-
-@dataclass(frozen=True)
-class Completion:
-    request_id: int
-    prompt: tuple[int, ...]
-    tokens: tuple[int, ...]
-    budgets: tuple[int, ...]  # layers each token ran (its own bucket; the prefill's token: all layers)
-    finish_reason: str  # "eos" | "stop" | "length" | "cancelled" | "timeout"
-    logprobs: tuple[TokenLogprob, ...] | None = None  # per token, when the options asked for logprobs
-    drafted: int = 0  # lossless mode: tokens drafted, and how many of them the full model accepted
-    accepted: int = 0
+                               self.strategy, self.max_speculative_rows,
+                               chunked_prefill and self.max_prefill_tokens is not None)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class ServiceStats:
     tokens_per_s: float  # over the trailing metrics window
     draft_tokens: int = 0  # lossless requests: tokens drafted by the shallow graphs, and accepted by the verifier
     accepted_draft_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens prefilled (whole prompts and chunks)
 
     @property
     def mean_layers_per_token(self) -> float:
@@ -164,16 +168,17 @@ class RequestHandle:
         with self._cv:
             return self._drafts
 
-    def result(self, timeout: float | None = None) -> Completion:
+    def result(self, timeout: float | None = None) -> Generation:
         with self._cv:
             if not self._cv.wait_for(lambda: self._reason is not None, timeout):
                 raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
             if self._error is not None:
                 raise RequestFailedError(f"request {self.request_id} failed: {self._error}") from self._error
-            asked = bool(self._events) and self._events[0].logprob is not None
-            lps = tuple(e.logprob for e in self._events) if asked else None
-            return Completion(self.request_id, self.prompt, tuple(e.token for e in self._events),
-                              tuple(e.budget for e in self._events), self._reason, lps, *self._drafts)
+            out = Generation(request_id=self.request_id, prompt=self.prompt)
+            for ev in self._events:
+                out.add(ev)
+            out.finish_reason, (out.drafted, out.accepted) = self._reason, self._drafts
+            return out
 
     # -- worker thread only -------------------------------------------------------------------------------
     def _push(self, event: TokenEvent) -> None:
@@ -197,7 +202,7 @@ class Service:
         if not isinstance(be, SlotBackend):
             raise BackendError(f"{type(be).__name__} is not a SlotBackend (runtime/slot_backend.py): continuous "
                                "batching needs the slot API")
-        self._sched_config = self.config.scheduler_config(be.max_batch, be.max_length)
+        self._sched_config = self.config.scheduler_config(be.max_batch, be.max_length, be.chunked_prefill)
         self._batcher = Batcher(be, self._sched_config)  # worker thread only
         self._cv = threading.Condition()  # guards everything below
         self._ids = itertools.count()
@@ -229,7 +234,7 @@ class Service:
             rid = next(self._ids)
         g = self.generator
         request = prepare_request(rid, prompt, options, g.backend, g.vocab_size)
-        check_fits(request.spec, self._sched_config)
+        check_admissible(request.spec, self._sched_config)
         handle = RequestHandle(request, deadline, self, listener)
         with self._cv:
             self._check_admission()
@@ -279,7 +284,7 @@ class Service:
         """Requests and scoring jobs waiting to start (held under `_cv`): the one queue `max_queue` bounds."""
         return len(self._inbox) + self._waiting + len(self._scores) + max(0, self._score_jobs - 1)
 
-    def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Completion:
+    def generate(self, prompt: Sequence[int], options: GenerateOptions, timeout_s: float | None = None) -> Generation:
         return self.submit(prompt, options, timeout_s).result()
 
     def stats(self) -> ServiceStats:
@@ -296,7 +301,7 @@ class Service:
                 queue_depth=self._queued(),
                 running=self._running + min(1, self._score_jobs),
                 last_batch_size=self._last_batch, tokens_per_s=sum(window) / span,
-                draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"])
+                draft_tokens=c["drafted"], accepted_draft_tokens=c["accepted"], prefill_tokens=c["prefill_tokens"])
 
     def shutdown(self, cancel: bool = False, timeout_s: float | None = None) -> None:
         """Stop accepting requests; then finish every in-flight one (cancel=False) or end each with
@@ -457,6 +462,7 @@ class Service:
             c["graph_row_layers"] += result.graph_row_layers
             c["drafted"] += result.drafted
             c["accepted"] += result.accepted
+            c["prefill_tokens"] += result.prefill_tokens
             self._last_batch = result.decoded_rows
             self._window.append((time.monotonic(), tokens))
             while self._window and self._window[0][0] < time.monotonic() - self.config.metrics_window_s:

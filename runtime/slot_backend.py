@@ -22,6 +22,11 @@ Lossless mode (self-speculative decoding, docs/DESIGN.md) adds two calls:
   erased: every reader attends only to columns below its slot's length, and a column is always written again before
   a later length covers it.
 
+`feed(slot, tokens)` builds on them: it appends tokens to a slot at full depth (verify calls of up to
+MAX_VERIFY_TOKENS columns, else one full-depth decode step per token). Prompt scoring feeds a prompt through it chunk by
+chunk, and a service's chunked prefill feeds the rest of a long prompt after its first chunk went through the
+prefill graph (`chunked_prefill` says where that is exact).
+
 A subclass implements `_prefill(ids, pos, mask, slots)` (left-padded prompts), `_decode(ids, lengths, bucket,
 gates)` and `_verify(ids, lengths, rows)` over rows 0..n-1 (= slots), and `_decode_draft` (same arguments) where it
 has quantized drafts. `GraphBackend` does that for compiled engines
@@ -111,6 +116,14 @@ class SlotBackend:
         """Whether `verify_rows` runs here (lossless mode, chunked prompt scoring)."""
         return type(self)._verify is not SlotBackend._verify
 
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether a prompt may be prefilled in chunks (its first through the prefill graph, the rest appended by
+        `feed`) with the tokens of a one-call prefill: it needs the verify pass (one decode step per prompt token
+        would cost far more than the prefill it replaces), and an engine whose int8 kernels round activations
+        differently with a call's row count (`lossless_refusal`: quantized) prefills in one call."""
+        return self.has_verify and self.lossless_refusal is None
+
     def _init_slots(self) -> None:
         """Call once the attributes above are set."""
         self.slots = SlotTable(self.max_batch)
@@ -179,9 +192,33 @@ class SlotBackend:
             n = len(lengths)
             ids = np.full((n, S), self.pad_token_id, dtype=np.int64)
             ids[rows] = token_ids
-            logits = self._verify(ids, lengths, rows).copy()
+            raw = self._verify(ids, lengths, rows)
+            logits = np.zeros(raw.shape, dtype=raw.dtype)  # only the call's rows are copied (zero pages are free)
+            logits[rows] = raw[rows]
             self.slots.lengths[rows] = np.minimum(lengths[rows] + S, self.max_length)
             return logits
+
+    def feed(self, slot: int, token_ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Append `token_ids` to `slot` after the tokens it holds, at full depth, writing every layer's K/V: one
+        verify call per MAX_VERIFY_TOKENS tokens (backends without a verify pass: one full-depth decode step per
+        token). -> logits [n, V], row j the prediction after token j (`last_only`: [1, V], the last row). The slot
+        must hold a full-depth prefix (a prefill, earlier feeds) for the result to be the model's own."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        check_int("tokens to feed", len(ids), lo=1, hi=self.max_length - 1)
+        L, out = self.num_layers, []
+        if not self.has_verify and L not in self.buckets:
+            raise InputError(f"this backend has no full-depth bucket ({L} layers) and no verify pass to feed tokens "
+                             "with")
+        for start in range(0, len(ids), MAX_VERIFY_TOKENS):
+            chunk = ids[start: start + MAX_VERIFY_TOKENS]
+            if self.has_verify:
+                out.append(self.verify_rows([slot], chunk[None])[slot])
+            else:
+                gates = np.ones((1, L), dtype=bool)
+                out += [self.decode_rows([slot], chunk[j: j + 1], L, gates)[slot: slot + 1] for j in range(len(chunk))]
+            if last_only:
+                out = [out[-1][-1:]]
+        return np.concatenate(out)
 
     def rewind(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Shorten `slots` to `lengths` tokens (1 <= new length <= current): the later columns are forgotten."""
@@ -334,6 +371,12 @@ class GraphBackend(SlotBackend):
     @property
     def has_verify(self) -> bool:
         return self.manifest.verify() is not None and type(self)._run_verify is not GraphBackend._run_verify
+
+    @property
+    def chunked_prefill(self) -> bool:
+        # a chunk runs the one-row verify graph in place; the any-batch one (matmul engines) would compute every
+        # slot of the call window 0..slot, several times the chunk's own work
+        return super().chunked_prefill and self.manifest.verify("verify_row") is not None
 
     def _decode_io(self, spec: GraphSpec, n: int) -> tuple[list[IO], list[IO]]:
         """Inputs and outputs of a bucket graph over slots [0, n): the host inputs and logits, the cache's K/V

@@ -5,10 +5,10 @@ The names a library user needs, importable from the package itself:
     from skipdecode import Engine, GenerateOptions, SamplingParams
 
 They load on first use, so `import skipdecode.<module>` stays as light as the module it names (the CLI's `plan`
-does not load onnxruntime). Where each lives: `Engine` in skipdecode.runtime.engine, `GenerateOptions`,
-`Generation` and `StepEvent` in skipdecode.runtime.generation, `SamplingParams` in skipdecode.runtime.sampling,
-`Service` and `ServiceConfig` in skipdecode.runtime.service, `configure_onnxruntime` in
-skipdecode.runtime.ort_sessions.
+does not load onnxruntime). Where each lives: `Engine` in skipdecode.runtime.engine; `GenerateOptions`,
+`Generation`, `TokenEvent` and `FinishEvent` in skipdecode.runtime.request; `SamplingParams` in
+skipdecode.runtime.sampling; `Service` and `ServiceConfig` in skipdecode.runtime.service; `configure_onnxruntime`
+in skipdecode.runtime.ort_sessions.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import importlib
 
 _EXPORTS = {
     "Engine": "skipdecode.runtime.engine",
-    "GenerateOptions": "skipdecode.runtime.generation",
-    "Generation": "skipdecode.runtime.generation",
-    "StepEvent": "skipdecode.runtime.generation",
+    "GenerateOptions": "skipdecode.runtime.request",
+    "Generation": "skipdecode.runtime.request",
+    "TokenEvent": "skipdecode.runtime.request",
+    "FinishEvent": "skipdecode.runtime.request",
     "SamplingParams": "skipdecode.runtime.sampling",
     "Service": "skipdecode.runtime.service",
     "ServiceConfig": "skipdecode.runtime.service",

@@ -42,6 +42,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                         "automatic default (default 3:0,3:4)")
     p.add_argument("--no-lossless", action="store_true", help="skip the lossless-mode rows")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
+    p.add_argument("--kernel", help="quantized engines' kernel path: auto (default), measure, exported, a4, a1")
     p.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes")
     p.add_argument("--cache-dir", type=Path, help="random checkpoints and engines (default engines/bench)")
     p.add_argument("--rebuild", action="store_true", help="re-create cached checkpoints and engines")
@@ -71,7 +72,7 @@ def config_from_args(args):
                            hf=False if args.no_hf else None, memory=False if args.no_memory else None,
                            peers=() if args.no_peers else args.peers,
                            lossless=() if args.no_lossless else args.lossless,
-                           cache_dir=args.cache_dir, rebuild=args.rebuild or None)
+                           cache_dir=args.cache_dir, rebuild=args.rebuild or None, kernel=args.kernel)
     except ValueError as exc:  # the config names the bad value and its limit
         raise InputError(str(exc)) from exc
 

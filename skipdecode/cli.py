@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime execution providers, comma-separated, in priority order")
     p.add_argument("--prepack", help="weight pre-packing: shared (default: one packed copy for all graphs), "
                                      "private (one per graph), off")
+    add_kernel_arg(p)
     add_verify_arg(p)
     add_generate_args(p)
 
@@ -151,7 +152,7 @@ def _ranges(layers: Sequence[int]) -> str:
 
 
 def options_from_args(args, eos_token_id: int | None):
-    from skipdecode.runtime.generation import GenerateOptions
+    from skipdecode.runtime.request import GenerateOptions
     from skipdecode.runtime.sampling import SamplingParams
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     return GenerateOptions(
@@ -163,13 +164,36 @@ def options_from_args(args, eos_token_id: int | None):
         draft_weights=getattr(args, "draft_weights", None))
 
 
+KERNEL_HELP = ("quantized engines: exported (the exported graphs), auto (the fastest kernel path on this machine "
+               "among those that passed parity, measured once and cached; the default), measure (measure again), or "
+               "a candidate's name (a4, a1); default $SKIPDECODE_KERNEL, else auto")
+
+
+def add_kernel_arg(p) -> None:
+    p.add_argument("--kernel", default=None, help=KERNEL_HELP)
+
+
+def default_kernel(value: str | None) -> str:
+    """The commands' kernel mode: the option, else $SKIPDECODE_KERNEL, else auto (the library's default is
+    "exported": an embedding application measures only when it asks to)."""
+    import os
+    return value or os.environ.get("SKIPDECODE_KERNEL") or "auto"
+
+
+def report_kernel(engine) -> None:
+    """One line on stderr: which kernel path a quantized engine runs and why (nothing for float engines)."""
+    choice = getattr(engine, "kernel_choice", None)
+    if choice is not None:
+        print(choice.line(), file=sys.stderr, flush=True)
+
+
 def cmd_generate(args) -> int:
     if not args.prompt and not args.prompt_ids:
         raise InputError("no prompt given: pass --prompt TEXT or --prompt-ids \"1 2 3\" at least once")
     if args.backend == "torch":
         if not args.model:
             raise InputError("--backend torch needs --model (local dir, hub id or short name)")
-        from skipdecode.export.generator import TorchGenerator
+        from skipdecode.export.torch_generator import TorchGenerator
         gen = TorchGenerator.load(args.model)
     else:
         if not args.engine:
@@ -178,7 +202,9 @@ def cmd_generate(args) -> int:
         from skipdecode.runtime.ort_sessions import configure_onnxruntime
         configure_onnxruntime()  # one pool for every bucket graph (SKIPDECODE_THREADS, else every core)
         gen = Engine.load(args.engine, providers=args.providers.split(","), prepack=args.prepack,
-                          backend=args.backend, device=args.device, verify=args.verify)
+                          backend=args.backend, device=args.device, verify=args.verify,
+                          kernel=default_kernel(args.kernel) if args.backend == "onnxruntime" else None)
+        report_kernel(gen)
     prompts = [gen.encode(t) for t in args.prompt] + [list(x) for x in args.prompt_ids]
     opts = options_from_args(args, gen.eos_token_id)
     t0 = time.perf_counter()
@@ -231,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SkipDecodeError as exc:
         print(f"skipdecode {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling (loading, importing)
+        print(f"skipdecode {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

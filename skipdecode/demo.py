@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from skipdecode.cliargs import floats, ints
 from skipdecode.runtime.errors import InputError, check_int
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions, Generation, TokenEvent
 
 FULL_DEPTH = "full depth"
 LOSSLESS = "lossless"
@@ -79,11 +79,15 @@ def default_settings(speedups: Sequence[float], lossless: bool, draft_scheme: st
 
 def _timed(engine, prompt: Sequence[int], opts: GenerateOptions) -> tuple[float, float, list[int], int, int]:
     """(prefill seconds, decode seconds, tokens, drafted, accepted) of one generation of `prompt`."""
-    events = list(engine.stream([prompt], opts))
-    tokens = [ev.tokens[0] for ev in events if ev.tokens[0] is not None]
-    drafted = sum(ev.drafted[0] or 0 for ev in events if ev.drafted)
-    accepted = sum(ev.accepted[0] or 0 for ev in events if ev.accepted)
-    return events[0].elapsed_s, events[-1].elapsed_s - events[0].elapsed_s, tokens, drafted, accepted
+    t0 = time.perf_counter()
+    result, first, last = Generation(), None, t0
+    for ev in engine.stream([prompt], opts):
+        result.add(ev)
+        if isinstance(ev, TokenEvent):
+            last = time.perf_counter()
+            first = first if first is not None else last
+    first = first if first is not None else last
+    return first - t0, last - first, result.tokens, result.drafted, result.accepted
 
 
 def run_demo(engine, prompt: Sequence[int], settings: Sequence[Setting], max_new_tokens: int = 64, rounds: int = 5,

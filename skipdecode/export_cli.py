@@ -40,6 +40,9 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
                         "of the layers the deepest draft bucket runs, +16%% on the embedded model). auto (default): "
                         "int8 where the engine can carry them (float32, onnxruntime, no --quantize); none; or a "
                         "scheme such as int4 (docs/lossless.md)")
+    p.add_argument("--kernel-candidates", action="store_true",
+                   help="quantized engines: also write the graphs of the other kernel paths (MatMulNBits accuracy "
+                        "level 1) so the runtime can measure and choose per machine (docs/quantization.md)")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-progress", action="store_true")
 
@@ -54,7 +57,7 @@ def cmd_export(args) -> int:
     cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
                        warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
                        dtype=args.dtype, attention=args.attention, backend=args.backend, trt=trt, force=args.force,
-                       quantize=args.quantize, drafts=args.drafts)
+                       quantize=args.quantize, kernel_candidates=args.kernel_candidates, drafts=args.drafts)
     man = export(cfg, progress=not args.no_progress)
     print_summary(args.out, man)
     return 0

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SkipDecodeError as exc:
         print(f"skipdecode serve: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while Ray or the engine was still loading
+        print("skipdecode serve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

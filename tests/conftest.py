@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny OPT models of both styles, built in-process from an OPTConfig (no downloads)."""
+"""Shared fixtures: tiny OPT models of both styles, built in-process from an OPTConfig (no downloads); and the test
+tiers. Every test module belongs to one tier, marked on its tests (`pytest -m unit`, `make test-unit`):
+
+* unit: one module's logic in-process on fakes or tiny torch models; no exported engine, no process, no socket.
+* integration: the real pieces together in-process: export tiny engines and run them (onnxruntime, the reference).
+* system: what a user runs: servers over HTTP, subprocesses, Ray clusters, torchrun jobs.
+
+`make test` runs every tier. A new test module must be added to TIERS below (collection fails otherwise).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,33 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from skipdecode.export.random_models import build_random_opt  # noqa: E402
+
+TIERS = {
+    "unit": ("architecture", "facade", "fp16_mask", "generation", "model_card", "profiling", "runtime_imports",
+             "schedule", "scheduler", "speculative"),
+    "integration": ("bench", "chunked_prefill", "cli", "concurrency", "ct2_peer", "demo", "engine", "engine_source",
+                    "export_options", "export_safety", "finetune", "gpu", "integrity", "kernels", "lm_eval_harness",
+                    "logprobs", "lossless", "lossless_drafts", "ort_capi", "polygraphy", "quality", "quantize",
+                    "quantize_export", "reference", "scoring_service", "slots", "weights_after_load"),
+    "system": ("finetune_scale", "openai_client", "ray_serve", "serve_drain", "server_hardening", "service_exit",
+               "serving"),
+}
+_TIER_OF = {f"test_{name}": tier for tier, names in TIERS.items() for name in names}
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = set()
+    for item in items:
+        module = item.path.stem
+        tier = _TIER_OF.get(module)
+        if tier is None:
+            missing.add(module)
+        else:
+            item.add_marker(getattr(pytest.mark, tier))
+    if missing:
+        raise pytest.UsageError(f"test modules {sorted(missing)} are in no tier: add each to TIERS in "
+                                "tests/conftest.py")
+
 
 STYLES = ("tiny-preln", "tiny-postln")
 VOCAB = 211

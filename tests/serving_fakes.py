@@ -5,7 +5,8 @@ POISON (written by a gated-off layer: a pass-through value that must never be re
 over a column that is not a real entry of its own sequence raises `KVInvariantError`. Logits are a seeded
 function of (the context tokens, the layers the row ran), so a row that runs a different layer set than its
 schedule gives different tokens. It is a `SlotBackend`, so `Generator(fake, ...).generate([prompt], opts)` (the
-static path) is the solo-run reference.
+static path) is the solo-run reference. `FakeVerifyBackend` adds the full-depth verify pass (several new tokens per
+row), so lossless rounds and chunked prefill run on it too. Every backend call is logged in order (`log`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class FakeSlotBackend(SlotBackend):
         self.kv = np.full((num_layers, max_batch, max_length), EMPTY, dtype=np.int64)
         self._out = np.zeros((max_batch, vocab), dtype=np.float32)
         self.calls: list[tuple[int, int, int]] = []  # (bucket, rows, rows with any gate on) per decode call
+        # every call in order: ("prefill", prompt tokens), ("decode", {slots with a gate on}),
+        # ("verify", {slot: tokens})
+        self.log: list[tuple[str, object]] = []
 
     def logits(self, context, layers) -> np.ndarray:
         key = np.asarray(list(context) + [-7] + list(layers), dtype=np.int64).tobytes()
@@ -49,6 +53,7 @@ class FakeSlotBackend(SlotBackend):
     def _prefill(self, ids, pos, mask, slots) -> np.ndarray:
         assert len(ids) == len(slots) == len(set(slots)) and len(ids) <= self.max_batch
         prompts = [[int(t) for t in row[m.astype(bool)]] for row, m in zip(ids, mask, strict=True)]
+        self.log.append(("prefill", sum(len(p) for p in prompts)))
         for prompt, slot in zip(prompts, slots, strict=True):
             self.kv[:, slot, :] = EMPTY
             self.kv[:, slot, : len(prompt)] = prompt
@@ -60,6 +65,7 @@ class FakeSlotBackend(SlotBackend):
         assert bucket in self.buckets and gates.shape == (n, bucket) and gates.dtype == bool, (bucket, gates.shape)
         assert n <= self.max_batch and lengths.shape == (n,)
         self.calls.append((bucket, n, int(gates.any(axis=1).sum())))
+        self.log.append(("decode", set(np.flatnonzero(gates.any(axis=1)).tolist())))
         if self.delay_s:
             time.sleep(self.delay_s)
         for i in range(n):
@@ -85,9 +91,32 @@ class FakeSlotBackend(SlotBackend):
         return [int(t) for t in ctx]
 
 
-def fake_generator(**kw) -> Generator:
-    """A `Generator` over a fresh fake backend (pad 1, eos 2): what the service and the solo runs take."""
-    return Generator(FakeSlotBackend(**kw), None, pad_token_id=1, eos_token_id=EOS, vocab_size=kw.get("vocab", VOCAB))
+class FakeVerifyBackend(FakeSlotBackend):
+    """With the full-depth verify pass: S new tokens per row, each attending (through every layer) to its row's
+    columns and the new tokens before it, so its logits are those a prefill or a full-depth step gives the same
+    context."""
+
+    def _verify(self, ids, lengths, rows) -> np.ndarray:
+        n, S = ids.shape
+        out = np.zeros((n, S, self.vocab), dtype=np.float32)
+        every = list(range(self.num_layers))
+        self.log.append(("verify", {int(r): S for r in rows}))
+        for r in map(int, rows):
+            c = int(lengths[r])
+            context = self._context(r, c, every)
+            for j in range(S):
+                context.append(int(ids[r, j]))
+                if c + j < self.max_length:
+                    self.kv[:, r, c + j] = context[-1]
+                out[r, j] = self.logits(context, every)
+        return out
+
+
+def fake_generator(verify: bool = False, **kw) -> Generator:
+    """A `Generator` over a fresh fake backend (pad 1, eos 2): what the service and the solo runs take. `verify`: a
+    `FakeVerifyBackend`."""
+    backend = (FakeVerifyBackend if verify else FakeSlotBackend)(**kw)
+    return Generator(backend, None, pad_token_id=1, eos_token_id=EOS, vocab_size=kw.get("vocab", VOCAB))
 
 
 class FailingBackend(FakeSlotBackend):

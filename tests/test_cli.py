@@ -69,7 +69,7 @@ def test_unknown_model_subprocess_has_no_traceback():
 
 def test_runtime_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "import skipdecode.runtime.schedule, skipdecode.runtime.generation, skipdecode.runtime.sampling\n"
+            "import skipdecode.runtime.schedule, skipdecode.runtime.request, skipdecode.runtime.sampling\n"
             "import skipdecode.runtime, skipdecode.cli\n"
             "from skipdecode.cli import main; sys.exit(main(['plan', '--layers', '12', '--speedup', '2', "
             "'--prompt-length', '4', '--max-length', '10']))")
@@ -87,3 +87,20 @@ def test_plan_with_explicit_budgets_reports_their_target(capsys):
     assert json.loads(out)["target_speedup"] == pytest.approx(12 / 7)
     rc, out, _ = run(capsys, "plan", "--layers", "12", "--speedup", "3", "--prompt-length", "8", "--max-length", "40")
     assert "target 3x;" in out  # a --speedup schedule reports the speedup it was given
+
+
+@pytest.mark.parametrize("entry", ["skipdecode", "skipdecode-serve"])
+def test_ctrl_c_while_loading_is_one_line_and_exit_130(capsys, monkeypatch, entry):
+    """A Ctrl-C before a command's own signal handling is set up (importing Ray, loading the engine)."""
+    import skipdecode.serve_cli as serve_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve_cli, "run_serve", interrupted)
+    if entry == "skipdecode":
+        rc = main(["serve", "--engine", "nowhere"])
+    else:
+        rc = serve_cli.main(["--engine", "nowhere"])
+    _, err = capsys.readouterr()
+    assert rc == 130 and err == "skipdecode serve: interrupted\n"

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 from skipdecode.runtime.engine import Engine
-from skipdecode.runtime.generation import GenerateOptions, SamplingParams
+from skipdecode.runtime.request import GenerateOptions, SamplingParams, TokenEvent
 from skipdecode.runtime.service import Service, ServiceConfig
 
 THREADS = 3
@@ -79,7 +79,7 @@ def test_streams_beside_a_live_service_get_their_own_tokens(engine_dir):
             def work(w: int) -> list[list[int]]:  # streams on the two slots the service leaves free
                 out = []
                 for g, p in enumerate(prompts):
-                    tokens = [ev.tokens[0] for ev in engine.stream([p], _options(g)) if ev.tokens[0] is not None]
+                    tokens = [ev.token for ev in engine.stream([p], _options(g)) if isinstance(ev, TokenEvent)]
                     out.append(tokens)
                 return out
 

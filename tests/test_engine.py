@@ -10,17 +10,17 @@ import numpy as np
 import onnx
 import pytest
 from skipdecode.export.exporter import ExportConfig, export
-from skipdecode.export.generator import TorchGenerator
 from skipdecode.export.random_models import build_random_opt
+from skipdecode.export.torch_generator import TorchGenerator
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError, InputError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.manifest import FORMAT_VERSION, WEIGHTS_FILE
+from skipdecode.runtime.request import FinishEvent, GenerateOptions, TokenEvent
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import Schedule, make_plan
 
 from .conftest import PROMPTS
-from .test_reference import record
+from .recorders import record
 
 
 @pytest.mark.parametrize("speedup", [1.0, 2.0, 3.0, 5.0])
@@ -49,13 +49,20 @@ def test_sampling_matches_reference(engine_dir):
     assert [r.tokens for r in got] == [r.tokens for r in want]
 
 
-def test_stream_yields_every_step(engine_dir):
+def test_stream_yields_every_token_then_one_finish_event_per_row(engine_dir):
     engine = Engine.load(engine_dir[2])
-    events = list(engine.stream(PROMPTS, GenerateOptions(max_new_tokens=5, speedup=2.0)))
-    assert [e.step for e in events] == list(range(5))
-    assert all(len(e.tokens) == 3 and None not in e.tokens for e in events)
-    assert events[-1].finished == ("length",) * 3 and all(f == (None,) * 3 for e in events[:-1] for f in [e.finished])
-    assert events[0].budgets == (engine.manifest.num_layers,) * 3  # the first token comes from the prefill
+    opts = GenerateOptions(max_new_tokens=5, speedup=2.0)
+    events = list(engine.stream(PROMPTS, opts))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    finishes = [e for e in events if isinstance(e, FinishEvent)]
+    assert len(tokens) == 5 * len(PROMPTS) and [e.index for e in tokens if e.request_id == 0] == list(range(5))
+    assert sorted(e.request_id for e in finishes) == list(range(len(PROMPTS)))
+    assert all(e.reason == "length" for e in finishes)
+    # each row's finish event is its last
+    assert all(events.index(f) > max(events.index(t) for t in tokens if t.request_id == f.request_id) for f in finishes)
+    assert {e.budget for e in tokens if e.index == 0} == {engine.manifest.num_layers}  # the prefill's token
+    want = engine.generate(PROMPTS, opts)
+    assert [[e.token for e in tokens if e.request_id == r] for r in range(len(PROMPTS))] == [w.tokens for w in want]
 
 
 def test_graphs_share_one_weights_file(engine_dir):
@@ -167,7 +174,7 @@ def test_unavailable_provider_is_an_error(engine_dir):
 
 def test_length_error_names_only_what_the_caller_gave(engine_dir):
     from skipdecode.runtime.errors import InputError
-    from skipdecode.runtime.generation import resolve_max_length
+    from skipdecode.runtime.request import resolve_max_length
     with pytest.raises(InputError) as info:
         resolve_max_length(3, GenerateOptions(max_new_tokens=200), 128)
     assert "max_length" not in str(info.value) and "3 + max_new_tokens 200 = 203" in str(info.value)

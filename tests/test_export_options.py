@@ -8,12 +8,12 @@ import json
 import pytest
 from skipdecode.export import exporter
 from skipdecode.export.exporter import ExportConfig, export
-from skipdecode.export.generator import TorchGenerator
 from skipdecode.export.parity import plan_parity
 from skipdecode.export.random_models import build_random_opt
+from skipdecode.export.torch_generator import TorchGenerator
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError, SkipDecodeError
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 
 from skipdecode.cli import main
 

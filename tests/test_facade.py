@@ -11,10 +11,10 @@ import skipdecode
 
 
 def test_facade_names_are_the_runtime_objects():
-    from skipdecode.runtime import engine, generation, ort_sessions, sampling, service
+    from skipdecode.runtime import engine, ort_sessions, request, sampling, service
 
     from skipdecode import Engine, GenerateOptions, SamplingParams, Service, ServiceConfig, configure_onnxruntime
-    assert Engine is engine.Engine and GenerateOptions is generation.GenerateOptions
+    assert Engine is engine.Engine and GenerateOptions is request.GenerateOptions
     assert SamplingParams is sampling.SamplingParams and Service is service.Service
     assert ServiceConfig is service.ServiceConfig and configure_onnxruntime is ort_sessions.configure_onnxruntime
     assert set(skipdecode.__all__) <= set(dir(skipdecode))
@@ -31,7 +31,7 @@ def test_importing_the_package_loads_no_runtime():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'numpy', 'torch')\n"
             "             or m.startswith('skipdecode.runtime')))\n"
             "from skipdecode import GenerateOptions\n"
-            "print('skipdecode.runtime.generation' in sys.modules)")
+            "print('skipdecode.runtime.request' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first, second = proc.stdout.strip().splitlines()

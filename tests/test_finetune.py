@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from skipdecode.export.generator import TorchGenerator
 from skipdecode.export.random_models import build_random_opt
 from skipdecode.export.reference import TorchReference
+from skipdecode.export.torch_generator import TorchGenerator
 from skipdecode.runtime.errors import InputError, ModelError, ScheduleError
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.runtime.schedule import Schedule, make_plan
 from skipdecode.runtime.tokenizer import TextCodec
 from skipdecode.training.corpus import make_chunks, read_documents, token_stream

@@ -235,16 +235,19 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(task_setup, tmp_pat
 
 
 def test_verse_task_and_report_table():
-    from skipdecode.training.task_eval import markdown, schedules, verse_task, words
+    from skipdecode.training.task_eval import markdown, schedules, text_scores, verse_task
     rows = verse_task(["In the beginning.\nAnd the earth.\nAnd God said.", "One.\n" + "x" * 200 + "\nTwo."])
     assert rows == [{"prompt": "In the beginning.", "completion": " And the earth."},
                     {"prompt": "And the earth.", "completion": " And God said."}]  # over-long verses left out
-    assert words("And God SAID, Let") == ["and", "god", "said", "let"]
+    # rouge-score lower-cases and drops punctuation; LCS "and god said" of 4 and 5 words: F1 = 2 * 3/4 * 3/5 / (27/20)
+    rouge, bleu = text_scores(["And God SAID, Let"], ["and god said unto moses"])
+    assert rouge == pytest.approx(2 * 0.75 * 0.6 / 1.35) and 0 <= bleu < 100
+    assert text_scores(["the same words here"], ["the same words here"]) == (pytest.approx(1.0), pytest.approx(100.0))
     assert [s[0] for s in schedules([2, 3, 5], lossless=True)] == ["1x", "2x", "3x", "5x", "lossless"]
-    report = [{"model": "m", "role": r, "schedule": s, "rouge_l": 0.5, "perplexity": 9.0, "realised_speedup": 1.0}
-              for r in ("tuned", "control") for s in ("1x", "2x")]
+    report = [{"model": "m", "role": r, "schedule": s, "rouge_l": 0.5, "bleu": 12.0, "perplexity": 9.0,
+               "realised_speedup": 1.0} for r in ("tuned", "control") for s in ("1x", "2x")]
     table = markdown(report).splitlines()
-    assert table[0] == "| model | metric | 1x | 2x |" and len(table) == 2 + 2 * 3
+    assert table[0] == "| model | metric | 1x | 2x |" and len(table) == 2 + 2 * 4
     assert table[2] == "| m (tuned) | rouge_l | 0.500 | 0.500 |"
 
 

@@ -4,13 +4,14 @@ one check on a real engine and the PyTorch reference."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
 import pytest
 from skipdecode.runtime.errors import InputError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.kv import SlotsExhaustedError
+from skipdecode.runtime.request import GenerateOptions, Generation, TokenEvent
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import make_plan, schedule_for
 from skipdecode.runtime.service import Service
@@ -60,16 +61,16 @@ def test_two_live_streams_on_one_backend_each_get_their_own_slots():
     opts_a = GenerateOptions(max_new_tokens=10, speedup=2.0)
     opts_b = GenerateOptions(max_new_tokens=14, speedup=3.0)
     a, b = gen.stream([SHORT, LONG], opts_a), gen.stream([LONG[:5]], opts_b)
-    got_a, got_b = [], []
-    for ev_a, ev_b in zip(a, b, strict=False):  # interleaved: a step of one, a step of the other
-        got_a.append(ev_a.tokens)
-        got_b.append(ev_b.tokens)
-    got_a += [ev.tokens for ev in a]
-    got_b += [ev.tokens for ev in b]
+    got_a, got_b = [Generation(), Generation()], [Generation()]
+    for ev_a, ev_b in itertools.zip_longest(a, b):  # interleaved: an event of one, an event of the other
+        if ev_a is not None:
+            got_a[ev_a.request_id].add(ev_a)
+        if ev_b is not None:
+            got_b[ev_b.request_id].add(ev_b)
     want_a = fake_generator().generate([SHORT, LONG], opts_a)
     want_b = fake_generator().generate([LONG[:5]], opts_b)
-    assert [t[0] for t in got_a] == want_a[0].tokens and [t[1] for t in got_a] == want_a[1].tokens
-    assert [t[0] for t in got_b] == want_b[0].tokens
+    assert [g.tokens for g in got_a] == [w.tokens for w in want_a] and got_b[0].tokens == want_b[0].tokens
+    assert [g.budgets for g in got_a] == [w.budgets for w in want_a]
     assert gen.backend.slots.num_free == 4  # both gave their slots back
 
 
@@ -88,7 +89,8 @@ def test_generate_while_a_stream_is_paused_and_slot_exhaustion():
         gen.generate([SHORT], opts)
     other.close()
     rest = [first] + list(stream)
-    assert [ev.tokens[1] for ev in rest] == budgets_alone(LONG, opts).tokens
+    assert [ev.token for ev in rest if isinstance(ev, TokenEvent) and ev.request_id == 1] == \
+        budgets_alone(LONG, opts).tokens
     stream.close()
     assert gen.backend.slots.num_free == 3
 
@@ -156,7 +158,7 @@ def test_sampling_values_are_checked(kw, message):
 def test_engine_rows_equal_their_solo_runs(tiny_checkpoint, tmp_path):
     """On a real engine and on the PyTorch reference: each row of a mixed batch is its own solo run."""
     from skipdecode.export.exporter import ExportConfig, export
-    from skipdecode.export.generator import TorchGenerator
+    from skipdecode.export.torch_generator import TorchGenerator
     from skipdecode.runtime.engine import Engine
     _, ckpt = tiny_checkpoint
     export(ExportConfig(model=str(ckpt), out=tmp_path / "e", speedups=(2.0, 3.0), max_batch=4), progress=False)

@@ -256,8 +256,8 @@ def test_cuda_backend_plumbing_matches_ort_backend(flavour, gqa_engine, matmul_e
 
 # -- on a GPU ----------------------------------------------------------------------------------------------------
 def _generate(backend, man, prompts, speedup=2.0):
-    from skipdecode.runtime.generation import GenerateOptions
     from skipdecode.runtime.generator import Generator
+    from skipdecode.runtime.request import GenerateOptions
     m = man.model
     gen = Generator(backend, None, m.pad_token_id, m.eos_token_id, m.vocab_size)
     return gen.generate(prompts, GenerateOptions(max_new_tokens=12, speedup=speedup))

@@ -15,10 +15,10 @@ from skipdecode.export.random_models import build_random_opt
 from skipdecode.runtime.device import HostRuntime
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.generator import NonFiniteLogitsError
 from skipdecode.runtime.integrity import file_digest
 from skipdecode.runtime.manifest import WEIGHTS_FILE, load_manifest
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.runtime.service import RequestFailedError, Service
 
 from skipdecode.cli import main

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from skipdecode.runtime.errors import InputError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.logprobs import log_softmax, score_prompt, token_logprob
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import layers_for_budget
 from skipdecode.runtime.service import Service

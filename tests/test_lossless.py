@@ -22,8 +22,8 @@ from skipdecode.export.reference import TorchReference  # noqa: E402
 from skipdecode.runtime import batcher as batcher_module  # noqa: E402
 from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.errors import EngineError, InputError  # noqa: E402
-from skipdecode.runtime.generation import GenerateOptions, draft_bucket  # noqa: E402
 from skipdecode.runtime.generator import Generator  # noqa: E402
+from skipdecode.runtime.request import GenerateOptions, TokenEvent, draft_bucket  # noqa: E402
 from skipdecode.runtime.sampling import SamplingParams  # noqa: E402
 from skipdecode.runtime.scheduler import Draft, Scheduler, SchedulerConfig, SchedulerError, SeqSpec  # noqa: E402
 from skipdecode.runtime.service import Service  # noqa: E402
@@ -63,14 +63,20 @@ def test_greedy_is_token_identical_on_the_skip_tuned_model(kjv_engine, draft_tok
     assert sum(g.accepted for g in fast) > 0
 
 
-def test_the_static_stream_emits_one_token_per_row_per_event(kjv_engine):
+def test_the_static_stream_emits_every_accepted_token_in_order(kjv_engine):
+    """A lossless round emits several tokens of a row at once: each is its own event, numbered in order."""
     prompts = [kjv_engine.encode(t) for t in KJV_PROMPTS[:2]]
     opts = GenerateOptions(max_new_tokens=30, lossless=True, draft_tokens=4)
     rows: list[list[int]] = [[], []]
+    finished = []
     for ev in kjv_engine.stream(prompts, opts):
-        for row, tok in enumerate(ev.tokens):
-            if tok is not None:
-                rows[row].append(tok)
+        if isinstance(ev, TokenEvent):
+            assert ev.index == len(rows[ev.request_id]) and ev.request_id not in finished
+            rows[ev.request_id].append(ev.token)
+        else:
+            finished.append(ev.request_id)
+            assert ev.reason == "length" and ev.accepted <= ev.drafted
+    assert sorted(finished) == [0, 1]
     assert rows == [g.tokens for g in kjv_engine.generate(prompts, GenerateOptions(max_new_tokens=30))]
 
 
@@ -195,7 +201,7 @@ def test_speculative_sampling_matches_the_full_depth_distribution(small_vocab, t
     lossless = GenerateOptions(max_new_tokens=4, lossless=True, draft_tokens=2, draft_speedup=3.0)
     counts = sampled_pairs(engine, prompt, lossless, 4000)
     assert chi2_pvalue(counts, exact) > 1e-3
-    # the engine's int8 drafts (sampled requests draft float unless asked: runtime/generation.py draft_quantized)
+    # the engine's int8 drafts (sampled requests draft float unless asked: runtime/request.py draft_quantized)
     assert engine.backend.draft_buckets
     int8 = sampled_pairs(engine, prompt, replace(lossless, draft_weights="quantized"), 4000)
     assert chi2_pvalue(int8, exact) > 1e-3 and not np.array_equal(int8, counts)

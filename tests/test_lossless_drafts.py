@@ -22,8 +22,8 @@ from skipdecode.export.exporter import ExportConfig, export  # noqa: E402
 from skipdecode.runtime import batcher as batcher_module  # noqa: E402
 from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.errors import EngineError, InputError  # noqa: E402
-from skipdecode.runtime.generation import GenerateOptions, draft_bucket  # noqa: E402
 from skipdecode.runtime.manifest import FORMAT_VERSION, MANIFEST, WEIGHTS_FILE, load_manifest  # noqa: E402
+from skipdecode.runtime.request import GenerateOptions, draft_bucket  # noqa: E402
 from skipdecode.runtime.sampling import SamplingParams  # noqa: E402
 from skipdecode.runtime.speculative import Acceptance  # noqa: E402
 
@@ -116,7 +116,7 @@ def test_int8_drafts_on_the_skip_tuned_model_keep_full_depth_and_get_accepted(kj
 
 def test_sampled_requests_draft_float_by_default_and_int8_when_asked(kjv_engine, monkeypatch):
     """Greedy requests draft with the int8 graphs by default; sampled ones with the float buckets (the int8 rounding
-    would magnify batching's float noise into different seeded tokens: runtime/generation.py draft_quantized), and
+    would magnify batching's float noise into different seeded tokens: runtime/request.py draft_quantized), and
     with int8 when asked, deterministically."""
     prompt = kjv_engine.encode(KJV_PROMPTS[0])
     calls = DraftCalls(kjv_engine.backend, monkeypatch)
@@ -284,9 +284,9 @@ def test_draft_weights_over_http_and_on_the_command_line():
 
 
 def test_the_drafts_benchmark_script_reports_every_setting(kjv_engine, monkeypatch):
-    """bench/lossless_drafts.py on one prompt, one round (no timing asserted): the three settings, the same tokens,
+    """skipdecode/drafts_bench.py on one prompt, one round (no timing asserted): the three settings, the same tokens,
     acceptance and tokens per round that agree with the drafted and accepted counts."""
-    from skipdecode.bench.lossless_drafts import measure, table
+    from skipdecode.drafts_bench import measure, table
     rows = measure(kjv_engine, [KJV_PROMPTS[0]], max_new_tokens=24, rounds=1, log=lambda _: None)
     assert [r["setting"] for r in rows] == ["full depth", f"lossless, {kjv_engine.manifest.drafts['scheme']} drafts",
                                            "lossless, float drafts"]

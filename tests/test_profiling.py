@@ -22,23 +22,7 @@ from skipdecode.runtime.profiling import (
     use_domain,
 )
 
-
-class RecordingDomain:
-    """Records what a real `nvtx.Domain` would be asked to emit."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-        self.attribute_calls = 0
-
-    def get_event_attributes(self, message=None, color=None, category=None, payload=None):
-        self.attribute_calls += 1
-        return {"message": message, "category": category, "payload": payload}
-
-    def push_range(self, attributes) -> None:
-        self.events.append(("push", attributes))
-
-    def pop_range(self) -> None:
-        self.events.append(("pop",))
+from .recorders import RecordingDomain
 
 
 def test_step_and_graph_ranges_nest_with_names_and_payload():

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from skipdecode.export.generator import TorchGenerator
 from skipdecode.export.random_models import build_random_opt
+from skipdecode.export.torch_generator import TorchGenerator
 from skipdecode.runtime.errors import InputError
-from skipdecode.runtime.generation import GenerateOptions, Generation
+from skipdecode.runtime.request import GenerateOptions, Generation
 from skipdecode.training.quality import EvalConfig, evaluate_model, rouge_l, run_report, token_overlap
 from skipdecode.training.tokenizer_train import train_tokenizer_file
 

@@ -14,7 +14,7 @@ from skipdecode.export.parity import ParityError, check_parity
 from skipdecode.export.quantize_export import dequantized_model
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import EngineError
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.training.engine_eval import backend_perplexity
 
 from .conftest import PROMPTS

@@ -98,7 +98,7 @@ def test_health_check_fails_only_when_the_batching_worker_is_gone(tiny_engine, m
     forever), not one that is shutting down."""
     from types import SimpleNamespace
 
-    from skipdecode.runtime.generation import GenerateOptions
+    from skipdecode.runtime.request import GenerateOptions
     from skipdecode.runtime.service import Service
 
     check = ray_serve.SkipDecodeEngine.func_or_class.check_health

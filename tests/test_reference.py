@@ -5,36 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from skipdecode.export.generator import TorchGenerator
 from skipdecode.export.reference import TorchReference, recompute_logits
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.export.torch_generator import TorchGenerator
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import Schedule, make_plan
 from skipdecode.runtime.slot_backend import left_pad
 
 from .conftest import PROMPTS
-
-
-def record(backend) -> dict[int, list[np.ndarray]]:
-    """Wrap a backend's slot API; -> {slot: logits of every call that advanced it} (copies: a backend's logits
-    buffer is only valid until its next call)."""
-    rec: dict[int, list[np.ndarray]] = {}
-    prefill_rows, decode_rows = backend.prefill_rows, backend.decode_rows
-
-    def prefill(prompts, slots):
-        out = prefill_rows(prompts, slots)
-        for i, slot in enumerate(slots):
-            rec.setdefault(slot, []).append(out[i].copy())
-        return out
-
-    def decode(slots, tokens, bucket, gates):
-        out = decode_rows(slots, tokens, bucket, gates)
-        for slot in slots:
-            rec[slot].append(out[slot].copy())
-        return out
-
-    backend.prefill_rows, backend.decode_rows = prefill, decode
-    return rec
+from .recorders import record
 
 
 def generator(model):

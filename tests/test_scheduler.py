@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from skipdecode.runtime import batcher as batcher_mod
-from skipdecode.runtime.batcher import Batcher, FinishEvent, TokenEvent, gate_row, prepare_request
+from skipdecode.runtime.batcher import Batcher, gate_row, prepare_request
 from skipdecode.runtime.errors import InputError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.kv import SlotsExhaustedError, SlotTable
+from skipdecode.runtime.request import FinishEvent, GenerateOptions, TokenEvent
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.schedule import layers_for_budget
 from skipdecode.runtime.scheduler import (
@@ -239,8 +239,8 @@ def test_prefill_before_decode_is_exact_too(monkeypatch):
     def step_prefill_first(self):
         plan = self.scheduler.plan()
         events, finished = [], set()
-        if plan.admits:
-            self._prefill(plan, events, finished)
+        if plan.prefills:
+            self._prefill(plan.prefills, events, finished)
         for call in plan.calls:
             self._decode(call, events, finished)
         self.scheduler.commit(plan, finished)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 from skipdecode.runtime.errors import OverloadedError, RequestTimeoutError
-from skipdecode.runtime.generation import GenerateOptions
 from skipdecode.runtime.logprobs import SCORE_CHUNK, log_softmax, score_prompt, top_k
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.runtime.service import Service, ServiceConfig
 
 from .serving_fakes import fake_generator

@@ -455,3 +455,24 @@ def test_a_backend_failure_mid_stream_is_an_error_event():
     assert events[-1] == "[DONE]"
     failure = json.loads(events[-2])
     assert failure["error"]["type"] == "server_error" and "injected backend failure" in failure["error"]["message"]
+
+
+def test_a_client_hanging_up_mid_body_is_counted_not_logged_as_a_server_error(served, caplog):
+    url, service, _ = served
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "abc", "max_tokens": 4}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (len(body) + 500) + body)  # 500 bytes short
+        time.sleep(0.2)  # the server is reading the body now
+    deadline = time.monotonic() + 10
+    counter = re.compile(r"^skipdecode_client_disconnects_before_body_total (\S+)$", re.M)
+    while time.monotonic() < deadline:
+        m = counter.search(httpx.get(url + "/metrics", timeout=10).text)
+        if m and float(m.group(1)) == 1.0:
+            break
+        time.sleep(0.05)
+    assert m and float(m.group(1)) == 1.0  # the hang-up reached the app (the check below means something)
+    assert not [r for r in caplog.records if r.exc_info or "Exception in ASGI" in r.getMessage()], caplog.text
+    assert service.stats().submitted == 0
+    assert post(url, {"prompt": "abc", "max_tokens": 2}).status_code == 200  # the server serves on

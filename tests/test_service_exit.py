@@ -12,7 +12,7 @@ import pytest
 _EXIT_WITH_REQUESTS_IN_FLIGHT = """
 import atexit, sys
 from skipdecode.runtime.engine import Engine
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.runtime.service import Service
 handles = []
 # registered before the service's own hook, so it runs after it (atexit is last in, first out)
@@ -36,7 +36,7 @@ def test_exit_without_shutdown_is_clean(engine_dir, run):
 _EXIT_WHILE_A_THREAD_GENERATES = """
 import sys, threading
 from skipdecode.runtime.engine import Engine
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 engine = Engine.load(sys.argv[1], prepack=sys.argv[2])
 started = threading.Event()
 def loop():

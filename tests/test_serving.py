@@ -21,11 +21,15 @@ for _module in ("httpx", "starlette", "uvicorn", "prometheus_client"):  # the `s
     pytest.importorskip(_module, reason="the HTTP server needs the serve extra: pip install -e .[serve]")
 
 import httpx  # noqa: E402
-from skipdecode.runtime.batcher import Batcher, FinishEvent, TokenEvent, prepare_request  # noqa: E402
+from skipdecode.runtime.batcher import Batcher, prepare_request  # noqa: E402
 from skipdecode.runtime.engine import Engine  # noqa: E402
 from skipdecode.runtime.errors import InputError  # noqa: E402
-from skipdecode.runtime.generation import GenerateOptions  # noqa: E402
 from skipdecode.runtime.generator import Generator  # noqa: E402
+from skipdecode.runtime.request import (  # noqa: E402
+    FinishEvent,
+    GenerateOptions,  # noqa: E402
+    TokenEvent,
+)
 from skipdecode.runtime.sampling import SamplingParams  # noqa: E402
 from skipdecode.runtime.scheduler import SchedulerConfig  # noqa: E402
 from skipdecode.runtime.service import (  # noqa: E402

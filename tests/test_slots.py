@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from skipdecode.export.exporter import ExportConfig, export
-from skipdecode.export.generator import TorchGenerator
+from skipdecode.export.torch_generator import TorchGenerator
 from skipdecode.runtime.engine import Engine
 from skipdecode.runtime.errors import InputError
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 from skipdecode.runtime.schedule import layers_for_budget
 
 from .conftest import PROMPTS
@@ -132,7 +132,7 @@ def test_generation_emits_nvtx_ranges(flavour_engine):
     """Each step is one `step` range (payload: step number, deepest bucket, rows) around one graph-call range."""
     from skipdecode.runtime.profiling import use_domain
 
-    from .test_profiling import RecordingDomain
+    from .recorders import RecordingDomain
     engine = Engine.load(flavour_engine[2])
     rec = RecordingDomain()
     with use_domain(rec):
@@ -162,7 +162,7 @@ def test_shared_thread_pool_mode_gives_the_same_tokens(flavour_engine):
         "from skipdecode.runtime.ort_sessions import configure_onnxruntime\n"
         "from skipdecode.runtime.engine import Engine\n"
         "from skipdecode.runtime.errors import BackendError\n"
-        "from skipdecode.runtime.generation import GenerateOptions\n"
+        "from skipdecode.runtime.request import GenerateOptions\n"
         "configure_onnxruntime(2)\n"
         "res = Engine.load(sys.argv[1]).generate(json.loads(sys.argv[2]), GenerateOptions(max_new_tokens=12, "
         "speedup=2.0))\n"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from skipdecode.runtime.engine import Engine
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 
 PROMPT = [2, 17, 29, 41, 53]
 
@@ -20,7 +20,7 @@ PROMPT = [2, 17, 29, 41, 53]
 _DAMAGE_AFTER_LOAD = """
 import os, sys
 from skipdecode.runtime.engine import Engine
-from skipdecode.runtime.generation import GenerateOptions
+from skipdecode.runtime.request import GenerateOptions
 engine = Engine.load(sys.argv[1], prepack=sys.argv[2])
 opts = GenerateOptions(max_new_tokens=16)
 first = engine.generate([[2, 17, 29, 41, 53]], opts)[0].tokens

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.generator import TorchGenerator
 from ..export.models import load_model
 from ..export.reference import recompute_logits
+from ..export.torch_generator import TorchGenerator
 from ..runtime.errors import InputError
-from ..runtime.generation import GenerateOptions, Generation
+from ..runtime.request import GenerateOptions, Generation
 from ..runtime.schedule import Schedule, make_plan, schedule_for
 from .corpus import make_chunks, read_documents, token_stream
 

@@ -6,9 +6,9 @@ time, each group one static batch exactly as a server would run it: prompts left
 (P), schedule length T = `seq_len`, greedy decoding that stops at `</s>` (max T - P new tokens).
 
 Metrics per (model, schedule):
-  rouge_l     ROUGE-L F1 (longest common subsequence) on lower-cased word tokens of the generated vs reference
-              completion text, averaged over records (the sentence-level ROUGE-L of the paper's tables, without
-              stemming);
+  rouge_l     ROUGE-L F1 of the generated vs reference completion text, averaged over records (the sentence-level
+              ROUGE-L of the paper's tables; Google's `rouge-score`, its default tokenizer, no stemming);
+  bleu        corpus BLEU of the same texts (`sacrebleu`, its default 13a tokenizer), 0-100;
   perplexity  exp(mean NLL) of the reference completion tokens (with the closing `</s>`) under the same schedule
               and the same batches, teacher-forced through the torch model (lossless decoding is full depth's);
   mean_layers layers per generated token the engine reports (the first from the full-depth prefill).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,16 +27,24 @@ import torch
 from ..export.models import load_model
 from ..export.reference import recompute_logits
 from ..runtime.errors import InputError
-from ..runtime.generation import GenerateOptions
+from ..runtime.request import GenerateOptions
 from .finetune import layer_sets
-from .quality import rouge_l, save_figure, write_json
+from .quality import save_figure, write_json
 from .taskdata import EOS_ID, collate, encode_records, read_task_records
 
-_WORD = re.compile(r"\w+")
 
+def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
+    """-> (mean sentence ROUGE-L F1, corpus BLEU) of generated texts against their references."""
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError as exc:
+        raise InputError(f"task evaluation needs the eval extra ({exc}): pip install -e '.[eval]'") from None
 
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)]
+    bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score if hypotheses else 0.0
+    return float(np.mean(rouge)) if rouge else 0.0, float(bleu)
 
 
 def schedules(speedups: Sequence[float], lossless: bool) -> list[tuple[str, float | None, bool]]:
@@ -74,7 +81,7 @@ def evaluate(name: str, role: str, model_dir: str, engine_dir: str, task_files: 
     with Engine.load(engine_dir, threads=threads, max_batch=gen_batch) as engine:
         for label, speedup, exact in schedules(speedups, lossless):
             nll = count = 0
-            scores, layers, produced = [], [], 0
+            texts, refs, layers, produced = [], [], [], 0
             for g in groups:
                 a, b = completion_nll(model, data, g, speedup)
                 nll, count = nll + a, count + b
@@ -83,19 +90,22 @@ def evaluate(name: str, role: str, model_dir: str, engine_dir: str, task_files: 
                                        eos_token_id=EOS_ID, lossless=exact)
                 for r, gen in zip(g, engine.generate([list(data.prompts[r]) for r in g], opts), strict=True):
                     text = engine.codec.decode([t for t in gen.tokens if t != EOS_ID])
-                    scores.append(rouge_l(words(text), words(recs[r].completion)))
+                    texts.append(text)
+                    refs.append(recs[r].completion)
                     layers += gen.budgets
                     produced += len(gen.tokens)
+            rouge, bleu = text_scores(texts, refs)
             L = model.config.num_hidden_layers
             mean_layers = float(np.mean(layers)) if layers else float(L)
             rows.append({"model": name, "role": role, "schedule": label, "speedup": speedup or 1.0,
-                         "lossless": exact, "rouge_l": float(np.mean(scores)), "perplexity": math.exp(nll / count),
+                         "lossless": exact, "rouge_l": rouge, "bleu": bleu, "perplexity": math.exp(nll / count),
                          "mean_layers": mean_layers, "realised_speedup": L / mean_layers, "records": len(data),
                          "generated_tokens": produced, "scored_tokens": count, "seq_len": seq_len})
     full = next(r for r in rows if r["schedule"] == "1x")
     for r in rows:
         r["ppl_vs_1x"] = r["perplexity"] / full["perplexity"] - 1
         r["rouge_l_vs_1x"] = r["rouge_l"] - full["rouge_l"]
+        r["bleu_vs_1x"] = r["bleu"] - full["bleu"]
     return rows
 
 
@@ -123,7 +133,8 @@ def markdown(rows: Sequence[dict]) -> str:
     lines = []
     for (name, role) in dict.fromkeys((r["model"], r["role"]) for r in rows):
         mine = {r["schedule"]: r for r in rows if r["model"] == name and r["role"] == role}
-        for key, fmt in (("rouge_l", "{:.3f}"), ("perplexity", "{:.2f}"), ("realised_speedup", "{:.2f}x")):
+        for key, fmt in (("rouge_l", "{:.3f}"), ("bleu", "{:.1f}"), ("perplexity", "{:.2f}"),
+                         ("realised_speedup", "{:.2f}x")):
             cells = [fmt.format(mine[lb][key]) if lb in mine else "" for lb in labels]
             lines.append(f"| {name} ({role}) | {key} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"

@@ -46,11 +46,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from skipdecode.runtime.batcher import FinishEvent, TokenEvent
 from skipdecode.runtime.errors import (
     AuthenticationError,
     BodyTimeoutError,
@@ -67,6 +66,7 @@ from skipdecode.runtime.errors import (
     UnsupportedMediaTypeError,
     show,
 )
+from skipdecode.runtime.request import FinishEvent, TokenEvent
 from skipdecode.runtime.service import RequestHandle, Service
 from skipdecode.serve import protocol as P
 from skipdecode.serve.config import ServeConfig
@@ -129,6 +129,8 @@ class ServiceCollector:
         yield CounterMetricFamily("skipdecode_requests_overloaded", "Requests refused: queue full",
                                   value=s.rejected_overloaded)
         yield CounterMetricFamily("skipdecode_generated_tokens", "Tokens generated", value=s.generated_tokens)
+        yield CounterMetricFamily("skipdecode_prefill_tokens", "Prompt tokens prefilled (long prompts in chunks of "
+                                  "at most --max-prefill-tokens per step)", value=s.prefill_tokens)
         yield CounterMetricFamily("skipdecode_layers_executed", "Decoder layers run, summed over generated tokens",
                                   value=s.layers_executed)
         yield GaugeMetricFamily("skipdecode_tokens_per_second", "Tokens generated per second (trailing window)",
@@ -170,6 +172,8 @@ class CompletionsApp:
         self.registry.register(ServiceCollector(service))
         self.invalid = Counter("skipdecode_requests_invalid", "Requests refused as invalid (4xx)",
                                registry=self.registry)
+        self.gone = Counter("skipdecode_client_disconnects_before_body", "Clients that hung up before sending their "
+                            "whole request body (nothing was submitted for them)", registry=self.registry)
         self.latency = Histogram("skipdecode_request_seconds", "Time from submit to the last token",
                                  registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
@@ -244,6 +248,9 @@ class CompletionsApp:
             if isinstance(exc, RequestError):
                 self.invalid.inc()
             return error_response(exc)
+        except ClientDisconnect:  # hung up before its whole body arrived: nothing was submitted, nobody to answer
+            self.gone.inc()
+            return Response(status_code=499)  # nginx's "client closed request": a count, not a server error
         if req.stream:
             return self._stream(self._sse(req, handle, queue, prefix))
         return await self._complete(req, handle, queue, request, prefix)

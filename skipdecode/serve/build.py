@@ -24,6 +24,7 @@ class Server:
 def build_server(config: ServeConfig) -> Server:
     """Resolve the engine (a directory, or an archive URI fetched and verified once per machine:
     skipdecode/serve/engine_source.py), load it, start its service and build the app."""
+    from skipdecode.cli import default_kernel, report_kernel
     from skipdecode.runtime.engine import Engine
     from skipdecode.runtime.errors import InputError
     from skipdecode.runtime.ort_sessions import configure_onnxruntime
@@ -37,10 +38,11 @@ def build_server(config: ServeConfig) -> Server:
     configure_onnxruntime(config.threads)  # one pool for every bucket graph (no stall when the bucket changes)
     engine = Engine.load(where.path, providers=config.providers.split(","), threads=config.threads,
                          max_length=config.max_length, prepack=config.prepack,
-                         verify=config.verify and not where.verified)
+                         verify=config.verify and not where.verified, kernel=default_kernel(config.kernel))
+    report_kernel(engine)
     service = Service(engine, ServiceConfig(
         max_batch=config.max_batch, max_tokens_in_flight=config.max_tokens_in_flight, max_queue=config.max_queue,
-        max_prefill_tokens=config.max_prefill_tokens, strategy=config.strategy))
+        max_prefill_tokens=config.max_prefill_tokens or None, strategy=config.strategy))
     return Server(engine, service, create_app(engine, service, config))
 
 

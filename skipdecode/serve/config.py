@@ -58,8 +58,9 @@ class ServeConfig:
     max_tokens_in_flight: int | None = option(
         None, "KV columns reserved by running requests, prompt + max_tokens each (default: no limit)",
         group="batching", lo=1)
-    max_prefill_tokens: int | None = option(None, "prompt tokens admitted per step (default: no limit)",
-                                            group="batching", lo=1)
+    max_prefill_tokens: int = option(64, "prompt tokens prefilled per step: a longer prompt is prefilled in "
+                                     "chunks while running requests keep decoding (0: no limit, each prompt in one "
+                                     "call)", group="batching", lo=0)
     strategy: str = option("gate", "gate: one call of the deepest row's graph, shallower rows gated; group: one "
                            "call per bucket", group="batching", choices="skipdecode.runtime.scheduler:STRATEGIES")
     max_timeout: float = option(600.0, "largest per-request timeout in seconds", group="batching", above=0)
@@ -73,6 +74,9 @@ class ServeConfig:
                                  "core; on Ray: the replica's CPUs)", group="runtime", lo=1)
     prepack: str | None = option(None, "weight pre-packing: shared (default), private (one packed copy per graph), "
                                  "off", group="runtime", choices="skipdecode.runtime.ort_backend:PREPACK_MODES")
+    kernel: str | None = option(None, "quantized engines: exported, auto (default: the fastest kernel path that "
+                                "passed parity, measured once per machine and cached), measure, or a candidate's "
+                                "name (default: $SKIPDECODE_KERNEL, else auto)", group="runtime")
     verify: bool = option(True, "skip the content-hash check of the engine's files at load", group="runtime")
     engine_cache: str | None = option(None, "per-machine directory archive URIs are unpacked into (default: "
                                       "$SKIPDECODE_ENGINE_CACHE or ~/.cache/skipdecode/engines)", group="runtime")

@@ -29,8 +29,8 @@ from skipdecode.runtime.errors import (
     check_number,
     show,
 )
-from skipdecode.runtime.generation import DRAFT_WEIGHTS, GenerateOptions
 from skipdecode.runtime.logprobs import MAX_LOGPROBS, TokenLogprob
+from skipdecode.runtime.request import DRAFT_WEIGHTS, GenerateOptions
 from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.slot_backend import MAX_VERIFY_TOKENS
 from skipdecode.serve.config import ServeConfig

@@ -1,6 +1,7 @@
-"""The request model: what to generate (`GenerateOptions`), what comes back (`Generation`, `StepEvent`) and the
-checks every request passes at the boundary. Shared by the static path (runtime/generator.py), continuous batching
-(runtime/batcher.py, runtime/service.py) and the PyTorch reference. Nothing here imports torch.
+"""The request model: what to generate (`GenerateOptions`), what comes back while it runs (`TokenEvent` per token,
+then one `FinishEvent`) and at the end (`Generation`), and the checks every request passes at the boundary. Shared by
+the static path (runtime/generator.py), continuous batching (runtime/batcher.py, runtime/service.py) and the PyTorch
+reference. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import InputError, check_int
-from .logprobs import MAX_LOGPROBS
+from .logprobs import MAX_LOGPROBS, TokenLogprob
 from .sampling import SamplingParams
 from .schedule import Schedule, schedule_for
 from .slot_backend import MAX_VERIFY_TOKENS
@@ -91,31 +92,55 @@ class GenerateOptions:
         return schedule_for(num_layers, self.speedup, self.max_layers, self.min_layers, w)
 
 
-@dataclass
-class Generation:
-    """One sequence's result: generated ids, the layers executed for each, why it stopped, and its text."""
+@dataclass(frozen=True)
+class TokenEvent:
+    """Token number `index` of request `request_id` (a static batch's row number), produced by `budget` layers."""
 
-    tokens: list[int]
-    budgets: list[int]
-    finish_reason: str = "length"  # "eos" | "stop" | "length"
-    text: str | None = None
-    drafted: int = 0  # lossless mode: tokens drafted by the shallow graph, and how many the full model accepted
-    accepted: int = 0
+    request_id: int
+    index: int
+    token: int
+    budget: int
+    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
 
 
 @dataclass(frozen=True)
-class StepEvent:
-    """One step of a static batch: each row's new token and the layers that produced it (None for a row that
-    produced nothing in this step: finished, or still waiting for a KV slot), and rows that finished in it."""
+class FinishEvent:
+    """The last event of a request: why it ended, and lossless mode's draft counts."""
 
-    step: int
-    tokens: tuple[int | None, ...]
-    budgets: tuple[int | None, ...]
-    finished: tuple[str | None, ...]  # finish_reason of rows that ended in this step
-    elapsed_s: float  # since the generation started
-    # lossless mode's drafted and accepted token counts of the rows that ended in this event (None for other rows)
-    drafted: tuple[int | None, ...] = ()
-    accepted: tuple[int | None, ...] = ()
+    request_id: int
+    reason: str  # "eos" | "stop" | "length" | "error" (the batcher's); "cancelled" | "timeout" (a Service's)
+    error: str | None = None  # what went wrong, for reason "error"
+    drafted: int = 0  # lossless mode: tokens the request's drafts proposed, and how many the full model accepted
+    accepted: int = 0
+
+
+@dataclass
+class Generation:
+    """One request's result, whichever way it ran (`Engine.generate`, a `Service`): generated ids, the layers
+    executed for each (its own bucket; the prefill's token: all layers), why it stopped, its text when the model has
+    a tokenizer, per-token logprobs when asked, and lossless mode's draft counts."""
+
+    tokens: list[int] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "cancelled" | "timeout"
+    text: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # per token, when the options asked for logprobs
+    drafted: int = 0  # lossless mode: tokens drafted by the shallow graph, and how many the full model accepted
+    accepted: int = 0
+    request_id: int | None = None  # a Service's request id (a static batch: the row)
+    prompt: tuple[int, ...] = ()
+
+    def add(self, event: TokenEvent | FinishEvent) -> None:
+        """Fold one event of this request into the result."""
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.token)
+            self.budgets.append(event.budget)
+            if event.logprob is not None:
+                if self.logprobs is None:
+                    self.logprobs = []
+                self.logprobs.append(event.logprob)
+        else:
+            self.finish_reason, self.drafted, self.accepted = event.reason, event.drafted, event.accepted
 
 
 # Lossless defaults, measured on the embedded skip-tuned model (docs/DESIGN.md, "Lossless mode").

@@ -1,6 +1,6 @@
 """Lossless mode with float and with quantized drafts, side by side in one warm process (no torch).
 
-    python -m skipdecode.bench.lossless_drafts --engine engines/tiny-opt-kjv [--prompt TEXT ...] [--rounds 7]
+    python -m skipdecode.drafts_bench --engine engines/tiny-opt-kjv [--prompt TEXT ...] [--rounds 7]
         [--draft-tokens K]
 
 For each prompt: batch 1, greedy, the interleaved rounds of `skipdecode demo` (skipdecode/demo.py: warm-up, then
@@ -19,10 +19,9 @@ import statistics
 import sys
 import time
 
-from skipdecode.runtime.errors import InputError, SkipDecodeError
-from skipdecode.runtime.generation import GenerateOptions
-
 from skipdecode.demo import FULL_DEPTH, Setting, run_demo
+from skipdecode.runtime.errors import InputError, SkipDecodeError
+from skipdecode.runtime.request import GenerateOptions
 
 PROMPTS = ("And God said unto Moses,", "In the beginning", "Blessed are the poor in spirit: for",
            "And it came to pass")
@@ -94,7 +93,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m skipdecode.bench.lossless_drafts", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m skipdecode.drafts_bench", description=__doc__.splitlines()[0])
     p.add_argument("--engine", required=True, help="an engine with quantized drafts (a plain export)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat; default four KJV openings)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
             rows = measure(engine, args.prompt or PROMPTS, args.max_new_tokens, args.rounds, log, args.draft_tokens)
             log(f"{len(rows)} rows in {time.perf_counter() - t0:.0f} s, {threads} threads")
     except SkipDecodeError as exc:
-        print(f"lossless_drafts: error: {exc}", file=sys.stderr)
+        print(f"drafts_bench: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"engine": args.engine, "threads": threads, "rows": rows}))

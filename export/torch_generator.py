@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..runtime.generation import GenerateOptions
 from ..runtime.generator import Generator
 from ..runtime.manifest import OPTShape
+from ..runtime.request import GenerateOptions
 from .models import load_model
 from .reference import TorchReference
 
