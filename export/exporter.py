@@ -140,7 +140,7 @@ def resolve_drafts(cfg: ExportConfig, shape: OPTShape, dtype: str, buckets: tupl
         return None, (), "--drafts none"
     why = None
     if cfg.quantize is not None:
-        why = "the engine's own weights are quantized (its lossless mode is refused)"
+        why = "the engine's own weights are quantized, and its lossless mode is refused"
     elif dtype != "float32":
         why = f"{dtype} engines have no quantized graphs"
     elif cfg.backend != "onnxruntime":
