@@ -316,7 +316,7 @@ def serve_all(generator, budget, prompts):
 
 
 def test_served_tokens_are_the_same_with_and_without_chunking_and_equal_the_reference(engine_dir):
-    from skipdecode.export.generator import TorchGenerator
+    from skipdecode.export.torch_generator import TorchGenerator
     from skipdecode.runtime.engine import Engine
     style, ckpt, out = engine_dir
     rng = np.random.default_rng(3)
