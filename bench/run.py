@@ -364,8 +364,20 @@ def _roofline(man, steps: Sequence[int], step_ms: float, gbps: float | None) -> 
     return out
 
 
-def _row(model: str, backend: str, batch: int, speedup: float, r: _Runs, N: int, L: int, steps) -> dict:
+def _decode_s(r: _Runs) -> float:
+    """Median decode time. A baseline's is generate(N) - generate(1) per repeat, which a loaded machine can make
+    negative; then the difference of the fastest runs (noise only adds time), and an error if even that is not
+    positive (no number is better than a wrong one)."""
     decode = statistics.median(r.decode)
+    if decode <= 0 and r.prefill:
+        decode = min(r.total) - min(r.prefill)
+    if decode <= 0:
+        raise RuntimeError(f"decode time {decode:.4f} s is not positive: the machine is too busy to time this row")
+    return decode
+
+
+def _row(model: str, backend: str, batch: int, speedup: float, r: _Runs, N: int, L: int, steps) -> dict:
+    decode = _decode_s(r)
     return {"model": model, "backend": backend, "batch": batch, "speedup": speedup, "max_new_tokens": N,
             "tokens_per_s": batch * (N - 1) / decode, "e2e_tokens_per_s": batch * N / statistics.median(r.total),
             "step_ms": decode / (N - 1) * 1e3, "prefill_ms": statistics.median(r.prefill) * 1e3,

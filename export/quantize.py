@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,34 +60,52 @@ _NP_TO_ONNX = {np.dtype(k): v for k, v in (("float32", TensorProto.FLOAT), ("flo
 
 # ---------------------------------------------------------------------------------------------------------- scheme
 
-def parse_scheme(scheme: str) -> dict:
-    """'int8-b64-a4-sym' -> {"scheme": ..., "op": "MatMulNBits", "bits": 8, "block_size": 64, ...}."""
+@dataclass(frozen=True)
+class QuantScheme:
+    """A parsed weight-quantization scheme. `manifest_fields()` is what an engine's manifest records of it."""
+
+    scheme: str  # as given, e.g. "int8-b64-a4-sym"
+    op: str  # "MatMulNBits" | "DynamicQuantizeMatMul"
+    bits: int
+    symmetric: bool
+    lm_head: bool = True  # quantize the LM head too
+    block_size: int | None = None  # MatMulNBits: weights per scale
+    accuracy_level: int | None = None  # MatMulNBits: 4 = int8 activations per block, 1 = float32 (exact)
+    quantized_gather: bool | None = None  # MatMulNBits: the embedding lookup reads the quantized table
+
+    def manifest_fields(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def parse_scheme(scheme: str) -> QuantScheme:
+    """'int8-b64-a4-sym' -> QuantScheme(op="MatMulNBits", bits=8, block_size=64, accuracy_level=4, ...)."""
     base, *opts = scheme.strip().lower().split("-")
     if base in ("int8", "int4"):
         bits = int(base[3:])
-        cfg = {"scheme": scheme, "op": "MatMulNBits", "bits": bits, "block_size": 32, "accuracy_level": 4,
-               "symmetric": bits == 8, "lm_head": True, "quantized_gather": True}
+        fields = {"op": "MatMulNBits", "bits": bits, "block_size": 32, "accuracy_level": 4, "symmetric": bits == 8,
+                  "quantized_gather": True}
     elif base == "dyn8":
-        cfg = {"scheme": scheme, "op": "DynamicQuantizeMatMul", "bits": 8, "symmetric": True, "lm_head": True}
+        fields = {"op": "DynamicQuantizeMatMul", "bits": 8, "symmetric": True}
     else:
         raise ValueError(f"unknown quantization scheme {scheme!r}: base must be int8, int4 or dyn8")
+    nbits = fields["op"] == "MatMulNBits"
     for opt in opts:
         if opt == "nohead":
-            cfg["lm_head"] = False
-        elif opt in ("sym", "asym") and cfg["op"] == "MatMulNBits":
-            cfg["symmetric"] = opt == "sym"
-        elif re.fullmatch(r"b\d+", opt) and cfg["op"] == "MatMulNBits":
+            fields["lm_head"] = False
+        elif opt in ("sym", "asym") and nbits:
+            fields["symmetric"] = opt == "sym"
+        elif re.fullmatch(r"b\d+", opt) and nbits:
             bs = int(opt[1:])
             if bs < 16 or bs > 256 or bs & (bs - 1):
                 raise ValueError(f"block size {bs} in {scheme!r}: MatMulNBits needs a power of two in [16, 256]")
-            cfg["block_size"] = bs
-        elif opt == "floatembed" and cfg["op"] == "MatMulNBits":
-            cfg["quantized_gather"] = False
-        elif re.fullmatch(r"a[0-4]", opt) and cfg["op"] == "MatMulNBits":
-            cfg["accuracy_level"] = int(opt[1:])
+            fields["block_size"] = bs
+        elif opt == "floatembed" and nbits:
+            fields["quantized_gather"] = False
+        elif re.fullmatch(r"a[0-4]", opt) and nbits:
+            fields["accuracy_level"] = int(opt[1:])
         else:
             raise ValueError(f"unknown option {opt!r} in quantization scheme {scheme!r}")
-    return cfg
+    return QuantScheme(scheme=scheme, **fields)
 
 
 # ------------------------------------------------------------------------------------------- quantize / dequantize
@@ -228,7 +247,7 @@ def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.nd
         for name, (layout, _) in cands.items():
             layouts.setdefault(name, layout)
     head = sorted(n for n in layouts if n in gathered)  # a Linear on an embedding table = tied LM head
-    chosen = sorted(n for n in layouts if cfg["lm_head"] or n not in gathered)
+    chosen = sorted(n for n in layouts if cfg.lm_head or n not in gathered)
 
     new_weights = dict(weights)
     tensors: dict[str, dict] = {}
@@ -237,16 +256,16 @@ def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.nd
         w_nk = w if layouts[name] == "NK" else w.T
         n, k = w_nk.shape
         entry = {"layout": layouts[name], "N": int(n), "K": int(k), "dtype": str(w.dtype)}
-        if cfg["op"] == "MatMulNBits":
-            packed, scales, zp = quantize_nbits(w_nk, cfg["bits"], cfg["block_size"], cfg["symmetric"])
+        if cfg.op == "MatMulNBits":
+            packed, scales, zp = quantize_nbits(w_nk, cfg.bits, cfg.block_size, cfg.symmetric)
             entry.update(weight=f"{name}.qweight", scales=f"{name}.qscale",
                          zero_points=f"{name}.qzero" if zp is not None else None)
             new_weights[entry["weight"]] = packed
             new_weights[entry["scales"]] = scales
             if zp is not None:
                 new_weights[entry["zero_points"]] = zp
-            if name in gathered and cfg["quantized_gather"] and k % cfg["block_size"] == 0 \
-                    and (cfg["bits"] == 8 or zp is None):
+            if name in gathered and cfg.quantized_gather and k % cfg.block_size == 0 \
+                    and (cfg.bits == 8 or zp is None):
                 entry["gather_scales"] = f"{name}.qscale_g"
                 new_weights[entry["gather_scales"]] = np.ascontiguousarray(scales[..., None])
                 if zp is not None:
@@ -273,8 +292,7 @@ def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.nd
         for key in ("gather_scales", "gather_zero_points"):  # no Gather could be rewritten: drop its tensors
             if tensors[name].get(key) and tensors[name][key] not in still_used:
                 del new_weights[tensors[name].pop(key)]
-    info = {k: cfg[k] for k in ("scheme", "op", "bits", "block_size", "accuracy_level", "symmetric", "lm_head",
-                                "quantized_gather") if k in cfg}
+    info = cfg.manifest_fields()
     info.update(quantized=chosen, lm_head_weights=[n for n in head if n in chosen],
                 tied_float_kept=[n for n in chosen if n in new_weights], tensors=tensors)
     return graphs, new_weights, info
@@ -296,7 +314,7 @@ def _rank(graph: onnx.GraphProto, name: str) -> int | None:
     return None
 
 
-def _gather_node(node, t: dict, cfg: dict, graph: onnx.GraphProto) -> list | None:
+def _gather_node(node, t: dict, cfg: QuantScheme, graph: onnx.GraphProto) -> list | None:
     """Gather(table, ids) -> GatherBlockQuantized(packed, ids, scales_g[, zp_g]) [..., blocks, block] + Reshape."""
     if not t.get("gather_scales") or _attrs(node).get("axis", 0) != 0:
         return None
@@ -307,13 +325,13 @@ def _gather_node(node, t: dict, cfg: dict, graph: onnx.GraphProto) -> list | Non
                                                               else [])
     blocks, shape = node.output[0] + "_blocks", node.output[0] + "_shape"
     return [helper.make_node("GatherBlockQuantized", ins, [blocks], name=node.name + "_q", domain=MS_DOMAIN,
-                             bits=cfg["bits"], block_size=cfg["block_size"], gather_axis=0, quantize_axis=2),
+                             bits=cfg.bits, block_size=cfg.block_size, gather_axis=0, quantize_axis=2),
             helper.make_node("Constant", [], [shape], name=node.name + "_shape",
                              value=onnx.numpy_helper.from_array(np.array([0] * rank + [t["K"]], dtype=np.int64))),
             helper.make_node("Reshape", [blocks, shape], list(node.output), name=node.name + "_reshape")]
 
 
-def _rewrite(model: onnx.ModelProto, cands: dict, tensors: dict, new_weights: dict, cfg: dict) -> None:
+def _rewrite(model: onnx.ModelProto, cands: dict, tensors: dict, new_weights: dict, cfg: QuantScheme) -> None:
     graph = model.graph
     replaced: dict[int, list] = {}  # node index -> replacement nodes
     for name, (_, indices) in cands.items():
@@ -323,13 +341,13 @@ def _rewrite(model: onnx.ModelProto, cands: dict, tensors: dict, new_weights: di
         for index in indices:
             node = graph.node[index]
             bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
-            if cfg["op"] == "MatMulNBits":
+            if cfg.op == "MatMulNBits":
                 ins = [node.input[0], t["weight"], t["scales"], t["zero_points"] or "", "", bias]
                 while ins and not ins[-1]:
                     ins.pop()
                 new = helper.make_node("MatMulNBits", ins, list(node.output), name=node.name + "_q", domain=MS_DOMAIN,
-                                       K=t["K"], N=t["N"], bits=cfg["bits"], block_size=cfg["block_size"],
-                                       accuracy_level=cfg["accuracy_level"])
+                                       K=t["K"], N=t["N"], bits=cfg.bits, block_size=cfg.block_size,
+                                       accuracy_level=cfg.accuracy_level)
             else:
                 ins = [node.input[0], t["weight"], t["scales"], "", bias]
                 while ins and not ins[-1]:

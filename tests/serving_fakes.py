@@ -119,6 +119,13 @@ def fake_generator(verify: bool = False, **kw) -> Generator:
     return Generator(backend, None, pad_token_id=1, eos_token_id=EOS, vocab_size=kw.get("vocab", VOCAB))
 
 
+def solo(prompt, opts, **backend_kw) -> tuple[list[int], list[int], str]:
+    """(tokens, budgets, finish_reason) of `prompt` generated alone on a fresh fake backend: what any batched or
+    served run of it must equal."""
+    r = fake_generator(**backend_kw).generate([prompt], opts)[0]
+    return r.tokens, r.budgets, r.finish_reason
+
+
 class FailingBackend(FakeSlotBackend):
     """Raises on the decode call number `fail_on` (counting from 1): a backend failure mid-generation."""
 

@@ -25,7 +25,7 @@ from skipdecode.runtime.sampling import SamplingParams
 from skipdecode.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerError, SeqSpec
 from skipdecode.runtime.service import DEFAULT_MAX_PREFILL_TOKENS, Service, ServiceConfig
 
-from .serving_fakes import EOS, VOCAB, fake_generator
+from .serving_fakes import EOS, VOCAB, fake_generator, solo
 
 
 def chunked(budget: int, max_batch: int = 4, tokens: int = 10_000) -> SchedulerConfig:
@@ -110,9 +110,8 @@ def run(gen, cfg, requests):
     return out, results
 
 
-def solo(prompt, opts, **kw):
-    r = fake_generator(verify=True, **kw).generate([prompt], opts)[0]
-    return r.tokens, r.budgets, r.finish_reason
+def solo_verify(prompt, opts, **kw):
+    return solo(prompt, opts, verify=True, **kw)
 
 
 def long_requests(seed, n=8, max_length=128):
@@ -137,7 +136,7 @@ def test_property_chunked_runs_equal_solo_runs(seed, budget, strategy, max_batch
     cfg = SchedulerConfig(max_batch, 4 * 128, budget, strategy, chunked_prefill=True)
     out, results = run(fake_generator(verify=True, max_length=128), cfg, reqs)
     for i, (_, prompt, opts) in enumerate(reqs):
-        assert out[i] == solo(prompt, opts, max_length=128), i
+        assert out[i] == solo_verify(prompt, opts, max_length=128), i
     assert max(r.prefill_tokens for r in results) <= budget  # so prompts longer than the budget were chunked
     assert sum(r.prefill_tokens for r in results) == sum(len(p) for _, p, _ in reqs)
 
@@ -189,7 +188,7 @@ def test_running_requests_get_a_token_in_every_step_of_a_long_prefill():
     check_streams_keep_decoding(steps, log, 8)
     assert len(steps) == math.ceil(100 / 8)  # 12 steps of 8 tokens and one of 4
     for i, (_, prompt, opts) in enumerate(reqs):
-        assert out[i] == solo(prompt, opts, max_batch=5, max_length=128), i
+        assert out[i] == solo_verify(prompt, opts, max_batch=5, max_length=128), i
 
 
 @pytest.mark.parametrize("budget", [8, None])
@@ -316,7 +315,7 @@ def serve_all(generator, budget, prompts):
 
 
 def test_served_tokens_are_the_same_with_and_without_chunking_and_equal_the_reference(engine_dir):
-    from skipdecode.export.generator import TorchGenerator
+    from skipdecode.export.torch_generator import TorchGenerator
     from skipdecode.runtime.engine import Engine
     style, ckpt, out = engine_dir
     rng = np.random.default_rng(3)

@@ -341,8 +341,8 @@ def test_nbits_round_trip_error_is_at_most_half_a_step(bits, symmetric):
 
 def test_scheme_parsing():
     cfg = Q.parse_scheme("int4-b64-a1-sym-nohead")
-    assert (cfg["bits"], cfg["block_size"], cfg["accuracy_level"], cfg["symmetric"], cfg["lm_head"]) == \
-        (4, 64, 1, True, False)
+    assert (cfg.bits, cfg.block_size, cfg.accuracy_level, cfg.symmetric, cfg.lm_head) == (4, 64, 1, True, False)
+    assert cfg.manifest_fields()["op"] == "MatMulNBits" and "block_size" not in Q.parse_scheme("dyn8").manifest_fields()
     for bad in ("int3", "int8-b48", "int8-a7", "dyn8-b32", "int8-foo"):
         with pytest.raises(ValueError):
             Q.parse_scheme(bad)

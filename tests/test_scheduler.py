@@ -26,7 +26,7 @@ from skipdecode.runtime.scheduler import (
     SeqSpec,
 )
 
-from .serving_fakes import EOS, FakeSlotBackend, KVInvariantError, fake_generator
+from .serving_fakes import EOS, FakeSlotBackend, KVInvariantError, fake_generator, solo
 
 
 def spec(rid, p=4, steps=(6, 6, 4)):
@@ -170,11 +170,6 @@ def run_continuous(backend, requests, strategy="gate", cancel_at=None, max_batch
         step += 1
         assert step < 10_000, "the batcher did not drain"
     return out, admitted, step
-
-
-def solo(prompt, opts, **backend_kw):
-    r = fake_generator(**backend_kw).generate([prompt], opts)[0]
-    return r.tokens, r.budgets, r.finish_reason
 
 
 def mixed_requests(seed, n=12, max_length=64):
