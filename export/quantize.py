@@ -498,6 +498,9 @@ def save_engine_files(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.
 def load_engine_graphs(directory: Path) -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray]]:
     """An exported engine directory -> (graphs by graph name, weights by name) as `quantize_graphs` takes them."""
     directory = Path(directory)
-    man = load_manifest(directory)
+    full = load_manifest(directory)
+    man = full.without_drafts()  # lossless mode's draft graphs are quantized already: left out with their weights
+    drafts_only = {w for g in full.graphs if g.kind == "draft" for w in g.weights} - \
+        {w for g in man.graphs for w in g.weights}
     graphs = {g.name: onnx.load(str(directory / g.file), load_external_data=False) for g in man.graphs}
-    return graphs, read_weights(directory, man)
+    return graphs, {k: v for k, v in read_weights(directory, man).items() if k not in drafts_only}
