@@ -165,7 +165,8 @@ def markdown(out: dict) -> str:
     m, v = out["machine"], out["machine"]["versions"]
     lines = [
         "# skipdecode bench", "",
-        f"{m['date']} | {m['cpu']}, {m['cores']} cores, {m['threads']} threads | skipdecode {v['skipdecode']} "
+        f"{m['date']} | {m['cpu']} ({_isa(m)}), {m['cores']} cores, {m['threads']} threads | "
+        f"skipdecode {v['skipdecode']} "
         f"({m['git']}), onnxruntime {v['onnxruntime']}, torch {v['torch']}, transformers {v['transformers']} | "
         f"{out['duration_s'] / 60:.1f} min | load average {m.get('load_average_at_start')} at start, "
         f"{m.get('load_average')} at end", "",
@@ -203,12 +204,17 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _isa(machine: dict) -> str:
+    """The CPU extensions int8 kernels and tolerances depend on (AVX2, AVX-512, VNNI, AMX), as found."""
+    return " ".join(k for k, v in machine.get("isa", {}).items() if v) or "no AVX2/AVX-512/VNNI/AMX"
+
+
 def _kernel_lines(out: dict) -> list[str]:
     """Which kernel path each quantized engine ran and why, with the CPU extensions that decide it."""
     kernels = out.get("kernels", [])
     if not kernels:
         return []
-    flags = " ".join(k for k, v in out["machine"].get("isa", {}).items() if v) or "none"
+    flags = _isa(out["machine"])
     lines = ["", "## Quantized kernel path", "", f"CPU extensions: {flags}. Candidates that failed the export's "
              "parity check are never chosen (runtime/kernels.py).", "",
              "| model | backend | kernel | how | why | per batch band |", "|---|---|---|---|---|---|"]
