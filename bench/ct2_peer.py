@@ -8,6 +8,7 @@ The converter wants a tokenizer only for the vocabulary strings and the special 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ try:
 except ImportError:  # pragma: no cover - exercised only where the extra is missing
     ctranslate2 = None
 
+# CTranslate2 picks its GEMM library once per process: Intel MKL on Intel CPUs, oneDNN elsewhere; CT2_USE_MKL=1
+# forces MKL. On an AVX2-only AMD EPYC (2 threads, opt-125m shape, int8) forcing MKL made it 12x slower (3.7 vs
+# 46.5 tokens/s at batch 1, 14.9 vs 175 at batch 8), so the bench keeps CTranslate2's own choice and records it.
+GEMM_ENV = ("CT2_USE_MKL", "CT2_PACKED_GEMM", "CT2_FORCE_CPU_ISA")
 INSTALL_HINT = "CTranslate2 is not installed: pip install -e .[peers] (installs ctranslate2==4.8.5)"
 QUANTIZATIONS = ("int8", "int8_float32", "float32", "int16", "int8_float16", "float16")
 
@@ -154,5 +159,24 @@ class CT2Baseline:
         return run
 
     def extra(self) -> dict:
-        return {"quantization": self.quantization}
+        return {"quantization": self.quantization, "gemm": gemm_config()}
+
+
+def gemm_config() -> dict:
+    """The GEMM library CTranslate2 uses in this process (its rule: MKL on Intel CPUs or where CT2_USE_MKL=1,
+    unless CT2_USE_MKL=0; oneDNN otherwise) and the environment variables that steer it."""
+    env = {k: os.environ[k] for k in GEMM_ENV if k in os.environ}
+    forced = env.get("CT2_USE_MKL", "").strip().lower()
+    mkl = forced in ("1", "true", "on") or (forced not in ("0", "false", "off") and _cpu_vendor() == "GenuineIntel")
+    return {"library": "mkl" if mkl else "onednn", "env": env}
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 

@@ -23,6 +23,11 @@ DEFAULT_VS_PRIVATE = 0.95
 # tokens/s, and at the 3x layer target >= 2.0x (opt-125m shape) / 2.5x (opt-1.3b shape)
 INT8_VS_CT2 = 1.0
 INT8_SKIP_VS_CT2 = {"opt-125m": 2.0, "opt-1.3b": 2.5}
+# ... and never slower than our own fp32 engine at the same batch and speedup
+INT8_VS_FP32 = 1.0
+# our engines by weight format, for the scheme table (fp32 = the default float engine)
+SCHEMES = (("onnxruntime", "fp32"), ("onnxruntime-int8", "int8"), ("onnxruntime-int4", "int4"),
+           ("onnxruntime-dyn8", "dyn8"))
 # Step growth with past length <= 1.25 x attention's own growth, plus 2% of the shortest step: on a 2-core shared
 # machine a difference of two ~equal medians is rarely below that, so a zero-growth attention would fail on noise.
 # Lossless mode: >= 1.5 x full-depth tokens/s at batch 1 on the embedded skip-tuned model (the default backend), and
@@ -49,8 +54,12 @@ def _check(target: str, value: float, threshold: float, met: bool, **where) -> d
 
 def add_hf_ratios(rows: list[dict]) -> None:
     """`vs_hf` / `vs_ct2_int8`: tokens/s over HF generate's / CTranslate2 int8's (full depth) at the same model and
-    batch; `e2e_vs_ct2_int8` the same for whole generate calls (prefill included)."""
+    batch; `e2e_vs_ct2_int8` the same for whole generate calls (prefill included); `vs_fp32`: our other engines'
+    tokens/s over the default float engine's at the same model, batch and speedup."""
     for r in rows:
+        fp32 = _find(rows, model=r["model"], backend="onnxruntime", batch=r["batch"], speedup=r["speedup"])
+        if fp32 is not None and r["backend"] not in (*BASELINES, "onnxruntime"):
+            r["vs_fp32"] = r["tokens_per_s"] / fp32["tokens_per_s"]
         hf = _find(rows, model=r["model"], backend="hf-generate", batch=r["batch"])
         if hf is not None and r["backend"] != "hf-generate":
             r["vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"]
@@ -90,6 +99,11 @@ def evaluate_targets(out: dict) -> dict:
             need = INT8_SKIP_VS_CT2[r["model"]]
             checks.append(_check(f"int8 SkipDecode 3x >= {need:g} x CTranslate2 int8 tokens/s", r["vs_ct2_int8"], need,
                                  r["vs_ct2_int8"] >= need, model=r["model"], backend=r["backend"], batch=r["batch"]))
+    for r in ours:
+        if r["backend"] == "onnxruntime-int8" and "vs_fp32" in r and r["speedup"] in (1.0, 3.0):
+            checks.append(_check("int8 >= 1.0 x our fp32 tokens/s (same batch and speedup)", r["vs_fp32"],
+                                 INT8_VS_FP32, r["vs_fp32"] >= INT8_VS_FP32, model=r["model"], backend=r["backend"],
+                                 batch=r["batch"], speedup=r["speedup"]))
     for r in ours:
         if (r["model"], r["backend"], r["batch"]) == ROOFLINE_AT and r["speedup"] == 1 and "roofline_fraction" in r:
             checks.append(_check(f"batch-1 full depth >= {ROOFLINE_FRACTION:g} x the weight-read roofline",
@@ -151,7 +165,8 @@ def markdown(out: dict) -> str:
     m, v = out["machine"], out["machine"]["versions"]
     lines = [
         "# skipdecode bench", "",
-        f"{m['date']} | {m['cpu']}, {m['cores']} cores, {m['threads']} threads | skipdecode {v['skipdecode']} "
+        f"{m['date']} | {m['cpu']} ({_isa(m)}), {m['cores']} cores, {m['threads']} threads | "
+        f"skipdecode {v['skipdecode']} "
         f"({m['git']}), onnxruntime {v['onnxruntime']}, torch {v['torch']}, transformers {v['transformers']} | "
         f"{out['duration_s'] / 60:.1f} min | load average {m.get('load_average_at_start')} at start, "
         f"{m.get('load_average')} at end", "",
@@ -159,7 +174,7 @@ def markdown(out: dict) -> str:
         f"{out['config']['max_new_tokens']} new tokens, prompts of {out['config']['prompt_lengths']} tokens. "
         "tokens/s = decode throughput (prefill excluded); speedups are decode-time ratios to full depth on the same "
         "backend; ideal = cost model (fixed + per-layer x layers) measured in this run.", "",
-        *readme_table(out), "", *peer_table(out), "## All rows", "",
+        *readme_table(out), "", *peer_table(out), *scheme_table(out), "## All rows", "",
         "`target` is the layer-count target (L / mean layers); `speedup` the measured decode-time ratio, `end to "
         "end` the ratio of whole generate calls (prefill and sampling included), `roofline` the share of the "
         f"step that reading its graph's weights once at {_fmt(out['config'].get('weight_gbps'), '.1f')} GB/s "
@@ -189,12 +204,17 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _isa(machine: dict) -> str:
+    """The CPU extensions int8 kernels and tolerances depend on (AVX2, AVX-512, VNNI, AMX), as found."""
+    return " ".join(k for k, v in machine.get("isa", {}).items() if v) or "no AVX2/AVX-512/VNNI/AMX"
+
+
 def _kernel_lines(out: dict) -> list[str]:
     """Which kernel path each quantized engine ran and why, with the CPU extensions that decide it."""
     kernels = out.get("kernels", [])
     if not kernels:
         return []
-    flags = " ".join(k for k, v in out["machine"].get("isa", {}).items() if v) or "none"
+    flags = _isa(out["machine"])
     lines = ["", "## Quantized kernel path", "", f"CPU extensions: {flags}. Candidates that failed the export's "
              "parity check are never chosen (runtime/kernels.py).", "",
              "| model | backend | kernel | how | why | per batch band |", "|---|---|---|---|---|---|"]
@@ -227,6 +247,31 @@ def peer_table(out: dict) -> list[str]:
     return lines + [""]
 
 
+def scheme_table(out: dict) -> list[str]:
+    """Each weight format of our engine at full depth and 3x, against CTranslate2 int8 and our fp32 engine, with the
+    roofline fraction (batch 1 decoding reads every weight once per step)."""
+    rows = out["results"]
+    present = [(b, name) for b, name in SCHEMES if _find(rows, backend=b)]
+    if len(present) < 2:
+        return []
+    lines = ["## Weight formats (decode tokens/s)", "",
+             "Timed in the same rounds where the engines fit in memory together. `/ CT2 int8`: over CTranslate2 "
+             "int8 at the same batch (full depth); `/ fp32`: over our fp32 engine at the same batch and speedup; "
+             "`roofline`: the full-depth step's share of the time reading its weights takes.", "",
+             "| model | batch | format | 1x tokens/s | 3x tokens/s | 1x / CT2 int8 | 3x / CT2 int8 | 1x / fp32 | "
+             "3x / fp32 | roofline 1x |", "|---" * 10 + "|"]
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        for backend, name in present:
+            full, skip = (_find(rows, model=model, batch=batch, backend=backend, speedup=s) for s in (1.0, 3.0))
+            if full is None:
+                continue
+            lines.append(f"| {model} | {batch} | {name} | {full['tokens_per_s']:.1f} | "
+                         f"{_fmt(skip and skip['tokens_per_s'], '.1f')} | {_fmt(full.get('vs_ct2_int8'))} | "
+                         f"{_fmt(skip and skip.get('vs_ct2_int8'))} | {_fmt(full.get('vs_fp32'))} | "
+                         f"{_fmt(skip and skip.get('vs_fp32'))} | {_fmt(full.get('roofline_fraction'))} |")
+    return lines + [""]
+
+
 def readme_table(out: dict) -> list[str]:
     """The compact table for docs/benchmarks.md: the first onnxruntime backend, each model and batch; speedup cells
     are "measured (ideal)"."""
@@ -251,9 +296,9 @@ def _memory_lines(mem: dict) -> list[str]:
     lines = ["", "## Resident memory", "", "All buckets loaded with the default (one pre-packed copy shared by every "
              "graph), with a private pre-packed copy per graph, and without pre-packing, vs one plain session.", "",
              "| model | weights file MiB | all buckets MiB | one copy MiB | ratio | private prepack MiB | "
-             "no prepack MiB | int8 engine, all buckets MiB |", "|---|---|---|---|---|---|---|---|"]
+             "no prepack MiB | int8 engine, all buckets MiB | int4 | dyn8 |", "|---" * 10 + "|"]
     for m in mem.get("models", []):
-        extra = [m.get(f"all_buckets_{k}_bytes") for k in ("private", "off", "int8")]
+        extra = [m.get(f"all_buckets_{k}_bytes") for k in ("private", "off", "int8", "int4", "dyn8")]
         lines.append(f"| {m['model']} ({m['graphs']} graphs) | {m['weights_file_bytes'] / MIB:.0f} | "
                      f"{m['all_buckets_bytes'] / MIB:.0f} | {m['one_copy_bytes'] / MIB:.0f} | "
                      f"{m['all_buckets_bytes'] / m['one_copy_bytes']:.2f} | "

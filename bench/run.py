@@ -45,9 +45,11 @@ SMALL = "small-opt-kjv"
 EMBEDDED_MODELS = {EMBEDDED: Path("models/tiny-opt-kjv/skip-tuned"), SMALL: Path("models/small-opt-kjv/skip-tuned")}
 EMBEDDED_CHECKPOINT = EMBEDDED_MODELS[EMBEDDED]
 # label -> (Engine.load(prepack=...), export --quantize): the default (one pre-packed copy shared by all graphs), a
-# private pre-packed copy per graph, no pre-packing, and the default on an int8 engine
+# private pre-packed copy per graph, no pre-packing, and the default on engines of each quantization scheme
+# (docs/quantization.md: int8 / int4 blockwise MatMulNBits, dyn8 per-column DynamicQuantizeMatMul)
 BACKENDS = {"onnxruntime": (None, None), "onnxruntime-private": ("private", None),
-            "onnxruntime-noprepack": ("off", None), "onnxruntime-int8": (None, "int8")}
+            "onnxruntime-noprepack": ("off", None), "onnxruntime-int8": (None, "int8"),
+            "onnxruntime-int4": (None, "int4"), "onnxruntime-dyn8": (None, "dyn8")}
 # peer label -> CTranslate2 quantization of the same checkpoint (timed in the first backend's rounds, like HF)
 PEERS = {"ctranslate2-int8": "int8", "ctranslate2-fp32": "float32"}
 EXPORT_SPEEDUPS = (2.0, 3.0, 5.0)
@@ -250,95 +252,114 @@ def _timed_generate(engine, prompts, opts: GenerateOptions, runs: _Runs) -> None
     runs.accepted += sum(r.accepted for r in rows)
 
 
-def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None],
-                 baselines: Sequence = ()) -> dict:
-    """Throughput rows, cost models and (default backend) length scaling of one engine; with `baselines` (HF
-    generate, CTranslate2), their rows too, timed in the same rounds."""
+def bench_engines(model: BenchModel, backends: Sequence[str], cfg: BenchConfig, log: Callable[[str], None],
+                  baselines: Sequence = ()) -> dict:
+    """Throughput rows, cost models and (the run's first backend) length scaling of several engines, loaded
+    together so that every round times each backend's runs back to back (drift and the neighbours' load hit all
+    alike, and ratios between backends pair within a round); with `baselines` (HF generate, CTranslate2), their rows
+    too, timed in the same rounds."""
     from ..runtime.engine import Engine
 
-    prepack, quantize = BACKENDS[backend]
-    directory = model.engines.get(quantize, model.engine)
-    max_length = min(cfg.max_length, load_manifest(directory).max_length)  # a model may have fewer positions
-    engine = Engine.load(directory, threads=cfg.threads, max_batch=max(cfg.batches), max_length=max_length,
-                         prepack=prepack, kernel=cfg.kernel)
+    engines = {}
+    for backend in backends:
+        prepack, quantize = BACKENDS[backend]
+        directory = model.engines.get(quantize, model.engine)
+        max_length = min(cfg.max_length, load_manifest(directory).max_length)  # a model may have fewer positions
+        engines[backend] = Engine.load(directory, threads=cfg.threads, max_batch=max(cfg.batches),
+                                       max_length=max_length, prepack=prepack, kernel=cfg.kernel)
     out: dict = {"results": [], "cost_models": [], "length_scaling": [], "lossless": [], "kernels": []}
-    if engine.kernel_choice is not None:
-        log(f"[{model.name}] {backend}: {engine.kernel_choice.line()}")
-        out["kernels"].append({"model": model.name, "backend": backend, **engine.kernel_choice.to_dict()})
+    for backend, engine in engines.items():
+        if engine.kernel_choice is not None:
+            log(f"[{model.name}] {backend}: {engine.kernel_choice.line()}")
+            out["kernels"].append({"model": model.name, "backend": backend, **engine.kernel_choice.to_dict()})
     for batch in cfg.batches:
-        rows, cm, lossless = _bench_batch(engine, model.name, backend, batch, cfg, log, baselines)
+        rows, cms, lossless = _bench_batch(engines, model.name, batch, cfg, log, baselines)
         out["results"] += rows
-        out["cost_models"].append(cm)
+        out["cost_models"] += cms
         out["lossless"] += lossless
-    if backend == cfg.backends[0]:
-        be = engine.backend
+    if cfg.backends[0] in engines:
+        be = engines[cfg.backends[0]].backend
         lengths = tuple(n for n in cfg.scaling_lengths if n < be.max_length)
         scaling = cost.length_scaling(be, max(cfg.batches), lengths, cfg.cost_rounds, cfg.threads)
-        out["length_scaling"].append({"model": model.name, "backend": backend, **scaling})
-    engine.close()
-    del engine
-    gc.collect()  # the sessions and the KV cache go before the next engine loads
+        out["length_scaling"].append({"model": model.name, "backend": cfg.backends[0], **scaling})
+    for engine in engines.values():
+        engine.close()
+    del engines, engine
+    gc.collect()  # the sessions and the KV caches go before the next engines load
     return out
 
 
-def _bench_batch(engine, name: str, backend: str, batch: int, cfg: BenchConfig, log,
-                 baselines: Sequence) -> tuple[list[dict], dict]:
-    """Cost model, then every speedup's generation (and the baselines') in interleaved rounds at one batch size."""
-    be, N = engine.backend, cfg.max_new_tokens
-    prompts = make_prompts(batch, engine.vocab_size, cfg.prompt_lengths, cfg.seed)
+def bench_engine(model: BenchModel, backend: str, cfg: BenchConfig, log: Callable[[str], None],
+                 baselines: Sequence = ()) -> dict:
+    """`bench_engines` of one backend."""
+    return bench_engines(model, [backend], cfg, log, baselines)
+
+
+def _bench_batch(engines: dict, name: str, batch: int, cfg: BenchConfig, log,
+                 baselines: Sequence) -> tuple[list[dict], list[dict], list[dict]]:
+    """Cost models, then every backend's speedups (and the baselines') in interleaved rounds at one batch size."""
+    N = cfg.max_new_tokens
+    first = next(iter(engines.values()))
+    prompts = make_prompts(batch, first.vocab_size, cfg.prompt_lengths, cfg.seed)
     p = max(map(len, prompts))
-    # cost model at the mid-generation past length of each row (the steps' average attention span)
-    buckets_s = cost.time_buckets(be, [len(x) + N // 2 for x in prompts], cfg.cost_rounds)
-    cm = cost.fit_cost_model(list(buckets_s), list(buckets_s.values()))
-    runs = {s: _Runs() for s in cfg.all_speedups}
-    options = {s: GenerateOptions(max_new_tokens=N, speedup=s) for s in runs}
-    if backend in cfg.lossless_backends:  # keyed (draft speedup, draft tokens)
-        for ds, k in cfg.lossless:
-            runs[(ds, k)] = _Runs()
-            options[(ds, k)] = GenerateOptions(max_new_tokens=N, lossless=True, draft_speedup=ds,
-                                               draft_tokens=k or None)
+    cms, runs, options = {}, {}, {}
+    for backend, engine in engines.items():
+        # cost model at the mid-generation past length of each row (the steps' average attention span)
+        buckets_s = cost.time_buckets(engine.backend, [len(x) + N // 2 for x in prompts], cfg.cost_rounds)
+        cms[backend] = (cost.fit_cost_model(list(buckets_s), list(buckets_s.values())), buckets_s)
+        runs[backend] = {s: _Runs() for s in cfg.all_speedups}
+        options[backend] = {s: GenerateOptions(max_new_tokens=N, speedup=s) for s in runs[backend]}
+        if backend in cfg.lossless_backends:  # keyed (draft speedup, draft tokens)
+            for ds, k in cfg.lossless:
+                runs[backend][(ds, k)] = _Runs()
+                options[backend][(ds, k)] = GenerateOptions(max_new_tokens=N, lossless=True, draft_speedup=ds,
+                                                            draft_tokens=k or None)
     timers = [(b, b.runner(prompts, N), b.runner(prompts, 1), _Runs()) for b in baselines]
-    for s in runs:  # warm-up: session caches, bindings per (bucket, rows)
-        _timed_generate(engine, prompts, options[s], _Runs())
+    for backend, engine in engines.items():  # warm-up: session caches, bindings per (bucket, rows)
+        for s in runs[backend]:
+            _timed_generate(engine, prompts, options[backend][s], _Runs())
     for _, run_n, run_1, _ in timers:
         run_n(), run_1()
-    for _ in _repeats(cfg, len(runs) + 2 * len(timers)):
-        for s in runs:
-            _timed_generate(engine, prompts, options[s], runs[s])
+    for _ in _repeats(cfg, sum(map(len, runs.values())) + 2 * len(timers)):
+        for backend, engine in engines.items():
+            for s in runs[backend]:
+                _timed_generate(engine, prompts, options[backend][s], runs[backend][s])
         for _, run_n, run_1, r in timers:  # decode time = generate(N) - generate(1): prefill and setup cancel
             r.total.append(run_n())
             r.prefill.append(run_1())
             r.decode.append(r.total[-1] - r.prefill[-1])
-    rows, lossless = [], []
-    for s, r in runs.items():
-        if isinstance(s, tuple):
-            lossless.append(_lossless_row(name, backend, batch, s, r, runs[1.0], N))
-            log(f"[{name} {backend} b{batch}] lossless (draft {s[0]:g}x, {s[1]} tokens): "
-                f"{lossless[-1]['tokens_per_s']:.1f} tok/s, {lossless[-1]['speedup']:.2f}x full depth, acceptance "
-                f"{lossless[-1]['acceptance_rate']:.2f}, identical tokens {lossless[-1]['identical']}")
-            continue
-        steps = cost.step_buckets(be.num_layers, be.warmup_layers, be.buckets, s, p, N)
-        row = _row(name, backend, batch, s, r, N, be.num_layers, steps)
-        # paired by round: a round's full-depth and skip runs were timed back to back, so drift cancels
-        paired = statistics.median(f / d for f, d in zip(runs[1.0].decode, r.decode, strict=True))
-        row |= {"ideal_speedup": cost.ideal_speedup(cm, be.num_layers, steps), "measured_speedup": paired}
-        if s == 1.0:  # the loop's own cost (sampling, Python) plus other processes' interference: median step
-            # of the generation minus the fastest run of the full-depth graph alone
-            row["step_over_graph_ms"] = row["step_ms"] - cm.step_s(be.num_layers) * 1e3
-        row |= _roofline(be.manifest, steps, row["step_ms"], cfg.weight_gbps)
-        row["e2e_speedup"] = statistics.median(f / d for f, d in zip(runs[1.0].total, r.total, strict=True))
-        rows.append(row)
-        log(f"[{name} {backend} b{batch}] {s:g}x: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} ms, "
-            f"speedup {row['measured_speedup']:.2f} (ideal {row['ideal_speedup']:.2f}, end to end "
-            f"{row['e2e_speedup']:.2f})")
+    rows, lossless, entries = [], [], []
+    for backend, engine in engines.items():
+        be, (cm, buckets_s), full = engine.backend, cms[backend], runs[backend][1.0]
+        for s, r in runs[backend].items():
+            if isinstance(s, tuple):
+                lossless.append(_lossless_row(name, backend, batch, s, r, full, N))
+                log(f"[{name} {backend} b{batch}] lossless (draft {s[0]:g}x, {s[1]} tokens): "
+                    f"{lossless[-1]['tokens_per_s']:.1f} tok/s, {lossless[-1]['speedup']:.2f}x full depth, "
+                    f"acceptance {lossless[-1]['acceptance_rate']:.2f}, identical tokens {lossless[-1]['identical']}")
+                continue
+            steps = cost.step_buckets(be.num_layers, be.warmup_layers, be.buckets, s, p, N)
+            row = _row(name, backend, batch, s, r, N, be.num_layers, steps)
+            # paired by round: a round's full-depth and skip runs were timed back to back, so drift cancels
+            paired = statistics.median(f / d for f, d in zip(full.decode, r.decode, strict=True))
+            row |= {"ideal_speedup": cost.ideal_speedup(cm, be.num_layers, steps), "measured_speedup": paired}
+            if s == 1.0:  # the loop's own cost (sampling, Python) plus other processes' interference: median step
+                # of the generation minus the fastest run of the full-depth graph alone
+                row["step_over_graph_ms"] = row["step_ms"] - cm.step_s(be.num_layers) * 1e3
+            row |= _roofline(be.manifest, steps, row["step_ms"], cfg.weight_gbps)
+            row["e2e_speedup"] = statistics.median(f / d for f, d in zip(full.total, r.total, strict=True))
+            rows.append(row)
+            log(f"[{name} {backend} b{batch}] {s:g}x: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.2f} "
+                f"ms, speedup {row['measured_speedup']:.2f} (ideal {row['ideal_speedup']:.2f}, end to end "
+                f"{row['e2e_speedup']:.2f})")
+        entries.append({"model": name, "backend": backend, "batch": batch, **cm.to_dict(),
+                        "fixed_fraction": cm.fixed_s / cm.step_s(be.num_layers),
+                        "mean_past_length": float(np.mean([len(x) for x in prompts])) + N // 2,
+                        "bucket_ms": {str(b): t * 1e3 for b, t in buckets_s.items()}})
     for b, _, _, r in timers:
         rows.append(_row(name, b.label, batch, 1.0, r, N, b.num_layers, [b.num_layers]) | b.extra())
         log(f"[{name} {b.label} b{batch}] {rows[-1]['tokens_per_s']:.1f} tok/s, step {rows[-1]['step_ms']:.2f} ms")
-    entry = {"model": name, "backend": backend, "batch": batch, **cm.to_dict(),
-             "fixed_fraction": cm.fixed_s / cm.step_s(be.num_layers),
-             "mean_past_length": float(np.mean([len(x) for x in prompts])) + N // 2,
-             "bucket_ms": {str(b): t * 1e3 for b, t in buckets_s.items()}}
-    return rows, entry, lossless
+    return rows, entries, lossless
 
 
 def _lossless_row(model: str, backend: str, batch: int, key: tuple[float, int], r: _Runs, full: _Runs, N: int
@@ -400,6 +421,30 @@ def bench_memory(model: BenchModel, backends: Sequence[str]) -> dict:
     return out
 
 
+def interleave_groups(model: BenchModel, backends: Sequence[str], budget: int | None = None) -> list[list[str]]:
+    """Backends whose engines are loaded and timed together, in order: as many consecutive ones as fit in half of
+    the available memory (a private pre-packed engine counts one copy of the weights per graph, the others their
+    weights file), so that small models compare every backend within the same rounds and large ones still load."""
+    budget = int(0.5 * memory_available()) if budget is None else budget
+    groups: list[list[str]] = []
+    used = 0
+    for label in backends:
+        prepack, quantize = BACKENDS[label]
+        engine = model.engines.get(quantize, model.engine)
+        need = prepack_bytes_estimate(engine) if prepack == "private" else _weights_bytes(engine)
+        if groups and used + need <= budget:
+            groups[-1].append(label)
+            used += need
+        else:
+            groups.append([label])
+            used = need
+    return groups
+
+
+def _weights_bytes(engine: Path) -> int:
+    return sum(w.nbytes for w in load_manifest(engine).weights.values())
+
+
 def prepack_bytes_estimate(engine: Path) -> int:
     """Pre-packing gives every graph a private copy of the weights it uses."""
     man = load_manifest(engine)
@@ -427,8 +472,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: print(s, 
                                              "available memory"})
         # HF generate and the peers run in the first backend's rounds; they are freed before the next engine loads
         baselines = ([HFBaseline(model.checkpoint, cfg.threads)] if cfg.hf else []) + _peers(model, cfg, log, out)
-        for backend in backends:
-            part = bench_engine(model, backend, cfg, log, baselines)
+        for group in interleave_groups(model, backends):
+            part = bench_engines(model, group, cfg, log, baselines)
             baselines = []
             for key, rows in part.items():
                 out[key] += rows

@@ -33,7 +33,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="onnxruntime and torch threads (default: every core)")
     p.add_argument("--backends", type=_names,
                    help="onnxruntime (default pre-packing: shared), onnxruntime-private, onnxruntime-noprepack, "
-                        "onnxruntime-int8 (an int8 export; default: onnxruntime,onnxruntime-private,onnxruntime-int8)")
+                        "onnxruntime-int8, onnxruntime-int4, onnxruntime-dyn8 (exports with that --quantize scheme; "
+                        "default: onnxruntime,onnxruntime-private,onnxruntime-int8)")
     p.add_argument("--peers", type=_names,
                    help="ctranslate2-int8,ctranslate2-fp32 (default both; the peers extra installs ctranslate2)")
     p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 peers")

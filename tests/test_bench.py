@@ -12,8 +12,16 @@ import pytest
 pytest.importorskip("torch")
 
 from skipdecode.bench import cost  # noqa: E402
-from skipdecode.bench.report import add_hf_ratios, evaluate_targets, markdown  # noqa: E402
-from skipdecode.bench.run import EMBEDDED_MODELS, SMALL, BenchConfig, prepare_model, present_embedded  # noqa: E402
+from skipdecode.bench.report import add_hf_ratios, evaluate_targets, markdown, scheme_table  # noqa: E402
+from skipdecode.bench.run import (  # noqa: E402
+    EMBEDDED_MODELS,
+    SMALL,
+    BenchConfig,
+    BenchModel,
+    interleave_groups,
+    prepare_model,
+    present_embedded,
+)
 from skipdecode.runtime.errors import InputError  # noqa: E402
 from skipdecode.runtime.schedule import Schedule, make_plan  # noqa: E402
 
@@ -174,6 +182,39 @@ def test_targets_evaluation():
     assert found == [("lossless tokens identical to full depth", 1, True), ("lossless >= 1.5 x full-depth tokens/s",
                                                                               1, False),
                      ("lossless tokens identical to full depth", 8, False)]
+
+
+def test_int8_against_our_fp32_and_the_scheme_table():
+    rows = [_row("opt-125m", "onnxruntime", 8, 1.0, 100.0, 1.0, 1.0),
+            _row("opt-125m", "onnxruntime", 8, 3.0, 250.0, 2.5, 2.6),
+            _row("opt-125m", "onnxruntime-int8", 8, 1.0, 80.0, 1.0, 1.0),
+            _row("opt-125m", "onnxruntime-int8", 8, 3.0, 260.0, 3.2, 3.2),
+            _row("opt-125m", "onnxruntime-dyn8", 8, 1.0, 120.0, 1.0, 1.0) | {"roofline_fraction": 0.4},
+            _row("opt-125m", "ctranslate2-int8", 8, 1.0, 100.0)]
+    for r in rows:
+        r["e2e_tokens_per_s"] = r["tokens_per_s"]
+    out = {"results": rows, "memory": {"models": []}, "length_scaling": []}
+    add_hf_ratios(rows)
+    assert rows[2]["vs_fp32"] == pytest.approx(0.8) and rows[3]["vs_fp32"] == pytest.approx(1.04)
+    assert "vs_fp32" not in rows[0] and "vs_fp32" not in rows[5]  # the reference and the peers get none
+    found = [(c["speedup"], c["met"]) for c in evaluate_targets(out)["checks"] if "our fp32" in c["target"]]
+    assert found == [(1.0, False), (3.0, True)]  # slower than fp32 at full depth fails; a faster 3x passes
+    table = "\n".join(scheme_table(out))
+    assert "| opt-125m | 8 | int8 | 80.0 | 260.0 | 0.80 | 2.60 | 0.80 | 1.04 | - |" in table
+    assert "| opt-125m | 8 | dyn8 | 120.0 | - | 1.20 | - | 1.20 | - | 0.40 |" in table
+    assert "int4" not in table  # a format that was not run gets no row
+
+
+def test_interleave_groups_fit_in_memory(tmp_path, monkeypatch):
+    model = BenchModel("m", tmp_path, tmp_path / "fp32", {None: tmp_path / "fp32", "int8": tmp_path / "int8"})
+    sizes = {"fp32": 400, "int8": 100}
+    monkeypatch.setattr("skipdecode.bench.run._weights_bytes", lambda engine: sizes[engine.name])
+    monkeypatch.setattr("skipdecode.bench.run.prepack_bytes_estimate", lambda engine: 4 * sizes[engine.name])
+    backends = ["onnxruntime", "onnxruntime-int8", "onnxruntime-private"]
+    assert interleave_groups(model, backends, budget=10_000) == [backends]  # all timed in the same rounds
+    # the private engine (4 copies: 1600) no longer fits with the others; the order is kept
+    assert interleave_groups(model, backends, budget=1000) == [backends[:2], backends[2:]]
+    assert interleave_groups(model, backends, budget=450) == [[b] for b in backends]
 
 
 def test_roofline_target_of_the_small_model():

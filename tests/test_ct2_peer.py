@@ -73,3 +73,20 @@ def test_vocab_not_multiple_of_8_is_refused_clearly(tmp_path):
     build_random_opt("tiny-preln", seed=0).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="multiple of 8"):
         ct2_peer.convert(tmp_path, tmp_path / "ct2", "float32")
+
+
+@pytest.mark.parametrize("vendor, env, library", [
+    ("AuthenticAMD", {}, "onednn"),  # CTranslate2's own choice off Intel (the faster one measured on AMD EPYC)
+    ("GenuineIntel", {}, "mkl"),
+    ("AuthenticAMD", {"CT2_USE_MKL": "1"}, "mkl"),
+    ("GenuineIntel", {"CT2_USE_MKL": "0"}, "onednn"),
+])
+def test_gemm_library_is_recorded(monkeypatch, vendor, env, library):
+    from skipdecode.bench import ct2_peer
+
+    for k in ct2_peer.GEMM_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(ct2_peer, "_cpu_vendor", lambda: vendor)
+    assert ct2_peer.gemm_config() == {"library": library, "env": env}
