@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,11 +270,8 @@ def _check_draft_round(engine, refs: list, man, prompts: list, rnd: ParityRound,
     """Float prefill on every side (checked by `_check_round`), then from the prompts `rnd.steps` draft steps through
     each draft bucket (each step reads the K/V the draft wrote before, as a round of lossless mode does), compared
     on logits and the K/V of the draft's layers, then rewound to the prompts."""
-    backend, n = engine.backend, len(prompts)
-    slots = backend.slots.allocate(n)
-    ref_slots = [ref.slots.allocate(n) for ref in refs]
-    assert all(s == slots for s in ref_slots)  # all tables hand out the lowest free slots
-    try:
+    backend = engine.backend
+    with _fresh_slots(backend, refs, len(prompts)) as slots:
         prompt_wants = [ref.prefill_rows(prompts, slots) for ref in refs]
         backend.prefill_rows(prompts, slots)
         columns = backend.slots.lengths[slots].copy()
@@ -283,19 +281,13 @@ def _check_draft_round(engine, refs: list, man, prompts: list, rnd: ParityRound,
                 wants = _decode_step(backend, refs, man, slots, wants[0], bucket, report, tols, draft=True)
             for side in (backend, *refs):
                 side.rewind(slots, columns.tolist())
-    finally:
-        for side in (backend, *refs):
-            side.slots.free(slots)
 
 
 def _check_round(engine, refs: list, man, prompts: list, rnd: ParityRound, report: dict, tols: dict) -> None:
     """One round on fresh slots of every side; the slots are given back at the end. refs[0] is the reference,
     refs[1] (if any) its emulation of the engine's activation rounding."""
-    backend, n = engine.backend, len(prompts)
-    slots = backend.slots.allocate(n)
-    ref_slots = [ref.slots.allocate(n) for ref in refs]
-    assert all(s == slots for s in ref_slots)  # all tables hand out the lowest free slots
-    try:
+    backend = engine.backend
+    with _fresh_slots(backend, refs, len(prompts)) as slots:
         wants = [ref.prefill_rows(prompts, slots) for ref in refs]
         _record(report, "prefill.logits", backend.prefill_rows(prompts, slots), *wants, tol=tols["logits"])
         for layer in range(man.num_layers):  # ragged slots: row b's prompt sits at columns [0, len_b), no padding
@@ -311,6 +303,16 @@ def _check_round(engine, refs: list, man, prompts: list, rnd: ParityRound, repor
         for bucket in rnd.buckets:
             for _ in range(rnd.steps):
                 wants = _decode_step(backend, refs, man, slots, wants[0], bucket, report, tols)
+
+
+@contextmanager
+def _fresh_slots(backend, refs: list, n: int):
+    """The same `n` fresh slots on the engine and every reference, given back at the end."""
+    slots = backend.slots.allocate(n)
+    ref_slots = [ref.slots.allocate(n) for ref in refs]
+    assert all(s == slots for s in ref_slots)  # all tables hand out the lowest free slots
+    try:
+        yield slots
     finally:
         backend.slots.free(slots)
         for ref, s in zip(refs, ref_slots, strict=True):
