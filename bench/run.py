@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from ..export.random_models import OPT_SHAPES, TINY_SHAPES
+from ..runtime.generator import timed_generate
 from ..runtime.manifest import load_manifest
-from ..runtime.request import GenerateOptions, Generation, TokenEvent
+from ..runtime.request import GenerateOptions
 from . import cost
 from .env import load_average, machine_info, memory_available, memory_read_gbps, probe_load_rss
 from .hf import HFBaseline
@@ -232,24 +233,16 @@ def _repeats(cfg: BenchConfig, measurements: int) -> Iterator[int]:
 
 
 def _timed_generate(engine, prompts, opts: GenerateOptions, runs: _Runs) -> None:
-    t0 = time.perf_counter()
-    rows = [Generation() for _ in prompts]
-    first, last = None, t0
-    for ev in engine.stream(prompts, opts):  # a token event as each token is produced; one finish event per row
-        rows[ev.request_id].add(ev)
-        if isinstance(ev, TokenEvent):
-            last = time.perf_counter()
-            first = first if first is not None else last
-    first = first if first is not None else last
-    runs.total.append(time.perf_counter() - t0)
-    runs.tokens = [tuple(r.tokens) for r in rows]
+    timed = timed_generate(engine, prompts, opts)
+    runs.total.append(timed.total_s)
+    runs.tokens = [tuple(r.tokens) for r in timed.results]
     short = [len(t) for t in runs.tokens if len(t) != opts.max_new_tokens]
     if short:
         raise RuntimeError(f"generation stopped after {short[0]} of {opts.max_new_tokens} tokens")
-    runs.prefill.append(first - t0)  # prefill + sampling of the first token
-    runs.decode.append(last - first)
-    runs.drafted += sum(r.drafted for r in rows)
-    runs.accepted += sum(r.accepted for r in rows)
+    runs.prefill.append(timed.prefill_s)  # prefill + sampling of the first token
+    runs.decode.append(timed.decode_s)
+    runs.drafted += sum(r.drafted for r in timed.results)
+    runs.accepted += sum(r.accepted for r in timed.results)
 
 
 def bench_engines(model: BenchModel, backends: Sequence[str], cfg: BenchConfig, log: Callable[[str], None],

@@ -10,7 +10,9 @@ generation that finds no free slot fails with `SlotsExhaustedError` instead of w
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from .batcher import Batcher, Request, prepare_request
 from .errors import BackendError, InputError
@@ -76,3 +78,29 @@ class Generator:
                     yield ev
         finally:
             batcher.reset()
+
+
+@dataclass(frozen=True)
+class TimedGeneration:
+    """A static generation with its timing: `prefill_s` from the call to the first token (prefill and its
+    sampling), `decode_s` from the first token to the last, `total_s` the whole call."""
+
+    results: list[Generation]
+    prefill_s: float
+    decode_s: float
+    total_s: float
+
+
+def timed_generate(generator: Generator, prompts: Sequence[Sequence[int]], opts: GenerateOptions) -> TimedGeneration:
+    """`generator.generate` timed from its events as they arrive (what the benchmarks and the demo measure)."""
+    t0 = time.perf_counter()
+    out = [Generation(request_id=row, prompt=tuple(int(t) for t in p)) for row, p in enumerate(prompts)]
+    first, last = None, t0
+    for ev in generator.stream(prompts, opts):
+        out[ev.request_id].add(ev)
+        if isinstance(ev, TokenEvent):
+            last = time.perf_counter()
+            first = first if first is not None else last
+    end = time.perf_counter()
+    first = first if first is not None else last
+    return TimedGeneration(out, first - t0, last - first, end - t0)

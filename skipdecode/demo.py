@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 from skipdecode.cliargs import floats, ints
 from skipdecode.runtime.errors import InputError, check_int
-from skipdecode.runtime.request import GenerateOptions, Generation, TokenEvent
+from skipdecode.runtime.generator import timed_generate
+from skipdecode.runtime.request import GenerateOptions
 
 FULL_DEPTH = "full depth"
 LOSSLESS = "lossless"
@@ -79,15 +80,9 @@ def default_settings(speedups: Sequence[float], lossless: bool, draft_scheme: st
 
 def _timed(engine, prompt: Sequence[int], opts: GenerateOptions) -> tuple[float, float, list[int], int, int]:
     """(prefill seconds, decode seconds, tokens, drafted, accepted) of one generation of `prompt`."""
-    t0 = time.perf_counter()
-    result, first, last = Generation(), None, t0
-    for ev in engine.stream([prompt], opts):
-        result.add(ev)
-        if isinstance(ev, TokenEvent):
-            last = time.perf_counter()
-            first = first if first is not None else last
-    first = first if first is not None else last
-    return first - t0, last - first, result.tokens, result.drafted, result.accepted
+    timed = timed_generate(engine, [prompt], opts)
+    result = timed.results[0]
+    return timed.prefill_s, timed.decode_s, result.tokens, result.drafted, result.accepted
 
 
 def run_demo(engine, prompt: Sequence[int], settings: Sequence[Setting], max_new_tokens: int = 64, rounds: int = 5,
