@@ -26,7 +26,7 @@ from .graphs import DecodeGraph, PrefillGraph, VerifyGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, prepacked_weights, trace, write_weights
 from .parity import check_parity, plan_parity
-from .quantize_export import add_quantized_drafts, dequantized_model, kernel_variants, quantize_files, resolve_scheme
+from .quantize_export import add_quantized_drafts, dequantized_model, quantize_files, resolve_kernels, resolve_scheme
 from .target import ExportTarget
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
@@ -55,10 +55,11 @@ class ExportConfig:
     # (float32 weights, onnxruntime, a block size the shape allows), else none; "none"; or a scheme as for
     # `quantize` (refused where it cannot be built).
     drafts: str = "auto"
-    # quantized engines: also write the graphs of the other kernel paths the runtime may choose between per machine
-    # (runtime/kernels.py). Off by default: the only such path today (MatMulNBits accuracy level 1) measured 8-24x
-    # slower than the exported one on an AVX2-only CPU (docs/quantization.md)
-    kernel_candidates: bool = False
+    # quantized engines: the other kernel forms written beside the exported graphs, among which the runtime chooses
+    # per machine (runtime/kernels.py). "auto" (default): `dyn8` for int8 engines (a second, 7-bit weight set that
+    # CPUs without VNNI run faster at batch 8); "none"; or a list of "a1" (MatMulNBits accuracy level 1: 8-24x
+    # slower on an AVX2-only CPU, so never by default) and "dyn8" (docs/quantization.md)
+    kernel_candidates: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -182,6 +183,10 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
         cfg = replace(cfg, attention=attention)
         if cfg.quantize is not None:
             cfg = replace(cfg, quantize=resolve_scheme(cfg.quantize, shape, dtype))
+            resolve_kernels(cfg.kernel_candidates, cfg.quantize)  # refused before any tracing
+        elif cfg.kernel_candidates not in ("auto", "none"):
+            raise EngineError(f"--kernel-candidates {cfg.kernel_candidates}: only quantized engines (--quantize) "
+                              "have other kernel forms")
         drafts = resolve_drafts(cfg, shape, dtype, buckets)
         plan_parity(max_length, buckets, min(3, cfg.max_batch))  # refuses an impossible check before any tracing
         if progress and reason != "requested":
@@ -245,8 +250,11 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
                                 tuple(used)))
     quantization, draft_info = {}, {}
     if cfg.quantize is not None:
-        index, graphs, quantization = quantize_files(tmp, graphs, index, cfg.quantize)
-        quantization["kernels"] = kernel_variants(tmp, graphs, quantization, cfg.kernel_candidates)
+        index, graphs, quantization = quantize_files(tmp, graphs, index, cfg.quantize,
+                                                     resolve_kernels(cfg.kernel_candidates, cfg.quantize))
+        for form in quantization["kernels"]:
+            if "weights" in form:  # a form over weights of its own: which of them it reads only pre-packed
+                form["prepacked"] = list(prepacked_weights(tmp, list(form["files"].values()), list(index)))
     if drafts[0] is not None:
         index, graphs, draft_info = add_quantized_drafts(tmp, graphs, index, *drafts)
     if codec is not None:
@@ -259,7 +267,7 @@ def _build(model, codec, shape: OPTShape, buckets, dtype: str, max_length: int, 
         weights_file=WEIGHTS_FILE, weights_size=(tmp / WEIGHTS_FILE).stat().st_size, weights=index,
         schedule_defaults=schedule_defaults(L, cfg, buckets),
         tokenizer=tokenizer, tools=tool_versions(), quantization=quantization, drafts=draft_info,
-        prepacked=prepacked_weights(tmp, [g.file for g in graphs] + variant_files(quantization), list(index)),
+        prepacked=prepacked_weights(tmp, [g.file for g in graphs], list(index)),
         integrity=hash_files(tmp, [WEIGHTS_FILE, *(g.file for g in graphs), *variant_files(quantization),
                                    *([tokenizer] if tokenizer else [])]))
     man.write(tmp)

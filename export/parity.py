@@ -30,7 +30,8 @@ import onnx
 
 from ..runtime.engine import Engine
 from ..runtime.errors import EngineError
-from ..runtime.manifest import load_manifest
+from ..runtime.kernels import candidates, with_candidate
+from ..runtime.manifest import MANIFEST, load_manifest
 from .quantize import exact_graph
 from .quantize_export import FastPathRounding, dequantized_model, fast_path_rounding
 from .reference import TorchReference
@@ -147,12 +148,14 @@ def plan_parity(max_length: int, buckets, n_prompts: int, steps: int = 2) -> lis
     return [ParityRound(lengths, tuple(order[i: i + per_round]), steps) for i in range(0, len(order), per_round)]
 
 
-def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0) -> dict:
+def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 0,
+                 form_models: dict | None = None) -> dict:
     """Return {output: {max_abs_diff, limit, finite[, rounding_diff]}}; raise ParityError naming every output over
     its limit.
     `model`: the PyTorch model the engine must compute (for a quantized engine: carrying its dequantized weights).
-    The quantized drafts of a float engine are checked against a copy of `model` carrying their dequantized
-    weights (read from the engine)."""
+    The quantized drafts of a float engine, and the kernel forms of a quantized engine with weights of their own,
+    are checked against a copy of `model` carrying their dequantized weights: read from the engine, or for a form
+    given in `form_models` (name -> model), that model."""
     directory = Path(directory)
     man = load_manifest(directory)
     report: dict = {}
@@ -173,6 +176,11 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
                 rounding.remove()
         _widen(fast, tolerances(man)["logits"].rounding)
         report.update(fast)
+        for form in man.quantization.get("kernels", ()):
+            if form["parity"] == f"kernel.{form['name']}":
+                form_model = (form_models or {}).get(form["name"]) or \
+                    dequantized_model(model, directory, man.weights, form["quantization"])
+                report.update(_kernel_form_parity(directory, man, form, form_model, steps_per_bucket, seed))
     else:
         report.update(_parity_rounds(directory, man, model, None, tolerances(man), steps_per_bucket, seed))
     failed = {k: v for k, v in report.items() if not v["finite"] or v["max_abs_diff"] > v["limit"]}
@@ -201,6 +209,40 @@ def _draft_parity(directory: Path, man, model, draft_model, steps: int, seed: in
     return {**{f"exact.{k}": v for k, v in exact.items()}, **fast}
 
 
+def _kernel_form_parity(directory: Path, man, form: dict, form_model, steps: int, seed: int) -> dict:
+    """A kernel form over a weight set of its own (export/quantize_export.py `_dyn8_form`), checked as a quantized
+    engine is ("exact.kernel.<name>.*" on a float32 copy, "kernel.<name>.*" as users run it, with its rounding bound)
+    against `form_model` (the engine's reference carrying the form's dequantized weights). The form runs from a copy
+    of the engine whose manifest names its graphs (the weights file is hard-linked, not copied)."""
+    info, prefix = form["quantization"], form["parity"]
+    form_man = with_candidate(man, next(c for c in candidates(man) if c.name == form["name"]))
+    with tempfile.TemporaryDirectory(prefix=".kernel-", dir=directory) as tmp:
+        view = _linked_copy(directory, Path(tmp) / "form", {MANIFEST})  # a manifest of its own
+        form_man.write(view)
+        exact = _parity_rounds(exact_copy(view, form_man, Path(tmp) / "exact"), form_man, form_model, None,
+                               TOLERANCES["exact"], steps, seed, prepack=EXACT_PREPACK)
+        rounding = fast_path_rounding(form_model, info)
+        try:
+            fast = _parity_rounds(view, form_man, form_model, rounding, fast_tolerances(info), steps, seed)
+        finally:
+            if rounding is not None:
+                rounding.remove()
+    _widen(fast, fast_tolerances(info)["logits"].rounding)
+    return {**{f"exact.{prefix}.{k}": v for k, v in exact.items()}, **{f"{prefix}.{k}": v for k, v in fast.items()}}
+
+
+def _linked_copy(directory: Path, dst: Path, skip: set[str]) -> Path:
+    """`dst` holding every file of `directory` except `skip`, hard-linked where the file system allows."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in directory.iterdir():
+        if entry.name not in skip and entry.is_file():
+            try:
+                os.link(entry, dst / entry.name)
+            except OSError:  # another file system: a copy
+                shutil.copy(entry, dst / entry.name)
+    return dst
+
+
 def exact_copy(directory: Path, man, dst: Path) -> Path:
     """A session-only copy of a quantized engine whose graphs multiply by the dequantized weights in float32
     (export/quantize.py `exact_graph`); every other file is linked, so the weights are the engine's own bytes."""
@@ -208,13 +250,7 @@ def exact_copy(directory: Path, man, dst: Path) -> Path:
     files = {g.file for g in man.graphs}
     for g in man.graphs:
         onnx.save(exact_graph(onnx.load(str(directory / g.file), load_external_data=False)), str(dst / g.file))
-    for entry in directory.iterdir():
-        if entry.name not in files and entry.is_file():
-            try:
-                os.link(entry, dst / entry.name)
-            except OSError:  # another file system: a copy
-                shutil.copy(entry, dst / entry.name)
-    return dst
+    return _linked_copy(directory, dst, files)
 
 
 class _RoundedReference(TorchReference):

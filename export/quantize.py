@@ -229,9 +229,11 @@ def _gathered(graphs: Iterable[onnx.ModelProto]) -> set[str]:
     return {n.input[0] for m in graphs for n in m.graph.node if n.op_type == "Gather"}
 
 
-def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.ndarray], scheme: str
-                    ) -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray], dict]:
-    """Rewrite every eligible Gemm/MatMul of `graphs` to the quantized op of `scheme`.
+def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.ndarray], scheme: str,
+                    tag: str = "") -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray], dict]:
+    """Rewrite every eligible Gemm/MatMul of `graphs` to the quantized op of `scheme`. The quantized tensors of
+    weight W are named `W<tag>.qweight`, `W<tag>.qscale`, ...: a `tag` keeps a second weight set of the same model
+    apart from the first inside one weights file.
 
     Returns (new graphs (copies; inputs untouched), new weights dict (float weights no graph needs any more are
     dropped; each quantized tensor appears once, under one name, whichever graphs use it), info for the
@@ -258,18 +260,18 @@ def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.nd
         entry = {"layout": layouts[name], "N": int(n), "K": int(k), "dtype": str(w.dtype)}
         if cfg.op == "MatMulNBits":
             packed, scales, zp = quantize_nbits(w_nk, cfg.bits, cfg.block_size, cfg.symmetric)
-            entry.update(weight=f"{name}.qweight", scales=f"{name}.qscale",
-                         zero_points=f"{name}.qzero" if zp is not None else None)
+            entry.update(weight=f"{name}{tag}.qweight", scales=f"{name}{tag}.qscale",
+                         zero_points=f"{name}{tag}.qzero" if zp is not None else None)
             new_weights[entry["weight"]] = packed
             new_weights[entry["scales"]] = scales
             if zp is not None:
                 new_weights[entry["zero_points"]] = zp
             if name in gathered and cfg.quantized_gather and k % cfg.block_size == 0 \
                     and (cfg.bits == 8 or zp is None):
-                entry["gather_scales"] = f"{name}.qscale_g"
+                entry["gather_scales"] = f"{name}{tag}.qscale_g"
                 new_weights[entry["gather_scales"]] = np.ascontiguousarray(scales[..., None])
                 if zp is not None:
-                    entry["gather_zero_points"] = f"{name}.qzero_g"
+                    entry["gather_zero_points"] = f"{name}{tag}.qzero_g"
                     new_weights[entry["gather_zero_points"]] = np.ascontiguousarray(zp[..., None])
         else:
             if w.dtype != np.float32:
@@ -277,7 +279,7 @@ def quantize_graphs(graphs: dict[str, onnx.ModelProto], weights: dict[str, np.nd
             q, scales = quantize_dyn8(w_nk)
             if u8s8_pair_bound(q) > INT16_MAX:  # cannot happen at 7 bits; a guard for changes to quantize_dyn8
                 raise ValueError(f"{scheme!r}: {name} would saturate int16 u8 x s8 pairs on CPUs without VNNI")
-            entry.update(weight=f"{name}.qweight", scales=f"{name}.qscale", zero_points=None)
+            entry.update(weight=f"{name}{tag}.qweight", scales=f"{name}{tag}.qscale", zero_points=None)
             new_weights[entry["weight"]] = q
             new_weights[entry["scales"]] = scales
         tensors[name] = entry
@@ -391,6 +393,48 @@ def _rewrite(model: onnx.ModelProto, cands: dict, tensors: dict, new_weights: di
     graph.input.extend(keep_inputs)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def share_quantized_gather(model: onnx.ModelProto, quantized: onnx.ModelProto) -> list[str]:
+    """Make `model` (a graph quantized by a scheme that keeps the float embedding table for its token Gather, such
+    as dyn8) look tokens up as `quantized` (the same traced graph under a MatMulNBits scheme) does: each Gather that
+    `quantized` replaced by GatherBlockQuantized (+ its shape Constant and Reshape, see `_gather_node`) is replaced
+    by those nodes in `model`, reading the same packed tensors, so two weight sets of one engine share one table.
+    In place. -> the float tables `model` no longer reads (their initializers or inputs are removed)."""
+    q_nodes = {n.name: n for n in quantized.graph.node if n.name}
+    by_name = {n.name: i for i, n in enumerate(model.graph.node) if n.name}
+    replaced: dict[int, list] = {}
+    borrowed: set[str] = set()
+    for node in quantized.graph.node:
+        if node.op_type != "GatherBlockQuantized" or not node.name.endswith("_q"):
+            continue
+        base = node.name.removesuffix("_q")
+        index = by_name.get(base)
+        parts = [q_nodes.get(base + "_shape"), q_nodes.get(base + "_reshape")]
+        if index is None or model.graph.node[index].op_type != "Gather" or None in parts:
+            raise ValueError(f"graph {model.graph.name!r} has no token Gather {base!r} matching {node.name!r}")
+        replaced[index] = [node, *parts]
+        borrowed.update(i for i in node.input[:1] + node.input[2:] if i)
+    if not replaced:
+        return []
+    tables = {model.graph.node[i].input[0] for i in replaced}
+    nodes = []
+    for index, n in enumerate(model.graph.node):
+        nodes.extend(replaced.get(index, [n]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    have = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    model.graph.initializer.extend(t for t in quantized.graph.initializer if t.name in borrowed - have)
+    model.graph.input.extend(i for i in quantized.graph.input if i.name in borrowed - have)
+    read = {i for n in model.graph.node for i in n.input}
+    dropped = sorted(tables - read)
+    keep_inits = [t for t in model.graph.initializer if t.name not in dropped]
+    keep_inputs = [i for i in model.graph.input if i.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep_inits)
+    del model.graph.input[:]
+    model.graph.input.extend(keep_inputs)
+    return dropped
 
 
 def _location(t: TensorProto) -> str | None:

@@ -31,7 +31,7 @@ from ..runtime.errors import EngineError
 from ..runtime.manifest import WEIGHTS_FILE, GraphSpec, OPTShape, WeightEntry
 from ..runtime.weights import views, write_weights
 from .onnx_export import IR_VERSION
-from .quantize import attach_external, dequantize, exact_graph, parse_scheme, quantize_graphs
+from .quantize import attach_external, dequantize, exact_graph, parse_scheme, quantize_graphs, share_quantized_gather
 
 SHORT_SCHEMES = ("int8", "int4")
 
@@ -54,10 +54,39 @@ def resolve_scheme(name: str, shape: OPTShape, dtype: str, flag: str = "--quanti
     return name
 
 
-def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEntry], scheme: str
-                   ) -> tuple[dict[str, WeightEntry], list[GraphSpec], dict]:
+def resolve_kernels(value: str, scheme: str, flag: str = "--kernel-candidates") -> tuple[str, ...]:
+    """A user's --kernel-candidates -> the extra kernel forms to write (`KERNEL_FORMS`). "auto": `dyn8` for 8-bit
+    MatMulNBits engines at accuracy level 4 (on CPUs without VNNI its u8 x s8 kernels beat MatMulNBits' int8 path
+    at batch 8: docs/quantization.md), nothing for the others; "none": nothing; else a comma-separated list."""
+    cfg = parse_scheme(scheme)
+    int8_a4 = cfg.op == "MatMulNBits" and cfg.bits == 8 and cfg.accuracy_level == 4
+    if value == "auto":
+        return ("dyn8",) if int8_a4 else ()
+    if value == "none":
+        return ()
+    forms = tuple(dict.fromkeys(f.strip() for f in value.split(",") if f.strip()))
+    unknown = [f for f in forms if f not in KERNEL_FORMS]
+    if unknown or not forms:
+        raise EngineError(f"{flag} {value!r}: expected auto, none or a list of {', '.join(KERNEL_FORMS)}")
+    if cfg.op != "MatMulNBits" or cfg.accuracy_level != 4:
+        raise EngineError(f"{flag} {value}: only MatMulNBits engines at accuracy level 4 have other kernel forms "
+                          f"(--quantize {scheme})")
+    if "dyn8" in forms and cfg.bits != 8:
+        raise EngineError(f"{flag} dyn8: only 8-bit engines carry a dyn8 form (--quantize {scheme} is "
+                          f"{cfg.bits}-bit; dyn8 would read twice its weight bytes)")
+    return forms
+
+
+KERNEL_FORMS = ("a1", "dyn8")
+DYN8_TAG = ".dyn8"
+
+
+def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEntry], scheme: str,
+                   kernels: tuple[str, ...] = ()) -> tuple[dict[str, WeightEntry], list[GraphSpec], dict]:
     """Quantize the traced graphs in `tmp` in place: every shared weight once, weights.bin rewritten, the graphs
-    re-pointed at it. -> (new weights index, graphs with their new weight lists, the manifest's quantization)."""
+    re-pointed at it, and the graphs of the other kernel forms in `kernels` written beside them (`_a1_form`,
+    `_dyn8_form`).
+    -> (new weights index, graphs with their new weight lists, the manifest's quantization)."""
     protos = {g.name: onnx.load(str(tmp / g.file), load_external_data=False) for g in graphs}
     weights = views(np.fromfile(tmp / WEIGHTS_FILE, dtype=np.uint8), index)  # in memory: the file is rewritten
     q_protos, q_weights, info = quantize_graphs(protos, weights, scheme)
@@ -69,7 +98,59 @@ def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEn
         model.ir_version = IR_VERSION
         onnx.save(model, str(tmp / g.file))
         out.append(replace(g, weights=tuple(used)))
+    forms = [{"name": f"a{info['accuracy_level']}" if info["op"] == "MatMulNBits" else "dyn8", "files": {},
+              "parity": "engine"}]
+    if "a1" in kernels:
+        forms.append(_a1_form(tmp, out))
+    if "dyn8" in kernels:
+        new_index, form = _dyn8_form(tmp, out, new_index, protos, weights, q_protos)
+        forms.append(form)
+    info["kernels"] = forms
     return new_index, out, info
+
+
+def _a1_form(tmp: Path, graphs: list[GraphSpec]) -> dict:
+    """`<graph>.a1.onnx`: the same weights at accuracy level 1 (MLAS dequantizes each weight block and runs a
+    float32 GEMM; the activations are not rounded). That graph is byte for byte what the export's "exact.*" parity
+    check loads (`exact_graph`), so it is held to the float32 bound."""
+    files = {}
+    for g in graphs:
+        name = g.file.removesuffix(".onnx") + ".a1.onnx"
+        onnx.save(exact_graph(onnx.load(str(tmp / g.file), load_external_data=False)), str(tmp / name))
+        files[g.name] = name
+    return {"name": "a1", "files": files, "parity": "exact"}
+
+
+def _dyn8_form(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEntry], float_protos: dict,
+               float_weights: dict, q_protos: dict) -> tuple[dict[str, WeightEntry], dict]:
+    """`<graph>.dyn8.onnx`: every Linear of the float graphs as DynamicQuantizeMatMul over a second weight set
+    (7-bit per-column codes, tagged `.dyn8`) appended to weights.bin; the token lookup reads the engine's own
+    quantized table (`share_quantized_gather`), so no float embedding is kept. Only the chosen form's weights stay
+    resident (the runtime gives back the pages no loaded graph reads). Its parity part is "kernel.dyn8": checked at
+    export against a model carrying these weights, with the dyn8 rounding bound (export/parity.py)."""
+    d_protos, d_weights, d_info = quantize_graphs(float_protos, float_weights, "dyn8", tag=DYN8_TAG)
+    for name, model in d_protos.items():
+        share_quantized_gather(model, q_protos[name])
+    read = {i for m in d_protos.values() for n in m.graph.node for i in n.input}
+    added = {n: a for n, a in d_weights.items() if n not in index and n in read}
+    current = views(np.fromfile(tmp / WEIGHTS_FILE, dtype=np.uint8), index)
+    new_index = write_weights({**current, **added}, tmp / WEIGHTS_FILE)
+    _check_unmoved(index, new_index, "the dyn8 kernel's weights")
+    files, used = {}, {}
+    for g in graphs:
+        model = d_protos[g.name]
+        used[g.name] = attach_external(model, new_index)
+        model.ir_version = IR_VERSION
+        files[g.name] = g.file.removesuffix(".onnx") + ".dyn8.onnx"
+        onnx.save(model, str(tmp / files[g.name]))
+    return new_index, {"name": "dyn8", "files": files, "parity": "kernel.dyn8", "weights": used,
+                       "quantization": d_info}
+
+
+def _check_unmoved(index: dict[str, WeightEntry], new_index: dict[str, WeightEntry], what: str) -> None:
+    moved = [name for name in index if new_index[name] != index[name]]
+    if moved:  # write_weights lays tensors out in order, so the earlier ones cannot move; a guard for changes to it
+        raise EngineError(f"adding {what} moved the weight {moved[0]!r} inside {WEIGHTS_FILE}")
 
 
 def add_quantized_drafts(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEntry], scheme: str,
@@ -85,9 +166,7 @@ def add_quantized_drafts(tmp: Path, graphs: list[GraphSpec], index: dict[str, We
     q_protos, q_weights, info = quantize_graphs(protos, float_weights, scheme)
     added = {name: arr for name, arr in q_weights.items() if name not in index}
     new_index = write_weights({**float_weights, **added}, tmp / WEIGHTS_FILE)
-    moved = [name for name in index if new_index[name] != index[name]]
-    if moved:  # write_weights lays tensors out in order, so the float ones cannot move; a guard for changes to it
-        raise EngineError(f"adding the draft weights moved the float weight {moved[0]!r} inside {WEIGHTS_FILE}")
+    _check_unmoved(index, new_index, "the draft weights")
     out = list(graphs)
     for b in buckets:
         model = q_protos[names[b]]
@@ -99,29 +178,6 @@ def add_quantized_drafts(tmp: Path, graphs: list[GraphSpec], index: dict[str, We
                              tuple(used)))
     drafts = {"scheme": scheme, "graphs": {str(b): names[b] for b in buckets}, "quantization": info}
     return new_index, out, drafts
-
-
-def kernel_variants(tmp: Path, graphs: list[GraphSpec], info: dict, alternatives: bool = True) -> list[dict]:
-    """Alternative graph files over the same weights that the runtime may choose between on each machine
-    (runtime/kernels.py), written next to the engine's own graphs; -> the manifest's `quantization["kernels"]`.
-
-    The exported graphs are candidate "a<level>" (their parity: the unprefixed keys of the parity report). For
-    MatMulNBits at accuracy level 4 the exporter also writes `<graph>.a1.onnx`: the same weights at accuracy level 1
-    (MLAS dequantizes each weight block and runs a float32 GEMM; the activations are not rounded). That graph is
-    byte for byte what the export's "exact.*" parity check loads (`exact_graph`), so it is held to the float32
-    bound (written only with `alternatives`). DynamicQuantizeMatMul (dyn8) offers no second candidate: its exact
-    form folds into float32 weights at session creation (4x the memory of the engine's own)."""
-    exported = {"name": f"a{info['accuracy_level']}" if info["op"] == "MatMulNBits" else "dyn8",
-                "files": {}, "parity": "engine"}
-    if not alternatives or info["op"] != "MatMulNBits" or info["accuracy_level"] != 4:
-        return [exported]
-    files = {}
-    for g in graphs:
-        name = g.file.removesuffix(".onnx") + ".a1.onnx"
-        model = exact_graph(onnx.load(str(tmp / g.file), load_external_data=False))
-        onnx.save(model, str(tmp / name))
-        files[g.name] = name
-    return [exported, {"name": "a1", "files": files, "parity": "exact"}]
 
 
 def dequantized_model(model, directory: Path, index: dict[str, WeightEntry], info: dict):

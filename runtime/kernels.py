@@ -1,16 +1,21 @@
-"""Per-machine choice of a quantized engine's kernel path: which of the graph forms the exporter wrote over the same
-weights runs fastest on this CPU, among those that passed the export's parity check. No torch, no onnx.
+"""Per-machine choice of a quantized engine's kernel path: which of the graph forms the exporter wrote runs fastest on
+this CPU, among those that passed the export's parity check. No torch, no onnx.
 
 Why: onnxruntime picks MatMulNBits kernels by CPU. At accuracy level 4 it rounds activations per block to int8 and
 runs int8 dot products (fast with VNNI / AMX); on an AVX2-only CPU that path can be slower than float32. Level 1
 dequantizes each weight block and runs a float32 GEMM (exact: the dequantized model's arithmetic). Which one wins
 depends on the machine and the batch size, so it is measured here rather than fixed at export.
 
-Candidates come from the manifest (`quantization["kernels"]`, export/quantize_export.py `kernel_variants`): a name,
-the graph files that differ from the engine's own (none for the exported form) and which part of the export's parity
-report holds it ("engine": the unprefixed keys, "exact": the `exact.*` keys). A candidate is eligible only when that
-part exists and every entry in it is finite and within its limit; an ineligible one is never chosen, however fast,
-and cannot be forced.
+Candidates come from the manifest (`quantization["kernels"]`, export/quantize_export.py `quantize_files`): a name,
+the graph files that differ from the engine's own (none for the exported form), for a form over a weight set of its
+own the weights each graph reads and those it reads only pre-packed, and which part of the export's parity report
+holds it ("engine": the unprefixed keys, "exact": the `exact.*` keys, "kernel.<name>": its own `kernel.<name>.*` and
+`exact.kernel.<name>.*` keys). The forms today: the exported one (`a4`: MatMulNBits, int8 activations per block),
+`dyn8` (written by default for int8 engines: DynamicQuantizeMatMul over 7-bit per-column weights, uint8 activations
+per tensor; on CPUs without VNNI its kernels are the faster ones at batch 8) and `a1` (on request: MatMulNBits at
+accuracy level 1). A candidate is eligible only when its part exists and every entry in it is finite and within its
+limit; an ineligible one is never chosen, however fast, and cannot be forced. Only the chosen form's weights stay
+resident: the backend gives back the pages of weights none of its graphs reads.
 
 Modes (`Engine.load(kernel=...)`, `--kernel`, env `SKIPDECODE_KERNEL`):
 * "exported" (the library default): the exported graphs, nothing measured.
@@ -65,7 +70,11 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 class Candidate:
     name: str
     files: dict  # graph name -> file, for the graphs whose file differs from the exported one
-    parity: str  # "engine" | "exact": which part of the export's parity report checked this form
+    # which part of the export's parity report checked this form: "engine" (the unprefixed keys), "exact" (the
+    # "exact.*" keys) or "kernel.<name>" (the "kernel.<name>.*" and "exact.kernel.<name>.*" keys)
+    parity: str
+    weights: dict = field(default_factory=dict)  # graph name -> the weights it reads, where they differ
+    prepacked: tuple | None = None  # the weights this form reads only pre-packed (None: keep every byte resident)
 
 
 def candidates(man: Manifest) -> list[Candidate]:
@@ -78,22 +87,34 @@ def candidates(man: Manifest) -> list[Candidate]:
     for i, k in enumerate(raw):
         where = f"manifest.quantization.kernels[{i}]"
         if not isinstance(k, dict) or not isinstance(k.get("name"), str) or not isinstance(k.get("files"), dict) \
-                or k.get("parity") not in ("engine", "exact"):
-            raise EngineError(f"{where} must be {{name, files, parity: engine|exact}}; got {k!r}")
-        unknown = sorted(set(k["files"]) - names)
+                or k.get("parity") not in ("engine", "exact", f"kernel.{k.get('name')}"):
+            raise EngineError(f"{where} must be {{name, files, parity: engine|exact|kernel.<name>}}; got {k!r}")
+        unknown = sorted((set(k["files"]) | set(k.get("weights", {}))) - names)
         if unknown:
             raise EngineError(f"{where} names graph {unknown[0]!r}, which the manifest does not have")
         for f in k["files"].values():
             if not isinstance(f, str) or f not in man.integrity.get("files", {}):
                 raise EngineError(f"{where}: file {f!r} is not among the engine's hashed files")
-        out.append(Candidate(k["name"], dict(k["files"]), k["parity"]))
+        weights, prepacked = k.get("weights", {}), k.get("prepacked")
+        lists = [*(weights.values() if isinstance(weights, dict) else [None]), *([prepacked] if prepacked else [])]
+        if any(not isinstance(x, list) or any(w not in man.weights for w in x) for x in lists):
+            raise EngineError(f"{where}: weights and prepacked must list weights of this engine")
+        out.append(Candidate(k["name"], dict(k["files"]), k["parity"], {g: tuple(w) for g, w in weights.items()},
+                             None if prepacked is None else tuple(prepacked)))
     return out
+
+
+def _parity_part(key: str) -> str:
+    """The part of the parity report an entry belongs to (see `Candidate.parity`)."""
+    rest = key.removeprefix("exact.")
+    if rest.startswith("kernel."):
+        return ".".join(rest.split(".")[:2])
+    return "exact" if key.startswith("exact.") else "engine"
 
 
 def parity_passed(man: Manifest, cand: Candidate) -> bool:
     """Every parity entry of `cand`'s part of the report is finite and within its limit (and there is at least one)."""
-    entries = [v for k, v in man.parity.items()
-               if (k.startswith("exact.") if cand.parity == "exact" else not k.startswith("exact."))]
+    entries = [v for k, v in man.parity.items() if _parity_part(k) == cand.parity]
     try:
         return bool(entries) and all(e["finite"] and e["max_abs_diff"] <= e["limit"] for e in entries)
     except (KeyError, TypeError):
@@ -101,13 +122,15 @@ def parity_passed(man: Manifest, cand: Candidate) -> bool:
 
 
 def with_candidate(man: Manifest, cand: Candidate) -> Manifest:
-    """`man` with the graphs of `cand` in place of the exported ones (same names, I/O and weights)."""
+    """`man` with the graphs of `cand` in place of the exported ones (same names and I/O; its own weights where it
+    has a weight set of its own)."""
     if not cand.files:
         return man
-    # `prepacked` lists the weights the exported graphs read only in packed form; onnxruntime 1.31 does not pre-pack
-    # 8-bit MatMulNBits weights at accuracy level 1, so another form keeps the unpacked bytes resident
-    return replace(man, graphs=tuple(replace(g, file=cand.files.get(g.name, g.file)) for g in man.graphs),
-                   prepacked=())
+    # `prepacked` lists the weights the exported graphs read only in packed form; a form without its own list keeps
+    # every unpacked byte resident (onnxruntime 1.31 does not pre-pack 8-bit MatMulNBits weights at accuracy level 1)
+    graphs = tuple(replace(g, file=cand.files.get(g.name, g.file), weights=cand.weights.get(g.name, g.weights))
+                   for g in man.graphs)
+    return replace(man, graphs=graphs, prepacked=cand.prepacked or ())
 
 
 # ------------------------------------------------------------------------------------------------------ machine

@@ -177,6 +177,12 @@ class Manifest:
         with the float buckets)."""
         return replace(self, graphs=tuple(g for g in self.graphs if g.kind != "draft"), drafts={})
 
+    def unread_weights(self) -> tuple[str, ...]:
+        """The weights of the file that none of these graphs reads (another kernel form's weight set, or the drafts'
+        when a backend leaves them out): a backend need not keep their bytes."""
+        read = {w for g in self.graphs for w in g.weights}
+        return tuple(n for n in self.weights if n not in read)
+
     def verify(self, kind: str = "verify") -> GraphSpec | None:
         """A verify graph of lossless mode ("verify" or "verify_row"); None for engines exported without one."""
         return next((g for g in self.graphs if g.kind == kind), None)

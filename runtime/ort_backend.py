@@ -89,7 +89,9 @@ class OrtBackend(GraphBackend):
         try:
             # every graph runs once before the engine is handed out: an engine that loads but cannot compute (an
             # edited weight shape that keeps the byte count) fails here, not at its first request
-            self.released_bytes = sessions.release_packed(man.prepacked, self._probe, self._probe())
+            # the bytes nothing reads again: weights every graph has pre-packed, and those no loaded graph reads
+            self.released_bytes = sessions.release_packed(man.prepacked + man.unread_weights(), self._probe,
+                                                          self._probe())
         except Exception as exc:
             self._finalizer()
             raise EngineError(f"engine {directory.name} loads but its graphs fail on a test input: "

@@ -102,9 +102,11 @@ def session_options(prepack: bool, threads: int | None = None) -> ort.SessionOpt
 def load_weights(directory: Path, man: Manifest, device: str = "cpu", device_id: int = 0) -> dict[str, ort.OrtValue]:
     """The shared weights as OrtValues: views of the one host buffer read by runtime/weights.py (no copy), or one
     device copy each."""
+    unread = set(man.unread_weights())  # another kernel form's weight set: no device copy of it
+    weights = {k: v for k, v in read_weights(directory, man).items() if k not in unread}
     if device == "cpu":
-        return {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in read_weights(directory, man).items()}
-    return {k: ort.OrtValue.ortvalue_from_numpy(v, device, device_id) for k, v in read_weights(directory, man).items()}
+        return {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in weights.items()}
+    return {k: ort.OrtValue.ortvalue_from_numpy(v, device, device_id) for k, v in weights.items()}
 
 
 def open_session(directory: Path, spec: GraphSpec, weights: dict[str, ort.OrtValue], providers: list,

@@ -98,6 +98,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-length", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--json", help="JSON file for the rows")
+    p.add_argument("--every-kernel", action="store_true",
+                   help="quantized engines: one row set per kernel form that passed parity (e.g. int8's a4 and dyn8)")
 
     p = sub.add_parser("eval", help="quality report: perplexity, agreement, ROUGE-L vs speedup")
     p.add_argument("--model", required=True, help="model directory (e.g. the skip-tuned one)")
@@ -224,9 +226,10 @@ def cmd_eval_engine(args) -> int:
     configure_onnxruntime()
     speedups = sorted({1.0, *args.speedups})
     cfg = EvalConfig(chunks=args.chunks, prompt_length=args.prompt_length, seq_len=args.seq_len)
-    rows = engine_report(args.engine, args.data, speedups, cfg)
+    rows = engine_report(args.engine, args.data, speedups, cfg, every_kernel=args.every_kernel)
     for r in rows:
-        print(f"{r['weights']:>12} {r['speedup']:>4g}x  ppl {r['perplexity']:8.3f}  "
+        label = r["weights"] + (f" ({r['kernel']})" if r["kernel"] else "")
+        print(f"{label:>20} {r['speedup']:>4g}x  ppl {r['perplexity']:8.3f}  "
               f"vs first engine {r['vs_first_engine']:+.2%}")
     if args.json:
         write_json(rows, args.json)

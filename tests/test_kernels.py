@@ -28,7 +28,18 @@ def int8_engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("kernels")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
     export(ExportConfig(model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8",
-                        kernel_candidates=True),
+                        kernel_candidates="a1"),
+           progress=False)
+    return root / "int8"
+
+
+@pytest.fixture(scope="module")
+def dyn8_engine(tmp_path_factory):
+    """A plain int8 export: it carries the dyn8 form by default."""
+    from skipdecode.export.random_models import build_random_opt
+    root = tmp_path_factory.mktemp("kernels-dyn8")
+    build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
+    export(ExportConfig(model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8"),
            progress=False)
     return root / "int8"
 
@@ -261,3 +272,120 @@ def test_a_candidate_far_slower_after_one_round_is_not_timed_further():
     assert {n: round(t[8]) for n, t in out.items()} == {"fast": 1, "close": 2, "slow": 10}
     # warm-up (one per band) + timed steps: 5 rounds x 2 bands, the slow one only its first round
     assert (made["fast"].steps, made["close"].steps, made["slow"].steps) == (12, 12, 4)
+
+
+# ----------------------------------------------------------------------------------------- the dyn8 kernel form
+
+def test_an_int8_export_carries_a_parity_checked_dyn8_form(dyn8_engine):
+    man = load_manifest(dyn8_engine)
+    a4, dyn8 = K.candidates(man)
+    assert (a4.name, dyn8.name, dyn8.parity) == ("a4", "dyn8", "kernel.dyn8")
+    assert set(dyn8.files) == set(dyn8.weights) == {g.name for g in man.graphs}
+    for f in dyn8.files.values():
+        assert f.endswith(".dyn8.onnx") and f in man.integrity["files"] and (dyn8_engine / f).is_file()
+    # its own part of the parity report, both checks, every graph; all passed
+    part = {k for k in man.parity if K._parity_part(k) == "kernel.dyn8"}
+    assert {k for k in part if k.startswith("exact.")} and {k for k in part if not k.startswith("exact.")}
+    assert {k.split(".")[-2] for k in part if ".decode." not in k} >= {"prefill", "verify"}
+    assert K.parity_passed(man, a4) and K.parity_passed(man, dyn8)
+    # a second weight set (7-bit codes tagged .dyn8) that the exported graphs never read; the token lookup of both
+    # forms reads the one packed int8 table, so no float embedding is kept for the dyn8 form
+    tagged = {w for ws in dyn8.weights.values() for w in ws if ".dyn8." in w}
+    assert tagged and not tagged & {w for g in man.graphs for w in g.weights}
+    assert not any(w.endswith("embed_tokens.weight") for ws in dyn8.weights.values() for w in ws)
+    gather = {w for w in man.weights if w.endswith("embed_tokens.weight.qweight")}
+    assert gather and gather <= set(dyn8.weights["prefill"])
+    assert dyn8.prepacked and set(dyn8.prepacked) <= tagged
+
+
+def test_the_dyn8_form_runs_and_gives_back_the_other_weight_set(dyn8_engine):
+    opts = GenerateOptions(max_new_tokens=6, speedup=2.0)
+    with Engine.load(dyn8_engine, kernel="dyn8") as d, Engine.load(dyn8_engine, kernel="a4") as a:
+        assert d.kernel_choice.name == "dyn8" and all(g.file.endswith(".dyn8.onnx") for g in d.manifest.graphs)
+        # each form reads only its own set: the other's matrices are unread, so their pages are given back
+        unread_d, unread_a = set(d.manifest.unread_weights()), set(a.manifest.unread_weights())
+        int8 = {w for w in d.manifest.weights if w.endswith(".qweight") and ".dyn8." not in w}
+        dyn8 = {w for w in d.manifest.weights if ".dyn8." in w}
+        table = {w for w in int8 if "embed_tokens" in w}  # the token lookup of both forms
+        assert table and int8 - table <= unread_d and not dyn8 & unread_d
+        assert dyn8 <= unread_a and not int8 & unread_a
+        assert d.backend.released_bytes > 0 and a.backend.released_bytes > 0
+        rd, ra = d.generate(PROMPTS, opts), a.generate(PROMPTS, opts)
+        assert all(len(r.tokens) == 6 for r in rd + ra)
+
+
+def test_dyn8_is_chosen_when_fastest_and_never_when_its_parity_failed(dyn8_engine, tmp_path):
+    man = load_manifest(dyn8_engine)
+    fake = FakeMeasure({"a4": 2.0, "dyn8": 1.0})
+    assert K.choose(dyn8_engine, man, "auto", 4, fake, "v", CPU).name == "dyn8"
+
+    def fail_dyn8(raw):
+        key = next(k for k in raw["parity"] if k.startswith("kernel.dyn8."))
+        raw["parity"][key]["max_abs_diff"] = raw["parity"][key]["limit"] * 2
+
+    bad = load_manifest(_copy(dyn8_engine, tmp_path, fail_dyn8))
+    choice = K.choose(tmp_path / dyn8_engine.name, bad, "auto", 4, fake, "v", CPU)
+    # the failed form is out; the exported form's own record is untouched, so it still runs
+    assert choice.name == "a4" and set(choice.rejected) == {"dyn8"}
+
+
+def test_a_dyn8_scale_error_in_one_layer_fails_the_forms_parity(dyn8_engine, tmp_path):
+    """Negative control of the form's own check: one dyn8 matrix's scales 2% off in weights.bin (as a corrupted file
+    or a quantizer bug would leave them) fail "exact.kernel.dyn8.*" against the form's reference built from the
+    right weights, while the engine as exported passes the same check."""
+    import shutil as sh
+
+    from skipdecode.export.models import load_model
+    from skipdecode.export.parity import ParityError, check_parity
+    from skipdecode.export.quantize_export import dequantized_model
+    man = load_manifest(dyn8_engine)
+    form = man.quantization["kernels"][1]
+    bad = tmp_path / "bad"
+    sh.copytree(dyn8_engine, bad)
+    w = man.weights[form["quantization"]["tensors"]["model.decoder.layers.1.fc2.weight"]["scales"]]
+    raw = np.fromfile(bad / "weights.bin", dtype=np.uint8)
+    raw[w.offset: w.offset + w.nbytes].view(w.dtype)[:] *= 1.02
+    raw.tofile(bad / "weights.bin")
+    model, _ = load_model(str(dyn8_engine.parent / "ckpt"))
+    reference = dequantized_model(model, dyn8_engine, man.weights, man.quantization)
+    right = {"dyn8": dequantized_model(reference, dyn8_engine, man.weights, form["quantization"])}
+    with pytest.raises(ParityError, match=r"exact\.kernel\.dyn8\.") as err:
+        check_parity(bad, reference, form_models=right)
+    print(err.value)
+    check_parity(dyn8_engine, reference, form_models=right)  # the engine as exported passes
+
+
+@pytest.mark.parametrize(("value", "scheme", "want"), [
+    ("auto", "int8-b32", ("dyn8",)), ("auto", "int4-b32", ()), ("auto", "int8-b32-a1", ()), ("auto", "dyn8", ()),
+    ("none", "int8-b32", ()), ("a1,dyn8", "int8-b32", ("a1", "dyn8")), ("a1", "int4-b32", ("a1",))])
+def test_kernel_forms_per_scheme(value, scheme, want):
+    from skipdecode.export.quantize_export import resolve_kernels
+    assert resolve_kernels(value, scheme) == want
+
+
+@pytest.mark.parametrize(("value", "scheme", "match"), [
+    ("a2", "int8-b32", "expected auto, none or a list of a1, dyn8"), ("", "int8-b32", "expected auto"),
+    ("dyn8", "int4-b32", "only 8-bit engines carry a dyn8 form"),
+    ("dyn8", "dyn8", "only MatMulNBits engines at accuracy level 4")])
+def test_bad_kernel_forms_are_refused(value, scheme, match):
+    from skipdecode.export.quantize_export import resolve_kernels
+    with pytest.raises(EngineError, match=match):
+        resolve_kernels(value, scheme)
+
+
+def test_kernel_forms_on_a_float_export_are_refused_before_tracing(tmp_path):
+    from skipdecode.export.random_models import build_random_opt
+    build_random_opt("tiny-preln", seed=0).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(EngineError, match="only quantized engines"):
+        export(ExportConfig(model=str(tmp_path / "ckpt"), out=tmp_path / "e", kernel_candidates="dyn8"),
+               progress=False)
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_form_naming_an_unknown_weight_is_refused(dyn8_engine, tmp_path):
+    def edit(raw):
+        form = raw["quantization"]["kernels"][1]
+        form["weights"]["prefill"] = [*form["weights"]["prefill"], "no.such.weight"]
+
+    with pytest.raises(EngineError, match="must list weights of this engine"):
+        K.candidates(load_manifest(_copy(dyn8_engine, tmp_path, edit)))

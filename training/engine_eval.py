@@ -51,22 +51,32 @@ def backend_perplexity(backend, chunks: np.ndarray, prompt_length: int, speedup:
 
 
 def engine_report(engines: Sequence[str | Path], data: Sequence[str], speedups: Sequence[float],
-                  cfg: EvalConfig, verify: bool = True) -> list[dict]:
+                  cfg: EvalConfig, verify: bool = True, every_kernel: bool = False) -> list[dict]:
     """Perplexity of each engine at each speedup on the same chunks (encoded with the first engine's tokenizer),
-    with the change against the first engine at the same speedup (e.g. int8 vs fp32)."""
+    with the change against the first engine at the same speedup (e.g. int8 vs fp32). `every_kernel`: a quantized
+    engine is evaluated once per kernel form that passed its parity check (runtime/kernels.py), since the forms
+    round activations differently (e.g. int8's `a4` and `dyn8`)."""
     from ..runtime.engine import Engine
+    from ..runtime.kernels import candidates, parity_passed
+    from ..runtime.manifest import load_manifest
     from .corpus import read_documents
 
     docs = read_documents(data)
     rows, chunks = [], None
     for directory in engines:
-        with Engine.load(directory, max_batch=8, verify=verify) as engine:
-            if chunks is None:
-                chunks = eval_chunks(engine.codec.tokenizer, docs, cfg)
-            for s in speedups:
-                ppl = backend_perplexity(engine.backend, chunks, cfg.prompt_length, None if s == 1 else s)
+        man = load_manifest(directory)
+        forms = [c.name for c in candidates(man) if parity_passed(man, c)] if every_kernel and man.quantization \
+            else ["exported"]
+        for form in forms:
+            with Engine.load(directory, max_batch=8, verify=verify, kernel=form) as engine:
+                if chunks is None:
+                    chunks = eval_chunks(engine.codec.tokenizer, docs, cfg)
                 scheme = engine.manifest.quantization.get("scheme", engine.manifest.dtype)
-                rows.append({"engine": str(directory), "weights": scheme, "speedup": s, "perplexity": ppl})
+                kernel = engine.kernel_choice.name if engine.kernel_choice is not None else None
+                for s in speedups:
+                    ppl = backend_perplexity(engine.backend, chunks, cfg.prompt_length, None if s == 1 else s)
+                    rows.append({"engine": str(directory), "weights": scheme, "kernel": kernel, "speedup": s,
+                                 "perplexity": ppl})
     for r in rows:
         base = next(b for b in rows if b["speedup"] == r["speedup"])
         r["vs_first_engine"] = r["perplexity"] / base["perplexity"] - 1
