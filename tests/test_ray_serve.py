@@ -36,6 +36,7 @@ from skipdecode.serve.protocol import ServerLimits, parse_completion  # noqa: E4
 from .serving_fakes import mixed_bodies  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
+HEADER_TIMEOUT = 2.0  # the local instance's proxy closes a request head not complete by then
 
 
 
@@ -161,6 +162,88 @@ def test_proxy_middleware_turns_a_lost_replica_into_the_servers_error_shapes():
     assert len(run_asgi(ray_serve.ReplicaLossMiddleware(complete))) == 2  # untouched
 
 
+def test_health_answers_503_by_its_deadline_when_no_replica_answers():
+    async def never(scope, receive, send):  # every replica dead: Ray's proxy keeps waiting for one
+        await asyncio.sleep(30)
+
+    async def slow_generation(scope, receive, send):
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    t0 = time.monotonic()
+    start, body = run_asgi(ray_serve.HealthDeadlineMiddleware(never, timeout_s=0.3), path="/health")
+    assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"]
+    assert json.loads(body["body"])["status"] == "unavailable" and time.monotonic() - t0 < 5
+    # a live replica's answer passes; other routes are never cut by the health deadline
+    ok = run_asgi(ray_serve.HealthDeadlineMiddleware(slow_generation, timeout_s=2.0), path="/health")
+    assert ok[0]["status"] == 200
+    assert run_asgi(ray_serve.HealthDeadlineMiddleware(slow_generation, timeout_s=0.1), path="/v1/completions"
+                    )[0]["status"] == 200
+
+
+def test_proxy_limits_travel_in_one_environment_variable():
+    cfg = ServeConfig(header_timeout=2.5, max_connections=9, max_client_connections=3, health_timeout=1.5)
+    back = ray_serve.proxy_config(ray_serve.proxy_limits(cfg))
+    assert (back.header_timeout, back.max_connections, back.max_client_connections, back.health_timeout) == \
+        (2.5, 9, 3, 1.5)
+    assert ray_serve.proxy_config(None).header_timeout == ServeConfig().header_timeout
+    for bad, match in (("{", "not JSON"), ('{"engine": "x"}', "keys among"),
+                       ('{"header_timeout": -1}', "header_timeout")):
+        with pytest.raises(InputError, match=match):
+            ray_serve.proxy_config(bad)
+
+
+def _half_sent_head_lives(port: int, seconds: float) -> float | None:
+    """Open a connection, send half a request head; -> seconds until the server closed it, None if still open."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        t0 = time.monotonic()
+        try:
+            while sock.recv(1024):
+                pass
+            return time.monotonic() - t0
+        except TimeoutError:
+            return None
+
+
+def test_the_proxy_guard_gives_uvicorns_default_protocol_the_header_timeout(monkeypatch):
+    """What the callback does in Ray's proxy process, on a plain uvicorn server built as Ray builds its proxy's (the
+    default "auto" protocol): a half-sent request head is closed at the header timeout; without the guard it stays
+    open (negative control)."""
+    import threading
+
+    import uvicorn
+    import uvicorn.config
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    def serve_once(check):
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                               lifespan="off"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return check(port)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+    monkeypatch.setitem(uvicorn.config.HTTP_PROTOCOLS, "auto", uvicorn.config.HTTP_PROTOCOLS["auto"])
+    assert serve_once(lambda port: _half_sent_head_lives(port, 1.5)) is None  # uvicorn alone: held open
+    ray_serve.guard_proxy_connections(ServeConfig(header_timeout=0.5))
+    closed = serve_once(lambda port: _half_sent_head_lives(port, 5.0))
+    assert closed is not None and closed < 3.0
+
+
 # -- a local Ray instance: 2 replicas ------------------------------------------------------------------------------
 def children_of() -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
@@ -222,7 +305,8 @@ def cluster(tiny_engine):
         pytest.skip("the process checks read /proc (Linux)")
     before = descendants(os.getpid())
     saved = dict(os.environ)
-    ray_serve.local_ray_environment(os.environ)  # the proxy middleware; inherited by the processes ray.init starts
+    # the proxy middleware and limits, inherited by the processes ray.init starts
+    ray_serve.local_ray_environment(os.environ, ServeConfig(header_timeout=HEADER_TIMEOUT))
     try:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  logging_level="error", object_store_memory=100 * 2**20)
@@ -326,6 +410,13 @@ def test_40_concurrent_requests_each_equal_a_solo_run(cluster):
     assert "skipdecode_requests_submitted_total" in httpx.get(cluster.url + "/metrics", timeout=10).text
     bad = httpx.post(cluster.url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": -1}, timeout=10)
     assert bad.status_code == 400 and "max_tokens=-1 is below the minimum 1" in bad.json()["error"]["message"]
+
+
+def test_rays_proxy_closes_a_half_sent_request_head_at_the_header_timeout(cluster):
+    port = int(cluster.url.rsplit(":", 1)[1])
+    closed = _half_sent_head_lives(port, HEADER_TIMEOUT + 20)
+    assert closed is not None and closed < HEADER_TIMEOUT + 5
+    assert httpx.get(cluster.url + "/health", timeout=30).status_code == 200  # whole heads still served
 
 
 def test_backpressure_reaches_the_client_as_503_with_retry_after(cluster):

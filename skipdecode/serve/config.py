@@ -24,8 +24,8 @@ from skipdecode.runtime.errors import InputError, check_bool, check_choice, chec
 
 API_KEY_ENV = "SKIPDECODE_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-RAY_GROUP = ("scale-out on Ray Serve (pip install -e .[ray]; --header-timeout and --max-connections do not apply: "
-             "Ray's proxy serves HTTP)")
+RAY_GROUP = ("scale-out on Ray Serve (pip install -e .[ray]; Ray's proxy serves HTTP, with --header-timeout, "
+             "--max-connections and --max-client-connections applied to it)")
 
 
 def option(default: Any = MISSING, help: str | None = None, *, group: str | None = None, lo: float | None = None,
@@ -121,6 +121,8 @@ class ServeConfig:
     retry_after: int = option(1, "Retry-After seconds on the 503s of Ray's proxy", group=RAY_GROUP, lo=0)
     health_check_period: float = option(10.0, "seconds between Ray's health checks of each replica",
                                         group=RAY_GROUP, above=0)
+    health_timeout: float = option(5.0, "seconds /health waits for a replica before the proxy answers 503 (every "
+                                   "replica dead or busy)", group=RAY_GROUP, above=0, process=True)
     ray_cpus: int | None = option(None, "CPUs of the local Ray instance (default: every core)", group=RAY_GROUP,
                                   lo=1, process=True)
     ray_start_timeout: float = option(300.0, "seconds for every replica to load its engine and report healthy",

@@ -169,11 +169,90 @@ class ReplicaLossMiddleware:
             pass
 
 
+class HealthDeadlineMiddleware:
+    """ASGI middleware for Ray Serve's HTTP proxy: `/health` answers within `timeout_s`. With every replica dead or
+    busy the proxy waits for one (~18 s measured before this) while a load balancer needs a prompt "no": if no
+    replica has started the answer by the deadline, the request is cancelled and the client gets a JSON 503 with
+    Retry-After, as a replica that is not ready answers."""
+
+    def __init__(self, app, timeout_s: float = 5.0) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/health":
+            return await self.app(scope, receive, send)
+        import asyncio
+
+        started = asyncio.Event()
+
+        async def watch(message) -> None:
+            if message["type"] == "http.response.start":
+                started.set()
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, watch))
+        waiter = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait({task, waiter}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if started.is_set() or task.done():
+            return await task
+        task.cancel()
+        body = json.dumps({"status": "unavailable", "detail": f"no replica answered within {self.timeout_s:g} s"})
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+# -- Ray's HTTP proxy: the same connection limits as `skipdecode serve` ------------------------------------------------
+# Ray's proxy runs its own uvicorn server with uvicorn's default protocol, which never closes a connection that
+# stops in the middle of its request head. The proxy callback below (Ray calls it in each proxy process before that
+# server starts) points uvicorn's "auto" protocol at `skipdecode serve`'s guarded one (serve/net.py): the header
+# timeout and the per-client and global connection limits, with the values `skipdecode serve --ray` passes in
+# $SKIPDECODE_PROXY_LIMITS (for a cluster: set it on `ray start`, see docs/scale-out.md; else the defaults).
+PROXY_LIMITS_ENV = "SKIPDECODE_PROXY_LIMITS"
+PROXY_LIMIT_FIELDS = ("header_timeout", "max_connections", "max_client_connections", "health_timeout")
+GuardedProxyProtocol = None  # the guarded protocol class, set in a proxy process by `guard_proxy_connections`
+
+
+def proxy_limits(config: ServeConfig) -> str:
+    """The value of $SKIPDECODE_PROXY_LIMITS for `config`."""
+    return json.dumps({k: getattr(config, k) for k in PROXY_LIMIT_FIELDS})
+
+
+def proxy_config(raw: str | None) -> ServeConfig:
+    """The proxy's limits from $SKIPDECODE_PROXY_LIMITS (validated as serve options are); defaults where unset."""
+    try:
+        values = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise InputError(f"${PROXY_LIMITS_ENV} is not JSON: {exc}") from None
+    if not isinstance(values, dict) or set(values) - set(PROXY_LIMIT_FIELDS):
+        raise InputError(f"${PROXY_LIMITS_ENV} must be an object with keys among {list(PROXY_LIMIT_FIELDS)}")
+    return ServeConfig(**values)
+
+
+def guard_proxy_connections(config: ServeConfig) -> type:
+    """In Ray's proxy process: make the guarded protocol of `config` uvicorn's default ("auto") HTTP protocol."""
+    import uvicorn.config
+
+    from skipdecode.serve.net import guarded_protocol
+
+    global GuardedProxyProtocol
+    GuardedProxyProtocol = guarded_protocol(config)
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedProxyProtocol"
+    return GuardedProxyProtocol
+
+
 def proxy_middlewares() -> list:
-    """The callback Ray Serve's proxy imports from RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH."""
+    """The callback Ray Serve's proxy imports from RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: the connection guard,
+    the health deadline and the replica-loss answers."""
     from starlette.middleware import Middleware
 
-    return [Middleware(ReplicaLossMiddleware)]
+    config = proxy_config(os.environ.get(PROXY_LIMITS_ENV))
+    guard_proxy_connections(config)
+    return [Middleware(ReplicaLossMiddleware), Middleware(HealthDeadlineMiddleware, timeout_s=config.health_timeout)]
 
 
 # -- `skipdecode serve --ray` ---------------------------------------------------------------------------------------
@@ -219,12 +298,15 @@ def check_local_capacity(config: ServeConfig, cpus: float) -> None:
                          "--replica-cpus, or join a cluster with --address")
 
 
-def local_ray_environment(env) -> None:
+def local_ray_environment(env, config: ServeConfig | None = None) -> None:
     """Environment a local Ray instance's processes inherit (set before `ray.init` starts them): the proxy's
-    middleware; no usage reporting (Ray's default today, pinned so a machine without network never tries); and
-    30 s instead of 5 s for the proxy to report ready, since on a small, busy machine (2 cores, replicas loading)
-    the controller otherwise kills a proxy that is merely slow to start (seen at a load of 4 on 2 cores)."""
+    middleware and connection limits (`config`'s); no usage reporting (Ray's default today, pinned so a machine
+    without network never tries); and 30 s instead of 5 s for the proxy to report ready, since on a small, busy
+    machine (2 cores, replicas loading) the controller otherwise kills a proxy that is merely slow to start (seen
+    at a load of 4 on 2 cores)."""
     env.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    if config is not None:
+        env[PROXY_LIMITS_ENV] = proxy_limits(config)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
@@ -248,7 +330,7 @@ def run(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         if local:
-            local_ray_environment(os.environ)
+            local_ray_environment(os.environ, config)
             ray.init(address="local", num_cpus=config.ray_cpus, include_dashboard=False, logging_level="warning")
         else:
             try:
