@@ -2,9 +2,10 @@
 while the float verify graphs check, so the output is still float full depth's.
 
 Checked here: what the manifest says drafts and what verifies, greedy token identity with float full depth on both
-OPT styles and the skip-tuned model, which requests draft with which weights, the K/V the drafts write being
-replaced by the float verify pass, old (version 3) engines, the export options, and negative controls: corrupted
-drafts change the acceptance but not the output, and before the verify pass the drafted K/V is the int8 graph's.
+OPT styles, the skip-tuned model and the bandwidth-bound small model, which requests draft with which weights, the
+K/V the drafts write being replaced by the float verify pass, old (version 3) engines, the export options, and
+negative controls: corrupted drafts change the acceptance but not the output, and before the verify pass the drafted
+K/V is the int8 graph's.
 Sampling with int8 drafts against the exact full-depth distribution: tests/test_lossless.py (chi-square).
 """
 
@@ -295,3 +296,36 @@ def test_the_drafts_benchmark_script_reports_every_setting(kjv_engine, monkeypat
         assert 0 < r["acceptance"] < 1 and 1 < r["tokens_per_round"] <= 5 and r["rounds"] > 0
     assert not hasattr(kjv_engine.backend, "__dict__") or "verify_rows" not in vars(kjv_engine.backend)
     assert len(table(rows)) == 2 + 3 + 1 + 2 + 3
+
+
+SMALL = "models/small-opt-kjv/skip-tuned"
+
+
+@pytest.fixture(scope="module")
+def small_engine(tmp_path_factory):
+    """The bandwidth-bound embedded model (hidden 384), exported as a plain export does (int8 drafts included)."""
+    from pathlib import Path
+    if not (Path(SMALL) / "model.safetensors").is_file():
+        pytest.skip(f"{SMALL} is not in this checkout (`make small-model` trains it)")
+    out = tmp_path_factory.mktemp("small") / "small"
+    export(ExportConfig(model=SMALL, out=out, speedups=(3.0,), max_batch=4, max_length=96), progress=False)
+    with Engine.load(out) as engine:
+        yield engine
+
+
+def test_int8_drafts_on_the_small_model_keep_full_depth_and_the_check_can_fail(small_engine, monkeypatch):
+    """Greedy int8-draft / fp32-verify rounds equal fp32 full depth on the bandwidth-bound model, with drafts both
+    accepted and rejected; negative control: accepting every draft unchecked changes the output."""
+    prompts = [small_engine.encode(t) for t in KJV_PROMPTS]
+    calls = DraftCalls(small_engine.backend, monkeypatch)
+    full = [g.tokens for g in small_engine.generate(prompts, GenerateOptions(max_new_tokens=40))]
+    fast = small_engine.generate(prompts, GenerateOptions(max_new_tokens=40, lossless=True, draft_tokens=4))
+    assert [g.tokens for g in fast] == full
+    assert all(0 < g.accepted / g.drafted < 1 for g in fast) and calls.quantized > 0 and calls.float == 0
+
+    def accept_all(drafts, probs, p, sampler):
+        return Acceptance(tuple(drafts), int(np.argmax(p[len(drafts)])), True)
+
+    monkeypatch.setattr(batcher_module, "speculative_accept", accept_all)
+    unchecked = small_engine.generate(prompts, GenerateOptions(max_new_tokens=40, lossless=True, draft_tokens=4))
+    assert [g.tokens for g in unchecked] != full

@@ -28,7 +28,9 @@ def test_small_card_names_its_own_target_and_paths(tmp_path):
     card = render(small)
     assert card.startswith("# small-opt-kjv\n")
     assert "make small-model" in card and "corpus -> pretrain ->" in card
-    assert "EVAL_MODEL=models/small-opt-kjv/skip-tuned EVAL_BASE=models/small-opt-kjv/pretrained" in card
+    # its untuned base's weights are not committed: the commands point at the build tree, the table says so
+    assert "EVAL_MODEL=models/small-opt-kjv/skip-tuned EVAL_BASE=build/small-opt-kjv/pretrained #" in card
+    assert "config and training record only" in card
     assert "the tiny model's (`tiny-opt-kjv`)" in card and str(tmp_path) not in card
     assert "23% of them" in card  # LM head share: 8192 x 192 of 6.96 M parameters
 

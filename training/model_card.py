@@ -23,6 +23,7 @@ class Purpose:
     tokenizer: str  # where its tokenizer comes from
     sizing: str  # how its size and training length were chosen
     target: str  # the make target that rebuilds it
+    base_committed: bool = True  # the untuned base's weights are in the repository (else only its record)
 
 
 PURPOSES = {
@@ -38,10 +39,12 @@ PURPOSES = {
             "checkpoints; the tiny model's\nstep is mostly session overhead.",
         tokenizer="the tiny model's (`tiny-opt-kjv`), a byte-level BPE\ntrained on the training split (`tokenizers`): "
                   "a small vocabulary keeps the LM head a small share of the weights",
-        sizing="Steps chosen for ~2-2.5 h of an idle 2-core CPU: ~4.5 s per step of 16 x 128 tokens (~8 CPU-s,\n"
-               "3.5x the tiny model's FLOPs), 1200 pretraining + 500 skip-tuning steps = 1700 x 4.5 s ~ 2.1 h, plus "
-               "the\nheld-out losses and this report. Learning rates scale the tiny model's as 1 / width.",
-        target="small-model"),
+        sizing="Steps chosen for ~1.5 h of an idle 2-core CPU: 3.1 s per step of 16 x 128 tokens (3.5x the tiny\n"
+               "model's FLOPs), 1000 pretraining + 500 skip-tuning steps, plus the held-out losses and this report.\n"
+               "Learning rates scale the tiny model's as 1 / width. Only the skip-tuned weights are committed (one\n"
+               "~49 MiB copy); `pretrained/` holds the base's config and training record, and `make small-model`\n"
+               "rebuilds its weights under build/.",
+        target="small-model", base_committed=False),
 }
 
 
@@ -80,13 +83,18 @@ def _sizing(cfg: dict, params: int) -> str:
             f"{100 * head / params:.0f}% of them")
 
 
+def _base_dir(name: str, purpose: Purpose) -> str:
+    """Where the untuned base's weights are: committed, or (too large to commit twice) in the build tree."""
+    return f"models/{name}/pretrained" if purpose.base_committed else f"build/{name}/pretrained"
+
+
 def _commands(name: str, purpose: Purpose) -> str:
     phases = "corpus -> tokenizer -> pretrain" if purpose.target == "tiny-model" else "corpus -> pretrain"
     # `make eval` reports on the default (tiny) model unless told which
-    which = "" if name == DEFAULT else f" EVAL_MODEL=models/{name}/skip-tuned EVAL_BASE=models/{name}/pretrained"
+    which = "" if name == DEFAULT else f" EVAL_MODEL=models/{name}/skip-tuned EVAL_BASE={_base_dir(name, purpose)}"
     return (f"make install\n"
             f"make {purpose.target:<18}# {phases} -> skip-tune -> report -> this card\n"
-            f"{'make eval' + which:<23}# the quality report again, into build/quality/")
+            f"{'make eval' + which:<22} # the quality report again, into build/quality/")
 
 
 def render(model_dir: Path) -> str:
@@ -104,6 +112,9 @@ def render(model_dir: Path) -> str:
     n_eval = r0["scored_tokens"] // (r0["seq_len"] - r0["prompt_length"])
     steps = pre["steps"] + tuned["steps"]
     per_step = (pre["wall_time_s"] + tuned["wall_time_s"]) / steps
+    train_rows = pre.get("train_rows", pre.get("train_chunks"))  # the key's older name
+    base_note = "" if purpose.base_committed else \
+        f" (config and training record only; `make {purpose.target}` rebuilds the weights in build/)"
     return f"""# {name}
 
 A {cfg['num_hidden_layers']}-layer OPT-architecture model trained from scratch on the King James Bible with this
@@ -112,7 +123,7 @@ it writes KJV-flavoured text and knows nothing else.
 
 | checkpoint | what |
 |---|---|
-| `pretrained/` | full-depth pretraining (speedup 1 only): the untuned base of the ablation |
+| `pretrained/` | full-depth pretraining (speedup 1 only): the untuned base of the ablation{base_note} |
 | `skip-tuned/` | `pretrained/` fine-tuned with the SkipDecode layer sets (speedups drawn per batch) |
 | `heldout.txt` | the first held-out chapters (~80 KB), for evaluation on a fresh clone |
 | `quality.json`, `quality.md`, `quality.png` | the quality report below |
@@ -121,7 +132,7 @@ it writes KJV-flavoured text and knows nothing else.
 
 Authorized King James Version (1611), from the Debian package `bible-kjv` (`bible -f Gen1:1-Rev22:21`).
 The text is in the public domain. One document per chapter; every 20th chapter (5%, {held}) is held out;
-training uses the other {pre['train_chunks']} chunks. The KJV repeats itself (Kings/Chronicles, the gospels),
+training uses the other {train_rows} chunks. The KJV repeats itself (Kings/Chronicles, the gospels),
 so held-out numbers compare models and schedules; they do not measure generalisation beyond this text.
 
 ## Model and tokenizer
