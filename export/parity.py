@@ -163,19 +163,8 @@ def check_parity(directory: Path, model, steps_per_bucket: int = 2, seed: int = 
         draft_model = dequantized_model(model, directory, man.weights, man.drafts["quantization"])
         report.update(_draft_parity(directory, man, model, draft_model, steps_per_bucket, seed))
     if man.quantization:
-        # inside the engine directory: same file system (weights.bin is hard-linked, not copied), removed with it
-        with tempfile.TemporaryDirectory(prefix=".exact-", dir=directory) as tmp:
-            exact = _parity_rounds(exact_copy(directory, man, Path(tmp) / directory.name), man, model, None,
-                                   TOLERANCES["exact"], steps_per_bucket, seed, prepack=EXACT_PREPACK)
-        report.update({f"exact.{k}": v for k, v in exact.items()})
-        rounding = fast_path_rounding(model, man.quantization)
-        try:
-            fast = _parity_rounds(directory, man, model, rounding, tolerances(man), steps_per_bucket, seed)
-        finally:
-            if rounding is not None:
-                rounding.remove()
-        _widen(fast, tolerances(man)["logits"].rounding)
-        report.update(fast)
+        exact, fast = _quantized_checks(directory, man, model, man.quantization, steps_per_bucket, seed)
+        report.update({**{f"exact.{k}": v for k, v in exact.items()}, **fast})
         for form in man.quantization.get("kernels", ()):
             if form["parity"] == f"kernel.{form['name']}":
                 form_model = (form_models or {}).get(form["name"]) or \
@@ -194,11 +183,21 @@ def _draft_parity(directory: Path, man, model, draft_model, steps: int, seed: in
     """Lossless mode's quantized draft graphs, checked as the quantized graphs of an engine are ("exact.draft.*" on
     a copy computing in float32 from the dequantized weights, "draft.*" as users run them with the rounding bound);
     the reference prefills with `model` and drafts with `draft_model`, as the engine prefills with its float graph."""
-    info = man.drafts["quantization"]
+    exact, fast = _quantized_checks(directory, man, model, man.drafts["quantization"], steps, seed, draft_model)
+    return {**{f"exact.{k}": v for k, v in exact.items()}, **fast}
+
+
+def _quantized_checks(directory: Path, man, model, info: dict, steps: int, seed: int, draft_model=None
+                      ) -> tuple[dict, dict]:
+    """The two checks of quantized graphs (see the module docstring) -> (exact report, fast-path report): rounds on
+    a session-only float32 copy of the graphs at the float32 bound, then the graphs as users run them against the
+    same reference with `info`'s activation rounding emulated (on `draft_model`, the model the drafts follow, when
+    checking drafts), within the bound that rounding gives."""
+    # inside the engine directory: same file system (weights.bin is hard-linked, not copied), removed with it
     with tempfile.TemporaryDirectory(prefix=".exact-", dir=directory) as tmp:
         exact = _parity_rounds(exact_copy(directory, man, Path(tmp) / directory.name), man, model, None,
                                TOLERANCES["exact"], steps, seed, draft_model=draft_model, prepack=EXACT_PREPACK)
-    rounding = fast_path_rounding(draft_model, info)
+    rounding = fast_path_rounding(model if draft_model is None else draft_model, info)
     try:
         fast = _parity_rounds(directory, man, model, rounding, fast_tolerances(info), steps, seed,
                               draft_model=draft_model)
@@ -206,7 +205,7 @@ def _draft_parity(directory: Path, man, model, draft_model, steps: int, seed: in
         if rounding is not None:
             rounding.remove()
     _widen(fast, fast_tolerances(info)["logits"].rounding)
-    return {**{f"exact.{k}": v for k, v in exact.items()}, **fast}
+    return exact, fast
 
 
 def _kernel_form_parity(directory: Path, man, form: dict, form_model, steps: int, seed: int) -> dict:
@@ -214,20 +213,12 @@ def _kernel_form_parity(directory: Path, man, form: dict, form_model, steps: int
     engine is ("exact.kernel.<name>.*" on a float32 copy, "kernel.<name>.*" as users run it, with its rounding bound)
     against `form_model` (the engine's reference carrying the form's dequantized weights). The form runs from a copy
     of the engine whose manifest names its graphs (the weights file is hard-linked, not copied)."""
-    info, prefix = form["quantization"], form["parity"]
+    prefix = form["parity"]
     form_man = with_candidate(man, next(c for c in candidates(man) if c.name == form["name"]))
     with tempfile.TemporaryDirectory(prefix=".kernel-", dir=directory) as tmp:
         view = _linked_copy(directory, Path(tmp) / "form", {MANIFEST})  # a manifest of its own
         form_man.write(view)
-        exact = _parity_rounds(exact_copy(view, form_man, Path(tmp) / "exact"), form_man, form_model, None,
-                               TOLERANCES["exact"], steps, seed, prepack=EXACT_PREPACK)
-        rounding = fast_path_rounding(form_model, info)
-        try:
-            fast = _parity_rounds(view, form_man, form_model, rounding, fast_tolerances(info), steps, seed)
-        finally:
-            if rounding is not None:
-                rounding.remove()
-    _widen(fast, fast_tolerances(info)["logits"].rounding)
+        exact, fast = _quantized_checks(view, form_man, form_model, form["quantization"], steps, seed)
     return {**{f"exact.{prefix}.{k}": v for k, v in exact.items()}, **{f"{prefix}.{k}": v for k, v in fast.items()}}
 
 
