@@ -90,7 +90,8 @@ def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEn
     protos = {g.name: onnx.load(str(tmp / g.file), load_external_data=False) for g in graphs}
     weights = views(np.fromfile(tmp / WEIGHTS_FILE, dtype=np.uint8), index)  # in memory: the file is rewritten
     q_protos, q_weights, info = quantize_graphs(protos, weights, scheme)
-    new_index = write_weights(q_weights, tmp / WEIGHTS_FILE)
+    dyn8 = _dyn8_graphs(protos, weights, q_protos, q_weights) if "dyn8" in kernels else None
+    new_index = write_weights({**q_weights, **(dyn8[1] if dyn8 else {})}, tmp / WEIGHTS_FILE)  # one write
     out = []
     for g in graphs:
         model = q_protos[g.name]
@@ -102,9 +103,8 @@ def quantize_files(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEn
               "parity": "engine"}]
     if "a1" in kernels:
         forms.append(_a1_form(tmp, out))
-    if "dyn8" in kernels:
-        new_index, form = _dyn8_form(tmp, out, new_index, protos, weights, q_protos)
-        forms.append(form)
+    if dyn8:
+        forms.append(_dyn8_form(tmp, out, new_index, dyn8[0], dyn8[2]))
     info["kernels"] = forms
     return new_index, out, info
 
@@ -121,30 +121,33 @@ def _a1_form(tmp: Path, graphs: list[GraphSpec]) -> dict:
     return {"name": "a1", "files": files, "parity": "exact"}
 
 
-def _dyn8_form(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEntry], float_protos: dict,
-               float_weights: dict, q_protos: dict) -> tuple[dict[str, WeightEntry], dict]:
-    """`<graph>.dyn8.onnx`: every Linear of the float graphs as DynamicQuantizeMatMul over a second weight set
-    (7-bit per-column codes, tagged `.dyn8`) appended to weights.bin; the token lookup reads the engine's own
-    quantized table (`share_quantized_gather`), so no float embedding is kept. Only the chosen form's weights stay
-    resident (the runtime gives back the pages no loaded graph reads). Its parity part is "kernel.dyn8": checked at
-    export against a model carrying these weights, with the dyn8 rounding bound (export/parity.py)."""
+def _dyn8_graphs(float_protos: dict, float_weights: dict, q_protos: dict, q_weights: dict
+                 ) -> tuple[dict, dict, dict]:
+    """The dyn8 kernel form in memory: every Linear of the float graphs as DynamicQuantizeMatMul over a second
+    weight set (7-bit per-column codes, tagged `.dyn8`), its token lookup reading the engine's own quantized table
+    (`share_quantized_gather`), so no float embedding is kept. -> (graphs, the weights to add to `q_weights`, the
+    form's quantization info)."""
     d_protos, d_weights, d_info = quantize_graphs(float_protos, float_weights, "dyn8", tag=DYN8_TAG)
     for name, model in d_protos.items():
         share_quantized_gather(model, q_protos[name])
     read = {i for m in d_protos.values() for n in m.graph.node for i in n.input}
-    added = {n: a for n, a in d_weights.items() if n not in index and n in read}
-    current = views(np.fromfile(tmp / WEIGHTS_FILE, dtype=np.uint8), index)
-    new_index = write_weights({**current, **added}, tmp / WEIGHTS_FILE)
-    _check_unmoved(index, new_index, "the dyn8 kernel's weights")
+    return d_protos, {n: a for n, a in d_weights.items() if n not in q_weights and n in read}, d_info
+
+
+def _dyn8_form(tmp: Path, graphs: list[GraphSpec], index: dict[str, WeightEntry], d_protos: dict, d_info: dict
+               ) -> dict:
+    """`<graph>.dyn8.onnx` (`_dyn8_graphs`), pointed at `index` (its weights were written with the engine's).
+    Only the chosen form's weights stay resident (the runtime gives back the pages no loaded graph reads). Its
+    parity part is "kernel.dyn8": checked at export against a model carrying these weights, with the dyn8 rounding
+    bound (export/parity.py)."""
     files, used = {}, {}
     for g in graphs:
         model = d_protos[g.name]
-        used[g.name] = attach_external(model, new_index)
+        used[g.name] = attach_external(model, index)
         model.ir_version = IR_VERSION
         files[g.name] = g.file.removesuffix(".onnx") + ".dyn8.onnx"
         onnx.save(model, str(tmp / files[g.name]))
-    return new_index, {"name": "dyn8", "files": files, "parity": "kernel.dyn8", "weights": used,
-                       "quantization": d_info}
+    return {"name": "dyn8", "files": files, "parity": "kernel.dyn8", "weights": used, "quantization": d_info}
 
 
 def _check_unmoved(index: dict[str, WeightEntry], new_index: dict[str, WeightEntry], what: str) -> None:
