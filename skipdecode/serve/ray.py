@@ -25,6 +25,7 @@ Ray is imported by this module only: the rest of the package works without it (`
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -175,14 +176,12 @@ class HealthDeadlineMiddleware:
     replica has started the answer by the deadline, the request is cancelled and the client gets a JSON 503 with
     Retry-After, as a replica that is not ready answers."""
 
-    def __init__(self, app, timeout_s: float = 5.0) -> None:
+    def __init__(self, app, timeout_s: float) -> None:  # the serve option --health-timeout
         self.app, self.timeout_s = app, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("path") != "/health":
             return await self.app(scope, receive, send)
-        import asyncio
-
         started = asyncio.Event()
 
         async def watch(message) -> None:
