@@ -32,8 +32,10 @@ SCHEMES = (("onnxruntime", "fp32"), ("onnxruntime-int8", "int8"), ("onnxruntime-
 # machine a difference of two ~equal medians is rarely below that, so a zero-growth attention would fail on noise.
 # Lossless mode: >= 1.5 x full-depth tokens/s at batch 1 on the embedded skip-tuned model (the default backend), and
 # greedy tokens identical to full depth in every lossless row
-LOSSLESS_SPEEDUP = 1.5
-LOSSLESS_AT = ("embedded", "onnxruntime", 1)
+LOSSLESS_SPEEDUP = 1.5  # automatic lossless mode at batch 1, fp32 verification, on the bandwidth-bound model
+LOSSLESS_AT = ("small-opt-kjv", "onnxruntime", 1)
+# at batch 8 automatic lossless mode must not be slower than full depth; below 1.0 by this much is the runs' noise
+LOSSLESS_BATCH_NOISE = 0.93
 # The small embedded model is sized to be bound by weight reads: its batch-1 full-depth step (default backend) takes
 # at most 1 / 0.8 of the time that reading its weights at the measured bandwidth takes (the tiny one's step is
 # mostly session overhead, so it has no such target)
@@ -133,9 +135,14 @@ def evaluate_targets(out: dict) -> dict:
     for r in out.get("lossless", []):
         checks.append(_check("lossless tokens identical to full depth", float(r["identical"]), 1.0, r["identical"],
                              model=r["model"], backend=r["backend"], batch=r["batch"]))
-        if (r["model"], r["backend"], r["batch"]) == LOSSLESS_AT and r["draft_tokens"] == 0:  # the default mode
+        automatic = r["draft_tokens"] == 0 and not r["draft_speedup"]  # what --lossless does by itself
+        if automatic and (r["model"], r["backend"], r["batch"]) == LOSSLESS_AT:
             checks.append(_check(f"lossless >= {LOSSLESS_SPEEDUP:g} x full-depth tokens/s", r["speedup"],
                                  LOSSLESS_SPEEDUP, r["speedup"] >= LOSSLESS_SPEEDUP, model=r["model"],
+                                 backend=r["backend"], batch=r["batch"]))
+        if automatic and r["batch"] > 1:
+            checks.append(_check("automatic lossless not slower than full depth (within noise)", r["speedup"],
+                                 LOSSLESS_BATCH_NOISE, r["speedup"] >= LOSSLESS_BATCH_NOISE, model=r["model"],
                                  backend=r["backend"], batch=r["batch"]))
     return {"all_met": all(c["met"] for c in checks), "checks": checks}
 
@@ -325,13 +332,15 @@ def _lossless_lines(rows: list[dict]) -> list[str]:
     lines = ["", "## Lossless mode", "",
              "Self-speculative decoding: a shallow bucket drafts, the verify graph checks at full depth. `speedup` is "
              "the decode-time ratio to full depth on the same backend in the same rounds; `identical`: the greedy "
-             "tokens equal full depth's. Draft tokens `auto` is the default (4 per round, drafting only in steps "
-             "with one lossless row: a batch of lossless rows decodes at full depth).", "",
-             "| model | backend | batch | draft | draft tokens | tokens/s | speedup | end to end | acceptance | "
-             "identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens equal full depth's. `automatic` is what `--lossless` does without further options: the "
+             "engine's drafting policy, measured at export (docs/lossless.md), drafting only in steps with one "
+             "lossless row (a batch of lossless rows decodes at full depth).", "",
+             "| model | backend | batch | drafting | tokens/s | speedup | end to end | acceptance | "
+             "identical |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['draft_speedup']:g}x | "
-                     f"{r['draft_tokens'] or 'auto'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
+        drafting = r.get("drafting") or f"{r['draft_tokens'] or 'auto'} tokens from {r['draft_speedup']:g}x"
+        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {drafting} | "
+                     f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
                      f"{r['e2e_speedup']:.2f} | "
                      f"{r['acceptance_rate']:.2f} | {'yes' if r['identical'] else '**no**'} |")
     return lines

@@ -89,9 +89,10 @@ class BenchConfig:
     weight_gbps: float | None = None  # measured at the start of a run (env.memory_read_gbps)
     # lossless mode rows: (draft speedup, draft tokens) pairs, timed in the same rounds as the speedups, on these
     # backends (greedy: their tokens are checked against the same round's full-depth run; int8 engines are exact
-    # only up to MatMulNBits' rounding, docs/DESIGN.md §8, so they are not in the default). Draft tokens 0: the
-    # automatic default (4 tokens, drafting only in steps with one lossless row).
-    lossless: tuple[tuple[float, int], ...] = ((3.0, 0), (3.0, 4))
+    # only up to MatMulNBits' rounding, docs/DESIGN.md §8, so they are not in the default). Draft speedup 0: the
+    # engine's automatic policy's depth; draft tokens 0: its automatic drafting (the manifest's `lossless` policy,
+    # measured at export; automatic requests draft only in steps with one lossless row).
+    lossless: tuple[tuple[float, int], ...] = ((0.0, 0), (3.0, 4))
     lossless_backends: tuple[str, ...] = ("onnxruntime",)
     # quantized engines' kernel path (runtime/kernels.py): auto = the fastest that passed parity on this machine
     kernel: str = "auto"
@@ -113,7 +114,7 @@ class BenchConfig:
         if self.max_new_tokens < 2 or self.repeats < 1 or min(self.speedups, default=2) < 1:
             raise ValueError("max_new_tokens >= 2, repeats >= 1 and speedups >= 1 are required")
         for ds, k in self.lossless:  # names a bad value
-            GenerateOptions(max_new_tokens=2, lossless=True, draft_speedup=ds, draft_tokens=k or None)
+            GenerateOptions(max_new_tokens=2, lossless=True, draft_speedup=ds or None, draft_tokens=k or None)
 
     @property
     def all_speedups(self) -> tuple[float, ...]:
@@ -305,8 +306,8 @@ def _bench_batch(engines: dict, name: str, batch: int, cfg: BenchConfig, log,
         if backend in cfg.lossless_backends:  # keyed (draft speedup, draft tokens)
             for ds, k in cfg.lossless:
                 runs[backend][(ds, k)] = _Runs()
-                options[backend][(ds, k)] = GenerateOptions(max_new_tokens=N, lossless=True, draft_speedup=ds,
-                                                            draft_tokens=k or None)
+                options[backend][(ds, k)] = GenerateOptions(max_new_tokens=N, lossless=True,
+                                                            draft_speedup=ds or None, draft_tokens=k or None)
     timers = [(b, b.runner(prompts, N), b.runner(prompts, 1), _Runs()) for b in baselines]
     for backend, engine in engines.items():  # warm-up: session caches, bindings per (bucket, rows)
         for s in runs[backend]:
@@ -326,8 +327,8 @@ def _bench_batch(engines: dict, name: str, batch: int, cfg: BenchConfig, log,
         be, (cm, buckets_s), full = engine.backend, cms[backend], runs[backend][1.0]
         for s, r in runs[backend].items():
             if isinstance(s, tuple):
-                lossless.append(_lossless_row(name, backend, batch, s, r, full, N))
-                log(f"[{name} {backend} b{batch}] lossless (draft {s[0]:g}x, {s[1]} tokens): "
+                lossless.append(_lossless_row(name, backend, batch, s, r, full, N, be.draft_policy))
+                log(f"[{name} {backend} b{batch}] lossless (draft {_draft_name(s, be.draft_policy)}): "
                     f"{lossless[-1]['tokens_per_s']:.1f} tok/s, {lossless[-1]['speedup']:.2f}x full depth, "
                     f"acceptance {lossless[-1]['acceptance_rate']:.2f}, identical tokens {lossless[-1]['identical']}")
                 continue
@@ -355,11 +356,23 @@ def _bench_batch(engines: dict, name: str, batch: int, cfg: BenchConfig, log,
     return rows, entries, lossless
 
 
-def _lossless_row(model: str, backend: str, batch: int, key: tuple[float, int], r: _Runs, full: _Runs, N: int
-                  ) -> dict:
+def _draft_name(key: tuple[float, int], policy) -> str:
+    """How a lossless row drafts, in words: "4 tokens from 3x", or the engine's automatic policy."""
+    speedup = f"{key[0]:g}x" if key[0] else f"{policy.draft_speedup:g}x"
+    if key[1]:
+        return f"{key[1]} tokens from {speedup}"
+    if not policy.tokens:
+        return "automatic: the engine's policy drafts nothing (full-depth steps)"
+    stop = f", a round ends below {policy.stop_below:g}" if policy.stop_below is not None else ""
+    return f"automatic: {policy.tokens} tokens from {speedup}{stop}"
+
+
+def _lossless_row(model: str, backend: str, batch: int, key: tuple[float, int], r: _Runs, full: _Runs, N: int,
+                  policy) -> dict:
     """Lossless mode next to full depth on the same backend, paired by round (drift cancels)."""
     decode = statistics.median(r.decode)
     return {"model": model, "backend": backend, "batch": batch, "draft_speedup": key[0], "draft_tokens": key[1],
+            "drafting": _draft_name(key, policy), "policy": policy.as_dict(),
             "max_new_tokens": N, "tokens_per_s": batch * (N - 1) / decode,
             "speedup": statistics.median(f / d for f, d in zip(full.decode, r.decode, strict=True)),
             "e2e_speedup": statistics.median(f / d for f, d in zip(full.total, r.total, strict=True)),

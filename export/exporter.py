@@ -22,6 +22,7 @@ from ..runtime.integrity import hash_files
 from ..runtime.manifest import MAX_BATCH, WEIGHTS_FILE, GraphSpec, Manifest
 from ..runtime.request import DEFAULT_DRAFT_SPEEDUP, draft_bucket
 from ..runtime.schedule import layers_for_budget, solve_budgets
+from ..runtime.speculative import DraftPolicy
 from .graphs import DecodeGraph, PrefillGraph, VerifyGraph
 from .models import OPTShape, load_model
 from .onnx_export import attach_weights, prepacked_weights, trace, write_weights
@@ -60,6 +61,10 @@ class ExportConfig:
     # CPUs without VNNI run faster at batch 8); "none"; or a list of "a1" (MatMulNBits accuracy level 1: 8-24x
     # slower on an AVX2-only CPU, so never by default) and "dyn8" (docs/quantization.md)
     kernel_candidates: str = "auto"
+    # lossless mode's automatic drafting policy (runtime/speculative.py `DraftPolicy`): "measure" (default) times
+    # candidates on the exported float engine and records the fastest (export/lossless_tune.py); "default" records
+    # none (the runtime's fixed defaults); or "TOKENS:SPEEDUP[:STOP]" records that one
+    lossless_policy: str = "measure"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -74,6 +79,8 @@ class ExportConfig:
         check_int("warmup_layers", self.warmup_layers, lo=0, error=ScheduleError)
         if not isinstance(self.drafts, str) or not self.drafts:
             raise EngineError(f"drafts={self.drafts!r} must be 'auto', 'none' or a quantization scheme such as 'int8'")
+        if self.lossless_policy not in ("measure", "default"):
+            DraftPolicy.parse(self.lossless_policy)  # refused before any tracing
 
 
 def bucket_budgets(num_layers: int, cfg: ExportConfig) -> tuple[int, ...]:
@@ -198,8 +205,33 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
                                                                               man.quantization)
         man = replace(man, parity=check_parity(target.tmp, reference), attention_reason=reason)
         man.write(target.tmp)
+        man = _lossless_policy(cfg, man, target.tmp, progress)
         _backend_checks(cfg, man, target.tmp, progress)
         target.commit()
+    return man
+
+
+def _lossless_policy(cfg: ExportConfig, man: Manifest, tmp: Path, progress: bool) -> Manifest:
+    """Record lossless mode's automatic drafting policy (ExportConfig.lossless_policy). Measured only where the
+    timing means something for the engine's users: float engines for onnxruntime on the CPU (quantized engines
+    refuse lossless mode; TensorRT engines run on a GPU)."""
+    if cfg.lossless_policy == "default":
+        return man
+    if cfg.lossless_policy != "measure":
+        policy = DraftPolicy.parse(cfg.lossless_policy).as_dict() | {"measured": {"set": "--lossless-policy"}}
+    elif man.quantization or cfg.backend != "onnxruntime":
+        return man
+    else:
+        from .lossless_tune import tune
+        log = (lambda m: print(f"export: {m}", file=sys.stderr)) if progress else (lambda _: None)
+        policy = tune(tmp, log=log)
+        if progress:
+            what = (f"{policy['draft_tokens']} tokens from {policy['draft_speedup']:g}x, stop "
+                    f"{policy['stop_below']}" if policy["draft_tokens"] else "no automatic drafting (it did not "
+                    "pay on this machine)")
+            print(f"export: lossless policy: {what}", file=sys.stderr)
+    man = replace(man, lossless=policy)
+    man.write(tmp)
     return man
 
 
@@ -208,7 +240,8 @@ def _backend_checks(cfg: ExportConfig, man: Manifest, tmp: Path, progress: bool)
     TensorRT plans are built from the finished graphs and compared with onnxruntime CPU through polygraphy."""
     if cfg.dtype == "fp16":
         from .fp16_parity import check_fp16_export
-        check_fp16_export(replace(cfg, dtype="fp32", backend="onnxruntime", drafts="none"), tmp, progress)
+        check_fp16_export(replace(cfg, dtype="fp32", backend="onnxruntime", drafts="none", lossless_policy="default"),
+                          tmp, progress)
     if cfg.backend == "tensorrt":
         from .polygraphy_check import check_backend_parity
         from .tensorrt_build import TrtBuildConfig, build_plans

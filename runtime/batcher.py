@@ -28,7 +28,6 @@ from .errors import InputError
 from .logprobs import token_logprob
 from .profiling import step_range
 from .request import (
-    DEFAULT_DRAFT_TOKENS,
     FinishEvent,
     GenerateOptions,
     TokenEvent,
@@ -80,12 +79,13 @@ def prepare_request(request_id: int, prompt: Sequence[int], opts: GenerateOption
     if opts.lossless:  # the schedule above is full depth (GenerateOptions refuses a SkipDecode one)
         if backend.lossless_refusal:
             raise InputError(backend.lossless_refusal)
-        auto = opts.draft_tokens is None
-        bucket = draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup)
-        draft = Draft(bucket, opts.draft_tokens or DEFAULT_DRAFT_TOKENS, auto=auto,
+        auto, policy = opts.draft_tokens is None, backend.draft_policy
+        bucket = draft_bucket(backend.num_layers, backend.buckets, opts.draft_speedup or policy.draft_speedup)
+        draft = Draft(bucket, policy.tokens if auto else opts.draft_tokens, auto=auto,
                       shared=auto and opts.sampling.greedy,
                       quantized=draft_quantized(bucket, backend.draft_buckets, opts.draft_weights,
-                                                opts.sampling.greedy))
+                                                opts.sampling.greedy),
+                      stop_below=policy.stop_below if auto else None)
     return Request(request_id, tuple(int(t) for t in prompt), opts, SeqSpec(request_id, p, buckets, draft))
 
 
@@ -123,13 +123,6 @@ class _RowDraft:
     tokens: list[int] = field(default_factory=list)
     probs: list[np.ndarray] = field(default_factory=list)
     broken: bool = False
-
-
-# Lossless drafting stops early for a row whose draft gives its token less than this probability (the draft's own
-# softmax): such a token is often rejected, and every draft built on it is wasted. Measured on the embedded model at
-# batch 1 (greedy, draft 3x): 6 drafts per round went from 0.82x to 1.03x full depth and the accepted share of
-# drafted tokens from 0.39 to 0.74; 4 drafts stayed within noise (1.01x vs 0.98x).
-DRAFT_STOP_BELOW = 0.6
 
 
 @lru_cache(maxsize=4096)
@@ -259,8 +252,8 @@ class Batcher:
     def _draft(self, rows: tuple[SpecRow, ...], seqs: list[_Sequence], work: int) -> tuple[list[_RowDraft], int]:
         """row.drafts tokens per row from its draft bucket: calls of the deepest draft bucket among the rows still
         drafting, shallower rows gated (one call for the rows drafting with quantized weights, one for the others).
-        A row drafting automatically stops early at a token its draft gives less than DRAFT_STOP_BELOW
-        probability."""
+        A row drafting automatically stops early at a token its draft gives less than its policy's `stop_below`
+        probability (such a token is often rejected, and every draft built on it is wasted)."""
         slots = [r.slot for r in rows]
         drafts = [_RowDraft() for _ in rows]
         feed = np.array([s.next_token for s in seqs], dtype=np.int64)
@@ -299,7 +292,7 @@ class Batcher:
                 confidence = float(draft.probs[-1].max())
             draft.tokens.append(d)
             feed[j] = d
-            if rows[j].stop_when_unsure and confidence < DRAFT_STOP_BELOW:  # later drafts build on a likely miss
+            if rows[j].stop_below is not None and confidence < rows[j].stop_below:  # later drafts: a likely miss
                 limit[j] = i + 1
         return work
 

@@ -33,6 +33,13 @@ def integer(value: object, where: str, lo: int | None = None, hi: int | None = N
     return check_int(where, value, lo, hi, error=EngineError)
 
 
+def number(value: object, where: str) -> float:
+    """A JSON number (an integer or a float, never a boolean); its range is the caller's to check."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EngineError(f"{where} must be a number, got {_show(value)}")
+    return float(value)
+
+
 def text(value: object, where: str, choices: tuple[str, ...] | None = None) -> str:
     if not isinstance(value, str):
         raise EngineError(f"{where} must be a string, got {_show(value)}")

@@ -19,6 +19,7 @@ from . import fields as F
 from .contract import ATTENTIONS, TensorSpec
 from .errors import EngineError, ModelError
 from .manifest_check import check_files, check_manifest
+from .speculative import MAX_POLICY_TOKENS, DraftPolicy
 
 FORMAT = "skipdecode-engine"
 # 2: ragged slot KV layout, past_length/gate inputs, `attention` flavour; 3: `integrity` (content hashes of every
@@ -147,6 +148,10 @@ class Manifest:
     # {bucket (a string, JSON keys are): graph name}, "quantization": what `quantization` holds for a quantized
     # engine, for the draft graphs' weights}. Those graphs draft; "verify"/"verify_row" (float weights) verify.
     drafts: dict = field(default_factory=dict)
+    # lossless mode's automatic drafting policy, measured on this model at export (export/lossless_tune.py):
+    # {"draft_speedup", "draft_tokens", "stop_below", "measured": the timings it was chosen by}; {} (engines exported
+    # before it, or without measuring): the runtime's defaults (`DraftPolicy()`)
+    lossless: dict = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -171,6 +176,12 @@ class Manifest:
 
     def draft(self, budget: int) -> GraphSpec:
         return next(g for g in self.graphs if g.kind == "draft" and g.budget == budget)
+
+    @property
+    def draft_policy(self) -> DraftPolicy:
+        if not self.lossless:
+            return DraftPolicy()
+        return DraftPolicy(self.lossless["draft_speedup"], self.lossless["draft_tokens"], self.lossless["stop_below"])
 
     def without_drafts(self) -> Manifest:
         """The engine as a backend that does not run the quantized draft graphs sees it (lossless mode then drafts
@@ -262,6 +273,7 @@ def parse_manifest(raw: dict) -> Manifest:
         quantization=F.obj(raw.get("quantization", {}), f"{m}.quantization"),
         prepacked=tuple(F.text(x, f"{m}.prepacked") for x in F.seq(raw.get("prepacked", []), f"{m}.prepacked")),
         drafts=_drafts(raw.get("drafts", {}), f"{m}.drafts"),
+        lossless=_lossless(raw.get("lossless", {}), f"{m}.lossless"),
         format_version=raw.get("format_version", FORMAT_VERSION))
 
 
@@ -329,6 +341,17 @@ def _drafts(raw: object, where: str) -> dict:
         F.text(name, f"{where}.graphs[{key!r}]")
     return {"scheme": F.text(F.need(d, "scheme", where), f"{where}.scheme"), "graphs": dict(graphs),
             "quantization": F.obj(F.need(d, "quantization", where), f"{where}.quantization")}
+
+
+def _lossless(raw: object, where: str) -> dict:
+    d = F.obj(raw, where)
+    if not d:
+        return {}
+    stop = d.get("stop_below")
+    policy = DraftPolicy(F.number(F.need(d, "draft_speedup", where), f"{where}.draft_speedup"),
+                         F.integer(F.need(d, "draft_tokens", where), f"{where}.draft_tokens", 0, MAX_POLICY_TOKENS),
+                         None if stop is None else F.number(stop, f"{where}.stop_below"))
+    return policy.as_dict() | {"measured": F.obj(d.get("measured", {}), f"{where}.measured")}
 
 
 def _integrity(raw: object, where: str) -> dict:

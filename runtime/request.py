@@ -17,6 +17,7 @@ from .logprobs import MAX_LOGPROBS, TokenLogprob
 from .sampling import SamplingParams
 from .schedule import Schedule, schedule_for
 from .slot_backend import MAX_VERIFY_TOKENS
+from .speculative import DEFAULT_DRAFT_SPEEDUP
 
 DRAFT_WEIGHTS = ("quantized", "float")
 
@@ -37,7 +38,7 @@ class GenerateOptions:
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k most likely alternatives
     # Lossless mode (self-speculative decoding): the output is full-depth decoding's (greedy: the same tokens;
     # sampling: the same distribution); a shallow bucket drafts `draft_tokens` tokens per round and one full-depth
-    # pass checks them. None picks the measured defaults (DEFAULT_DRAFT_SPEEDUP, DEFAULT_DRAFT_TOKENS).
+    # pass checks them. None picks the engine's automatic policy (`DraftPolicy`: measured on the model at export).
     lossless: bool = False
     draft_speedup: float | None = None  # the draft bucket: the smallest exported one with >= num_layers / this
     draft_tokens: int | None = None
@@ -141,11 +142,6 @@ class Generation:
                 self.logprobs.append(event.logprob)
         else:
             self.finish_reason, self.drafted, self.accepted = event.reason, event.drafted, event.accepted
-
-
-# Lossless defaults, measured on the embedded skip-tuned model (docs/DESIGN.md, "Lossless mode").
-DEFAULT_DRAFT_SPEEDUP = 3.0
-DEFAULT_DRAFT_TOKENS = 4
 
 
 def draft_bucket(num_layers: int, buckets: Sequence[int], draft_speedup: float | None) -> int:

@@ -62,6 +62,7 @@ class Draft:
     auto: bool = True
     shared: bool = False
     quantized: bool = False  # draft with the bucket's quantized draft graph (the engine's int8/int4 copy)
+    stop_below: float | None = None  # automatic drafting: a round ends at a draft token below this probability
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class SpecRow:
     draft_bucket: int
     drafts: int
     step: int
-    stop_when_unsure: bool = True  # automatic drafting: the round ends at a draft token below the confidence cut
+    stop_below: float | None = None  # the round ends at a draft token its draft gives less (None: never early)
     quantized: bool = False  # drafts with the quantized draft graph of draft_bucket
 
 
@@ -300,8 +301,8 @@ class Scheduler:
                                                                  and r.step >= r.resume_at))
             drafts = min(draft.tokens, len(r.spec.buckets) - r.step - 1) if drafting else 0
             if drafts > 0:
-                spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step, draft.auto,
-                                    draft.quantized))
+                spec.append(SpecRow(r.spec.request_id, r.slot, column, draft.bucket, drafts, r.step,
+                                    draft.stop_below if draft.auto else None, draft.quantized))
             else:
                 rows.append(DecodeRow(r.spec.request_id, r.slot, column, r.spec.buckets[r.step], r.step))
         admits, prefills = self._prefill_work()

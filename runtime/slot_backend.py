@@ -48,6 +48,7 @@ from . import contract as C
 from .errors import EngineError, InputError, check_int
 from .kv import KVCache, SlotTable
 from .manifest import GraphSpec, Manifest
+from .speculative import DraftPolicy
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +111,8 @@ class SlotBackend:
     # since a draft step reads fewer weight bytes; the verify pass stays on the float weights, so the output is still
     # full depth's.
     draft_buckets: tuple[int, ...] = ()
+    # How lossless requests draft when they ask for nothing in particular (an engine's comes from its manifest)
+    draft_policy: DraftPolicy = DraftPolicy()
 
     @property
     def has_verify(self) -> bool:
@@ -295,6 +298,7 @@ class GraphBackend(SlotBackend):
         self._specs = {b: man.decode(b) for b in self.buckets}  # looked up every step
         self._draft_specs = {b: man.draft(b) for b in man.draft_buckets}
         self.draft_buckets = man.draft_buckets
+        self.draft_policy = man.draft_policy
         if man.quantization:
             self.lossless_refusal = (f"lossless decoding is not exact on this {man.quantization.get('scheme')} "
                                      "engine (its verify pass rounds activations differently from one-token "

@@ -22,7 +22,58 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import EngineError, InputError, check_int
 from .sampling import Sampler
+
+# What the manifest's `lossless` section holds for engines exported before the export measured it, and for backends
+# without a manifest: 4 tokens from the 3x bucket, a round ending at a draft token below 0.6 probability (chosen on
+# the embedded model, docs/DESIGN.md §9).
+DEFAULT_DRAFT_SPEEDUP = 3.0
+DEFAULT_DRAFT_TOKENS = 4
+DEFAULT_STOP_BELOW = 0.6
+MAX_POLICY_TOKENS = 15  # a round verifies the fed token and its drafts in one call of at most 16 columns
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    """How a lossless request drafts when it asks for nothing in particular (an engine property: the export times
+    candidate policies on the model and records the fastest, export/lossless_tune.py).
+
+    `tokens` drafts per round from the bucket of `draft_speedup`; a round ends early at a draft token its draft gives
+    less than `stop_below` probability (None: never early). `tokens` 0: drafting did not pay on this engine when it
+    was measured, so automatic requests decode at full depth (the same output; an explicit `draft_tokens` still
+    drafts). Every choice here only picks between exact ways to full depth's output."""
+
+    draft_speedup: float = DEFAULT_DRAFT_SPEEDUP
+    tokens: int = DEFAULT_DRAFT_TOKENS
+    stop_below: float | None = DEFAULT_STOP_BELOW
+
+    def __post_init__(self) -> None:
+        if isinstance(self.draft_speedup, bool) or not isinstance(self.draft_speedup, (int, float)) \
+                or not 1.0 < self.draft_speedup <= 1000:
+            raise EngineError(f"lossless draft_speedup={self.draft_speedup!r} must be a number in (1, 1000]")
+        check_int("lossless draft_tokens", self.tokens, lo=0, hi=MAX_POLICY_TOKENS, error=EngineError)
+        if self.stop_below is not None and (isinstance(self.stop_below, bool)
+                                            or not isinstance(self.stop_below, (int, float))
+                                            or not 0.0 < self.stop_below < 1.0):
+            raise EngineError(f"lossless stop_below={self.stop_below!r} must be null or a probability in (0, 1)")
+
+    def as_dict(self) -> dict:
+        return {"draft_speedup": float(self.draft_speedup), "draft_tokens": self.tokens,
+                "stop_below": self.stop_below}
+
+    @classmethod
+    def parse(cls, text: str) -> DraftPolicy:
+        """`TOKENS:SPEEDUP[:STOP]` (`skipdecode export --lossless-policy 4:3`, `4:3:0.6`); InputError otherwise."""
+        parts = text.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            return cls(float(parts[1]), int(parts[0]), float(parts[2]) if len(parts) == 3 else None)
+        except (ValueError, EngineError) as exc:
+            detail = f": {exc}" if isinstance(exc, EngineError) else ""
+            raise InputError(f"lossless policy {text!r} is not TOKENS:SPEEDUP[:STOP] (e.g. 4:3 or 4:3:0.6){detail}"
+                             ) from None
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="ctranslate2-int8,ctranslate2-fp32 (default both; the peers extra installs ctranslate2)")
     p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 peers")
     p.add_argument("--lossless", type=_lossless_pairs,
-                   help="lossless rows as DRAFT_SPEEDUP:DRAFT_TOKENS pairs, e.g. 3:4,5:6; 0 draft tokens = the "
-                        "automatic default (default 3:0,3:4)")
+                   help="lossless rows as DRAFT_SPEEDUP:DRAFT_TOKENS pairs, e.g. 3:4,5:6, or auto (the engine's "
+                        "automatic policy, measured at export); 0 draft tokens = automatic drafting at that depth "
+                        "(default auto,3:4)")
     p.add_argument("--no-lossless", action="store_true", help="skip the lossless-mode rows")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     p.add_argument("--kernel", help="quantized engines' kernel path: auto (default), measure, exported, a4, a1")
@@ -54,7 +55,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _lossless_pairs(text: str) -> tuple[tuple[float, int], ...]:
     try:
-        pairs = tuple((float(a), int(b)) for a, b in (item.split(":") for item in text.split(",")))
+        pairs = tuple((0.0, 0) if item == "auto" else (float(item.split(":")[0]), int(item.split(":")[1]))
+                      for item in text.split(","))
+        if any(len(item.split(":")) != 2 for item in text.split(",") if item != "auto"):
+            raise ValueError(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: expected DRAFT_SPEEDUP:DRAFT_TOKENS pairs like 3:4,5:6") from exc
     return pairs

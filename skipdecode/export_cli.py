@@ -45,6 +45,12 @@ def add_export_parsers(sub: argparse._SubParsersAction) -> None:
                         "measures and chooses between per machine. auto (default): dyn8 for int8 engines (a second "
                         "7-bit weight set, about +1 byte per weight on disk, fastest at batch 8 on CPUs without "
                         "VNNI); none; or a list of a1,dyn8 (docs/quantization.md)")
+    p.add_argument("--lossless-policy", default="measure", metavar="POLICY",
+                   help="how --lossless drafts when a request asks for nothing in particular. measure (default): "
+                        "time candidate policies on the exported model (a few seconds to a minute) and record the "
+                        "fastest, or none where drafting does not pay; default: the runtime's fixed policy (4 tokens "
+                        "from the 3x bucket, a round ending at a draft token below 0.6); or TOKENS:SPEEDUP[:STOP], "
+                        "e.g. 4:3 (docs/lossless.md)")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-progress", action="store_true")
 
@@ -59,7 +65,8 @@ def cmd_export(args) -> int:
     cfg = ExportConfig(model=args.model, out=args.out, speedups=args.speedups, budgets=args.budgets,
                        warmup_layers=args.warmup_layers, max_length=args.max_length, max_batch=args.max_batch,
                        dtype=args.dtype, attention=args.attention, backend=args.backend, trt=trt, force=args.force,
-                       quantize=args.quantize, kernel_candidates=args.kernel_candidates, drafts=args.drafts)
+                       quantize=args.quantize, kernel_candidates=args.kernel_candidates, drafts=args.drafts,
+                       lossless_policy=args.lossless_policy)
     man = export(cfg, progress=not args.no_progress)
     print_summary(args.out, man)
     return 0

@@ -21,8 +21,8 @@ TIERS = {
              "schedule", "scheduler", "speculative"),
     "integration": ("bench", "chunked_prefill", "cli", "concurrency", "ct2_peer", "demo", "engine", "engine_source",
                     "export_options", "export_safety", "finetune", "gpu", "integrity", "kernels", "lm_eval_harness",
-                    "logprobs", "lossless", "lossless_drafts", "ort_capi", "polygraphy", "quality", "quantize",
-                    "quantize_export", "reference", "scoring_service", "slots", "weights_after_load"),
+                    "logprobs", "lossless", "lossless_drafts", "lossless_policy", "ort_capi", "polygraphy", "quality",
+                    "quantize", "quantize_export", "reference", "scoring_service", "slots", "weights_after_load"),
     "system": ("finetune_scale", "openai_client", "ray_serve", "serve_drain", "server_hardening", "service_exit",
                "serving"),
 }
@@ -69,7 +69,8 @@ def engine_dir(tiny_checkpoint, tmp_path_factory):
     from skipdecode.export.exporter import ExportConfig, export
     style, ckpt = tiny_checkpoint
     out = tmp_path_factory.mktemp("engines") / style
-    export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0, 3.0, 5.0), max_batch=4), progress=False)
+    export(ExportConfig(lossless_policy="default",
+                        model=str(ckpt), out=out, speedups=(2.0, 3.0, 5.0), max_batch=4), progress=False)
     return style, ckpt, out
 
 
@@ -80,7 +81,8 @@ def tiny_engine(tmp_path_factory):
     from skipdecode.export.random_models import build_random_opt
     root = tmp_path_factory.mktemp("ray-engine")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
-    export(ExportConfig(model=str(root / "ckpt"), out=root / "tiny", speedups=(2.0, 3.0), max_batch=4),
+    export(ExportConfig(lossless_policy="default",
+                        model=str(root / "ckpt"), out=root / "tiny", speedups=(2.0, 3.0), max_batch=4),
            progress=False)
     return root / "tiny"
 
@@ -95,7 +97,8 @@ def kjv_engine_dir(tmp_path_factory):
     random-weight models mostly reject."""
     from skipdecode.export.exporter import ExportConfig, export
     out = tmp_path_factory.mktemp("lossless") / "kjv"
-    export(ExportConfig(model=EMBEDDED, out=out, speedups=(2.0, 3.0, 5.0), max_batch=4, max_length=96),
+    export(ExportConfig(lossless_policy="default",
+                        model=EMBEDDED, out=out, speedups=(2.0, 3.0, 5.0), max_batch=4, max_length=96),
            progress=False)
     return out
 

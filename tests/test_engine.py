@@ -90,7 +90,7 @@ def test_graphs_share_one_weights_file(engine_dir):
 def test_sparse_buckets_never_run_fewer_layers(tiny_checkpoint, tmp_path):
     _, ckpt = tiny_checkpoint
     out = tmp_path / "sparse"
-    export(ExportConfig(model=str(ckpt), out=out, budgets=(2, 4)), progress=False)
+    export(ExportConfig(lossless_policy="default", model=str(ckpt), out=out, budgets=(2, 4)), progress=False)
     engine = Engine.load(out)
     assert engine.manifest.buckets == (2, 4, 6)
     res = engine.generate(PROMPTS, GenerateOptions(max_new_tokens=20, speedup=3.0))
@@ -111,7 +111,7 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
 
     monkeypatch.setattr(exporter, "check_parity", broken)
     with pytest.raises(EngineError, match="injected"):
-        export(ExportConfig(model=str(ckpt), out=tmp_path / "e"), progress=False)
+        export(ExportConfig(lossless_policy="default", model=str(ckpt), out=tmp_path / "e"), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -120,7 +120,7 @@ def test_parity_check_can_fail(tiny_checkpoint, tmp_path):
     from skipdecode.export.parity import ParityError, check_parity
     style, ckpt = tiny_checkpoint
     out = tmp_path / "e"
-    export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0,)), progress=False)
+    export(ExportConfig(lossless_policy="default", model=str(ckpt), out=out, speedups=(2.0,)), progress=False)
     other = build_random_opt(style, seed=1, init_std=0.15)
     with pytest.raises(ParityError, match="prefill.logits"):
         check_parity(out, other)

@@ -37,7 +37,8 @@ def no_tracing(monkeypatch):
 
 def test_head_size_12_exports_with_matmul_by_default(head12_checkpoint, tmp_path, capsys):
     out = tmp_path / "e"
-    assert main(["export", "--model", str(head12_checkpoint), "--out", str(out), "--speedups", "2"]) == 0
+    assert main(["export", "--model", str(head12_checkpoint), "--out", str(out), "--speedups", "2",
+                 "--lossless-policy", "default"]) == 0
     captured = capsys.readouterr()
     reason = "auto: head size 12 is not a multiple of 8, which GroupQueryAttention needs"
     assert f"attention matmul ({reason})" in captured.out  # the summary
@@ -53,7 +54,8 @@ def test_head_size_12_exports_with_matmul_by_default(head12_checkpoint, tmp_path
 def test_explicit_gqa_with_head_size_12_is_refused_before_tracing(head12_checkpoint, tmp_path, no_tracing):
     with pytest.raises(EngineError, match="attention='gqa' needs a head size that is a multiple of 8 .* head size "
                                           "is 12"):
-        export(ExportConfig(model=str(head12_checkpoint), out=tmp_path / "e", speedups=(2.0,), attention="gqa"),
+        export(ExportConfig(lossless_policy="default",
+                            model=str(head12_checkpoint), out=tmp_path / "e", speedups=(2.0,), attention="gqa"),
                progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -79,7 +81,8 @@ def test_parity_plan_fits_every_window_and_covers_every_bucket(max_length, n_buc
 @pytest.mark.parametrize("max_length", [2, 5])
 def test_short_kv_window_exports_and_checks_every_bucket(tiny_checkpoint, tmp_path, max_length):
     out = tmp_path / "e"
-    man = export(ExportConfig(model=str(tiny_checkpoint[1]), out=out, max_length=max_length), progress=False)
+    man = export(ExportConfig(lossless_policy="default",
+                              model=str(tiny_checkpoint[1]), out=out, max_length=max_length), progress=False)
     assert man.max_length == max_length and len(man.buckets) > 2
     assert {f"decode.{b}.logits" for b in man.buckets} <= set(man.parity)
     res = Engine.load(out).generate([[2]], GenerateOptions(max_new_tokens=max_length - 1, speedup=2.0))
@@ -88,15 +91,19 @@ def test_short_kv_window_exports_and_checks_every_bucket(tiny_checkpoint, tmp_pa
 
 def test_impossible_max_length_is_refused_before_tracing(tiny_checkpoint, tmp_path, no_tracing):
     with pytest.raises(SkipDecodeError, match="max_length=1 is below the minimum 2"):
-        export(ExportConfig(model=str(tiny_checkpoint[1]), out=tmp_path / "e", max_length=1), progress=False)
+        export(ExportConfig(lossless_policy="default",
+                            model=str(tiny_checkpoint[1]), out=tmp_path / "e", max_length=1), progress=False)
     with pytest.raises(SkipDecodeError, match="max_length=500 is above the maximum 128"):
-        export(ExportConfig(model=str(tiny_checkpoint[1]), out=tmp_path / "e", max_length=500), progress=False)
+        export(ExportConfig(lossless_policy="default",
+                            model=str(tiny_checkpoint[1]), out=tmp_path / "e", max_length=500), progress=False)
 
 
 def test_explicit_budgets_record_only_the_speedups_they_cover(tiny_checkpoint, tmp_path):
     _, ckpt = tiny_checkpoint
-    man = export(ExportConfig(model=str(ckpt), out=tmp_path / "e", budgets=(2,), max_batch=2), progress=False)
+    man = export(ExportConfig(lossless_policy="default",
+                              model=str(ckpt), out=tmp_path / "e", budgets=(2,), max_batch=2), progress=False)
     assert man.buckets == (2, man.num_layers)
     assert man.schedule_defaults["speedups"] == []  # the default 2, 3, 5 would need budgets that were not exported
-    full = exporter.schedule_defaults(man.num_layers, ExportConfig(model="m", out="o"), tuple(range(1, 13)))
+    full = exporter.schedule_defaults(man.num_layers, ExportConfig(lossless_policy="default",
+                                                                   model="m", out="o"), tuple(range(1, 13)))
     assert full["speedups"] == [2.0, 3.0, 5.0]  # every budget present: all recorded (the check can pass)

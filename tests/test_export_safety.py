@@ -26,7 +26,7 @@ def ckpt(tmp_path_factory):
 
 
 def cfg(ckpt, out, **kw) -> ExportConfig:
-    return ExportConfig(model=str(ckpt), out=out, speedups=(2.0,), **kw)
+    return ExportConfig(lossless_policy="default", model=str(ckpt), out=out, speedups=(2.0,), **kw)
 
 
 def dead_pid() -> int:
@@ -106,7 +106,8 @@ def rename(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst)
 target._rename = rename
-export(ExportConfig(model=sys.argv[1], out=Path(sys.argv[2]), speedups=(2.0,), force=True), progress=False)
+export(ExportConfig(lossless_policy="default",
+                    model=sys.argv[1], out=Path(sys.argv[2]), speedups=(2.0,), force=True), progress=False)
 """
 
 

@@ -161,7 +161,8 @@ def test_engine_rows_equal_their_solo_runs(tiny_checkpoint, tmp_path):
     from skipdecode.export.torch_generator import TorchGenerator
     from skipdecode.runtime.engine import Engine
     _, ckpt = tiny_checkpoint
-    export(ExportConfig(model=str(ckpt), out=tmp_path / "e", speedups=(2.0, 3.0), max_batch=4), progress=False)
+    export(ExportConfig(lossless_policy="default",
+                        model=str(ckpt), out=tmp_path / "e", speedups=(2.0, 3.0), max_batch=4), progress=False)
     opts = GenerateOptions(max_new_tokens=12, speedup=2.0, max_length=40,
                            sampling=SamplingParams(0.8, 20, 0.95, seed=5))
     prompts = [[2, 40, 41, 42, 43, 44, 45], [2] + list(range(50, 67))]

@@ -47,7 +47,8 @@ NO_TRT = "TensorRT is not installed (it comes from NVIDIA's index): see docs/GPU
 def matmul_engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
-    export(ExportConfig(model=str(root / "ckpt"), out=root / "engine", budgets=(2, 4), max_length=32, max_batch=4,
+    export(ExportConfig(lossless_policy="default",
+                        model=str(root / "ckpt"), out=root / "engine", budgets=(2, 4), max_length=32, max_batch=4,
                         attention="matmul"), progress=False)
     return root / "engine", load_manifest(root / "engine")
 
@@ -224,7 +225,8 @@ def test_tensorrt_without_package_is_an_error(matmul_engine):
 @pytest.fixture(scope="module")
 def gqa_engine(matmul_engine):
     root = matmul_engine[0].parent
-    export(ExportConfig(model=str(root / "ckpt"), out=root / "gqa", budgets=(2, 4), max_length=32, max_batch=4),
+    export(ExportConfig(lossless_policy="default",
+                        model=str(root / "ckpt"), out=root / "gqa", budgets=(2, 4), max_length=32, max_batch=4),
            progress=False)
     return root / "gqa", load_manifest(root / "gqa")
 
@@ -274,7 +276,8 @@ def test_cuda_backend_matches_cpu(tmp_path):
     from skipdecode.runtime.ort_backend import OrtBackend
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "engine"
-    export(ExportConfig(model=str(tmp_path / "ckpt"), out=out, budgets=(2, 4), max_length=32, max_batch=4,
+    export(ExportConfig(lossless_policy="default",
+                        model=str(tmp_path / "ckpt"), out=out, budgets=(2, 4), max_length=32, max_batch=4,
                         dtype="fp16"), progress=False)
     man = load_manifest(out)
     check_backend_parity(out, "cuda")

@@ -27,7 +27,8 @@ def int8_engine(tmp_path_factory):
     from skipdecode.export.random_models import build_random_opt
     root = tmp_path_factory.mktemp("kernels")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
-    export(ExportConfig(model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8",
+    export(ExportConfig(lossless_policy="default",
+                        model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8",
                         kernel_candidates="a1"),
            progress=False)
     return root / "int8"
@@ -39,7 +40,8 @@ def dyn8_engine(tmp_path_factory):
     from skipdecode.export.random_models import build_random_opt
     root = tmp_path_factory.mktemp("kernels-dyn8")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(root / "ckpt")
-    export(ExportConfig(model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8"),
+    export(ExportConfig(lossless_policy="default",
+                        model=str(root / "ckpt"), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8"),
            progress=False)
     return root / "int8"
 
@@ -377,7 +379,8 @@ def test_kernel_forms_on_a_float_export_are_refused_before_tracing(tmp_path):
     from skipdecode.export.random_models import build_random_opt
     build_random_opt("tiny-preln", seed=0).save_pretrained(tmp_path / "ckpt")
     with pytest.raises(EngineError, match="only quantized engines"):
-        export(ExportConfig(model=str(tmp_path / "ckpt"), out=tmp_path / "e", kernel_candidates="dyn8"),
+        export(ExportConfig(lossless_policy="default",
+                            model=str(tmp_path / "ckpt"), out=tmp_path / "e", kernel_candidates="dyn8"),
                progress=False)
     assert not (tmp_path / "e").exists()
 

@@ -191,7 +191,8 @@ def test_speculative_sampling_matches_the_full_depth_distribution(small_vocab, t
     chi-square p-value above 1e-3 (a correct sampler fails this 1 time in 1000). The negative control, the draft
     model's own sampling, must fail it."""
     small_vocab.save_pretrained(tmp_path / "ckpt")
-    export(ExportConfig(model=str(tmp_path / "ckpt"), out=tmp_path / "eng", speedups=(3.0,), max_batch=50,
+    export(ExportConfig(lossless_policy="default",
+                        model=str(tmp_path / "ckpt"), out=tmp_path / "eng", speedups=(3.0,), max_batch=50,
                        max_length=16), progress=False)
     engine = Engine.load(tmp_path / "eng")
     prompt = [2, 4, 3]
@@ -460,7 +461,8 @@ def test_lossless_on_a_quantized_engine_is_refused(tiny_checkpoint, tmp_path):
     """The int8 verify pass rounds activations differently from one-token steps: lossless decoding there would
     silently differ from the engine's own full depth, so it is a one-line input error instead."""
     _, ckpt = tiny_checkpoint
-    export(ExportConfig(model=str(ckpt), out=tmp_path / "int8", speedups=(2.0,), max_batch=2, quantize="int8"),
+    export(ExportConfig(lossless_policy="default",
+                        model=str(ckpt), out=tmp_path / "int8", speedups=(2.0,), max_batch=2, quantize="int8"),
            progress=False)
     with Engine.load(tmp_path / "int8") as engine:
         with pytest.raises(InputError, match="lossless decoding is not exact on this int8"):

@@ -199,7 +199,8 @@ def test_a_version_3_engine_still_loads_and_drafts_with_its_float_buckets(engine
     """What an exporter before quantized drafts wrote: no draft graphs, no `drafts`, format_version 3."""
     style, ckpt, out = engine_dir
     old = tmp_path / "v3"
-    man = export(ExportConfig(model=str(ckpt), out=old, speedups=(2.0, 3.0, 5.0), max_batch=4, drafts="none"),
+    man = export(ExportConfig(lossless_policy="default",
+                              model=str(ckpt), out=old, speedups=(2.0, 3.0, 5.0), max_batch=4, drafts="none"),
                  progress=False)
     assert not man.drafts and not man.draft_buckets
     # the float part of weights.bin is the same bytes, at the same offsets, as in the engine with drafts
@@ -245,15 +246,19 @@ def test_the_manifest_must_name_exactly_its_draft_graphs(engine_dir, tmp_path):
 def test_draft_options_at_export_and_per_request(tiny_checkpoint, tmp_path):
     _, ckpt = tiny_checkpoint
     with pytest.raises(EngineError, match="--drafts int8: the engine's own weights are quantized"):
-        export(ExportConfig(model=str(ckpt), out=tmp_path / "q", speedups=(2.0,), quantize="int8", drafts="int8"),
+        export(ExportConfig(lossless_policy="default",
+                            model=str(ckpt), out=tmp_path / "q", speedups=(2.0,), quantize="int8", drafts="int8"),
                progress=False)
     with pytest.raises(EngineError, match="--drafts int8: float16 engines"):
-        export(ExportConfig(model=str(ckpt), out=tmp_path / "h", speedups=(2.0,), dtype="fp16", drafts="int8"),
+        export(ExportConfig(lossless_policy="default",
+                            model=str(ckpt), out=tmp_path / "h", speedups=(2.0,), dtype="fp16", drafts="int8"),
                progress=False)
     with pytest.raises(EngineError, match="unknown quantization scheme"):
-        export(ExportConfig(model=str(ckpt), out=tmp_path / "x", speedups=(2.0,), drafts="int3"), progress=False)
+        export(ExportConfig(lossless_policy="default",
+                            model=str(ckpt), out=tmp_path / "x", speedups=(2.0,), drafts="int3"), progress=False)
     assert not (tmp_path / "q").exists() and not (tmp_path / "h").exists() and not (tmp_path / "x").exists()
-    man = export(ExportConfig(model=str(ckpt), out=tmp_path / "int4", speedups=(3.0,), max_batch=2, drafts="int4"),
+    man = export(ExportConfig(lossless_policy="default",
+                              model=str(ckpt), out=tmp_path / "int4", speedups=(3.0,), max_batch=2, drafts="int4"),
                  progress=False)
     assert man.drafts["scheme"].startswith("int4-b") and man.drafts["quantization"]["bits"] == 4
     with Engine.load(tmp_path / "int4") as engine:
@@ -308,7 +313,8 @@ def small_engine(tmp_path_factory):
     if not (Path(SMALL) / "model.safetensors").is_file():
         pytest.skip(f"{SMALL} is not in this checkout (`make small-model` trains it)")
     out = tmp_path_factory.mktemp("small") / "small"
-    export(ExportConfig(model=SMALL, out=out, speedups=(3.0,), max_batch=4, max_length=96), progress=False)
+    export(ExportConfig(lossless_policy="default",
+                        model=SMALL, out=out, speedups=(3.0,), max_batch=4, max_length=96), progress=False)
     with Engine.load(out) as engine:
         yield engine
 

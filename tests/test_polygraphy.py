@@ -30,7 +30,8 @@ def engines(tmp_path_factory):
     out = {}
     for key, dtype, attention in (("fp32", "fp32", "gqa"), ("fp16", "fp16", "gqa"), ("mm", "fp32", "matmul")):
         out[key] = root / key
-        export(ExportConfig(model=str(root / "ckpt"), out=out[key], budgets=(2,), max_length=32, max_batch=4,
+        export(ExportConfig(lossless_policy="default",
+                            model=str(root / "ckpt"), out=out[key], budgets=(2,), max_length=32, max_batch=4,
                             dtype=dtype, attention=attention), progress=False)
     return out
 

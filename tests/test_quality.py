@@ -163,7 +163,8 @@ def test_onnxruntime_engine_plugs_into_the_continuation_metrics(checkpoint, tmp_
     from skipdecode.runtime.engine import Engine
     from skipdecode.training.corpus import read_documents
     from skipdecode.training.quality import eval_chunks
-    export(ExportConfig(model=str(checkpoint / "model"), out=tmp_path / "engine", speedups=(2.0,), max_batch=4),
+    export(ExportConfig(lossless_policy="default",
+                        model=str(checkpoint / "model"), out=tmp_path / "engine", speedups=(2.0,), max_batch=4),
            progress=False)
     model, codec = load_model(str(checkpoint / "model"))
     cfg = EvalConfig(speedups=(1.0, 2.0), chunks=4, gen_prompts=3, prompt_length=8, seq_len=24, threads=1)

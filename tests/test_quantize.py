@@ -30,7 +30,7 @@ def engine(tiny_checkpoint, tmp_path_factory):
     """(graphs, weights, engine dir) of a tiny export: prefill, full depth, one 3-layer bucket."""
     style, ckpt = tiny_checkpoint
     out = tmp_path_factory.mktemp(f"q-{style}") / "engine"
-    export(ExportConfig(model=str(ckpt), out=out, budgets=(3,)), progress=False)
+    export(ExportConfig(lossless_policy="default", model=str(ckpt), out=out, budgets=(3,)), progress=False)
     graphs, weights = Q.load_engine_graphs(out)
     return graphs, {k: np.array(v) for k, v in weights.items()}, out
 

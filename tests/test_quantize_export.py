@@ -24,8 +24,10 @@ from .conftest import PROMPTS
 def engines(tiny_checkpoint, tmp_path_factory):
     _, ckpt = tiny_checkpoint
     root = tmp_path_factory.mktemp("quant")
-    float_man = export(ExportConfig(model=str(ckpt), out=root / "fp32", speedups=(2.0,), max_batch=4), progress=False)
-    int8_man = export(ExportConfig(model=str(ckpt), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8"),
+    float_man = export(ExportConfig(lossless_policy="default",
+                                    model=str(ckpt), out=root / "fp32", speedups=(2.0,), max_batch=4), progress=False)
+    int8_man = export(ExportConfig(lossless_policy="default",
+                                   model=str(ckpt), out=root / "int8", speedups=(2.0,), max_batch=4, quantize="int8"),
                       progress=False)
     return ckpt, root, float_man, int8_man
 
@@ -56,7 +58,8 @@ def _assert_both_checks(man) -> None:
 @pytest.mark.parametrize("scheme", ["int4", "dyn8"])
 def test_other_schemes_pass_both_checks(tiny_checkpoint, tmp_path, scheme):
     _, ckpt = tiny_checkpoint
-    man = export(ExportConfig(model=str(ckpt), out=tmp_path / scheme, speedups=(2.0,), max_batch=4, quantize=scheme),
+    man = export(ExportConfig(lossless_policy="default",
+                              model=str(ckpt), out=tmp_path / scheme, speedups=(2.0,), max_batch=4, quantize=scheme),
                  progress=False)
     assert man.quantization["scheme"].startswith(scheme)
     _assert_both_checks(man)
@@ -114,7 +117,9 @@ def test_negative_control_quantized_weights_fail_against_the_float_model(engines
 def test_bad_quantize_values_are_refused_before_tracing(tiny_checkpoint, tmp_path):
     _, ckpt = tiny_checkpoint
     with pytest.raises(EngineError, match="unknown quantization scheme 'int3'"):
-        export(ExportConfig(model=str(ckpt), out=tmp_path / "e", quantize="int3"), progress=False)
+        export(ExportConfig(lossless_policy="default",
+                            model=str(ckpt), out=tmp_path / "e", quantize="int3"), progress=False)
     with pytest.raises(EngineError, match="needs --dtype fp32"):
-        export(ExportConfig(model=str(ckpt), out=tmp_path / "e", quantize="int8", dtype="fp16"), progress=False)
+        export(ExportConfig(lossless_policy="default",
+                            model=str(ckpt), out=tmp_path / "e", quantize="int8", dtype="fp16"), progress=False)
     assert not (tmp_path / "e").exists()

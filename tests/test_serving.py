@@ -201,7 +201,8 @@ def engine_dir(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("serving-ckpt")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(ckpt)
     out = tmp_path_factory.mktemp("serving-engines") / "tiny"
-    export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0, 3.0), max_batch=8), progress=False)
+    export(ExportConfig(lossless_policy="default",
+                        model=str(ckpt), out=out, speedups=(2.0, 3.0), max_batch=8), progress=False)
     return out
 
 

@@ -22,7 +22,8 @@ def flavour_engine(request, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt")
     build_random_opt("tiny-preln", seed=0, init_std=0.15).save_pretrained(ckpt)
     out = tmp_path_factory.mktemp("engines") / request.param
-    export(ExportConfig(model=str(ckpt), out=out, speedups=(2.0, 3.0), max_batch=4, attention=request.param),
+    export(ExportConfig(lossless_policy="default",
+                        model=str(ckpt), out=out, speedups=(2.0, 3.0), max_batch=4, attention=request.param),
            progress=False)
     return request.param, ckpt, out
 
@@ -120,7 +121,8 @@ def test_slot_api_rejects_bad_input(flavour_engine, call, message):
 def test_fp16_export_passes_parity(tiny_checkpoint, tmp_path, attention):
     """fp16 graphs (both flavours) against the fp16 PyTorch reference; the export's parity check fails hard."""
     _, ckpt = tiny_checkpoint
-    man = export(ExportConfig(model=str(ckpt), out=tmp_path / "e", speedups=(2.0,), dtype="fp16",
+    man = export(ExportConfig(lossless_policy="default",
+                              model=str(ckpt), out=tmp_path / "e", speedups=(2.0,), dtype="fp16",
                               attention=attention), progress=False)
     assert man.dtype == "float16"
     assert 0 < max(v["max_abs_diff"] for v in man.parity.values()) < 2e-2
