@@ -31,6 +31,7 @@ from skipdecode.runtime.errors import InputError  # noqa: E402
 
 from skipdecode.serve import ray as ray_serve  # noqa: E402
 from skipdecode.serve.config import ServeConfig  # noqa: E402
+from skipdecode.serve.metrics import LATENCY_BUCKETS, merge, render  # noqa: E402
 from skipdecode.serve.protocol import ServerLimits, parse_completion  # noqa: E402
 
 from .serving_fakes import mixed_bodies  # noqa: E402
@@ -42,6 +43,44 @@ HEADER_TIMEOUT = 2.0  # the local instance's proxy closes a request head not com
 
 
 # -- settings and the proxy middleware (no Ray cluster) ----------------------------------------------------------
+def metric_values(text: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def snapshot(**service) -> dict:
+    base = {"submitted": 0, "rejected_overloaded": 0, "finished": {}, "generated_tokens": 0, "layers_executed": 0,
+            "decode_steps": 0, "decoded_rows": 0, "graph_row_layers": 0, "queue_depth": 0, "running": 0,
+            "last_batch_size": 0, "tokens_per_s": 0.0, "draft_tokens": 0, "accepted_draft_tokens": 0,
+            "prefill_tokens": 0}
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    counts[service.pop("latency_bucket", 0)] = service.get("submitted", 0)
+    return {"service": base | service, "invalid": 1, "gone": 0, "latency_counts": counts,
+            "latency_sum": 0.04 * service.get("submitted", 0), "replicas": 1}
+
+
+def test_merged_metrics_are_sums_and_ratios_of_sums():
+    a = snapshot(submitted=10, finished={"length": 9, "stop": 1}, generated_tokens=100, layers_executed=1200,
+                 decode_steps=10, decoded_rows=10, draft_tokens=40, accepted_draft_tokens=30, queue_depth=2)
+    b = snapshot(submitted=30, finished={"length": 30}, generated_tokens=300, layers_executed=1200,
+                 decode_steps=10, decoded_rows=70, draft_tokens=0, queue_depth=1, latency_bucket=3)
+    m = metric_values(render(merge([a, b]))[0].decode())
+    assert m[("skipdecode_requests_submitted_total", ())] == 40
+    assert m[("skipdecode_requests_finished_total", (("outcome", "length"),))] == 39
+    assert m[("skipdecode_requests_finished_total", (("outcome", "stop"),))] == 1
+    assert m[("skipdecode_requests_invalid_total", ())] == 2 and m[("skipdecode_replicas", ())] == 2
+    assert m[("skipdecode_queue_depth", ())] == 3
+    # ratios of the sums, not means of the replicas' ratios (those would be 4.0, 6.0 and 0.375)
+    assert m[("skipdecode_mean_batch_size", ())] == 4.0
+    assert m[("skipdecode_mean_layers_per_token", ())] == 6.0
+    assert m[("skipdecode_draft_acceptance_rate", ())] == 0.75
+    assert m[("skipdecode_request_seconds_count", ())] == 40
+    assert m[("skipdecode_request_seconds_bucket", (("le", "0.05"),))] == 10  # a's 10 in the first bucket
+    assert m[("skipdecode_request_seconds_bucket", (("le", "0.5"),))] == 40  # b's 30 in the fourth
+
+
+
 def test_settings_name_the_bad_value_and_the_limit(tiny_engine):
     engine = str(tiny_engine)
     with pytest.raises(InputError, match="replicas=0 is below the minimum 1"):
@@ -410,6 +449,56 @@ def test_40_concurrent_requests_each_equal_a_solo_run(cluster):
     assert "skipdecode_requests_submitted_total" in httpx.get(cluster.url + "/metrics", timeout=10).text
     bad = httpx.post(cluster.url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": -1}, timeout=10)
     assert bad.status_code == 400 and "max_tokens=-1 is below the minimum 1" in bad.json()["error"]["message"]
+
+
+def listening_ports() -> dict[int, str]:
+    """TCP ports in LISTEN state on this machine (IPv4) -> the address they are bound to (hex, as /proc has it)."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A":
+            ip, port = fields[1].split(":")
+            out[int(port, 16)] = ip
+    return out
+
+
+def test_rays_own_metrics_exporter_is_off_unless_asked_for(cluster):
+    """Ray serves its Prometheus metrics on every interface without authentication (it refuses to bind a node to
+    loopback), so the local instance of `serve --ray` starts none unless --ray-metrics asks for one."""
+    env: dict = {}
+    ray_serve.local_ray_environment(env, ServeConfig())
+    assert env[ray_serve.RAY_METRICS_ENV] == "0"
+    env = {}
+    ray_serve.local_ray_environment(env, ServeConfig(ray_metrics=True))
+    assert ray_serve.RAY_METRICS_ENV not in env
+    [node] = ray.nodes()  # the module's instance, started with the environment of a default ServeConfig
+    port = node["MetricsExportPort"]
+    assert port <= 0 or port not in listening_ports(), (port, listening_ports().get(port))
+
+
+def test_metrics_through_the_proxy_are_the_sum_over_every_replica(cluster):
+    """Whichever replica answers the scrape, /metrics through Ray's proxy counts every replica's requests; the
+    replicas' own shares are each below that sum (negative control: one replica's counters, what a scrape showed
+    before, would miss requests)."""
+    def settled():  # the other replica's snapshot is at most PUBLISH_PERIOD_S old
+        time.sleep(ray_serve.PUBLISH_PERIOD_S + 1)
+        return metric_values(httpx.get(cluster.url + "/metrics", timeout=10).text)
+
+    before = settled()
+    work = [{"prompt": [2, 5 + i], "max_tokens": 3} for i in range(30)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.wait_for(asyncio.gather(*[complete(client, cluster.url, b) for b in work]), 60)
+    results = asyncio.run(main())
+    assert all(r["status"] == 200 for r in results)
+    share = {name: sum(r["replica"] == name for r in results) for name in {r["replica"] for r in results}}
+    assert len(share) == 2 and all(0 < n < 30 for n in share.values()), share
+    after = settled()
+    key = ("skipdecode_requests_submitted_total", ())
+    assert after[key] - before[key] == 30, (before[key], after[key], share)
+    assert after[("skipdecode_request_seconds_count", ())] - before[("skipdecode_request_seconds_count", ())] == 30
+    assert after[("skipdecode_replicas", ())] == 2
 
 
 def test_rays_proxy_closes_a_half_sent_request_head_at_the_header_timeout(cluster):

@@ -37,13 +37,11 @@ import asyncio
 import hmac
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from itertools import count
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -70,6 +68,7 @@ from skipdecode.runtime.request import FinishEvent, TokenEvent
 from skipdecode.runtime.service import RequestHandle, Service
 from skipdecode.serve import protocol as P
 from skipdecode.serve.config import ServeConfig
+from skipdecode.serve.metrics import RequestCounters, Snapshot, render
 from skipdecode.serve.net import allowed_hosts, host_name
 from skipdecode.serve.protocol import CompletionRequest, Prefix, ServerLimits, TextStream
 
@@ -113,49 +112,6 @@ class Guard:
         return None
 
 
-class ServiceCollector:
-    """Prometheus view of `Service.stats()`, read at scrape time (no per-token metric updates on hot paths)."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-
-    def collect(self):
-        s = self.service.stats()
-        done = CounterMetricFamily("skipdecode_requests_finished", "Finished requests by outcome", labels=["outcome"])
-        for outcome, n in sorted(s.finished.items()):
-            done.add_metric([outcome], n)
-        yield done
-        yield CounterMetricFamily("skipdecode_requests_submitted", "Requests accepted", value=s.submitted)
-        yield CounterMetricFamily("skipdecode_requests_overloaded", "Requests refused: queue full",
-                                  value=s.rejected_overloaded)
-        yield CounterMetricFamily("skipdecode_generated_tokens", "Tokens generated", value=s.generated_tokens)
-        yield CounterMetricFamily("skipdecode_prefill_tokens", "Prompt tokens prefilled (long prompts in chunks of "
-                                  "at most --max-prefill-tokens per step)", value=s.prefill_tokens)
-        yield CounterMetricFamily("skipdecode_layers_executed", "Decoder layers run, summed over generated tokens",
-                                  value=s.layers_executed)
-        yield GaugeMetricFamily("skipdecode_tokens_per_second", "Tokens generated per second (trailing window)",
-                                value=s.tokens_per_s)
-        yield GaugeMetricFamily("skipdecode_queue_depth", "Requests waiting for admission", value=s.queue_depth)
-        yield GaugeMetricFamily("skipdecode_running_requests", "Requests holding a KV slot", value=s.running)
-        yield GaugeMetricFamily("skipdecode_batch_size", "Rows in the last decode step", value=s.last_batch_size)
-        yield GaugeMetricFamily("skipdecode_mean_batch_size", "Mean rows per decode step",
-                                value=s.decoded_rows / s.decode_steps if s.decode_steps else 0.0)
-        yield GaugeMetricFamily("skipdecode_mean_layers_per_token", "Mean decoder layers executed per token",
-                                value=s.mean_layers_per_token)
-        yield CounterMetricFamily("skipdecode_draft_tokens", "Lossless mode: tokens drafted by the shallow graphs",
-                                  value=s.draft_tokens)
-        yield CounterMetricFamily("skipdecode_accepted_draft_tokens",
-                                  "Lossless mode: drafted tokens the full-depth verifier accepted",
-                                  value=s.accepted_draft_tokens)
-        yield GaugeMetricFamily("skipdecode_draft_acceptance_rate",
-                                "Lossless mode: accepted / drafted tokens since start (0 before any draft)",
-                                value=s.accepted_draft_tokens / s.draft_tokens if s.draft_tokens else 0.0)
-        yield GaugeMetricFamily("skipdecode_graph_layers_per_row",
-                                "Mean graph layers per decoded row (> layers per token when shallow rows are gated "
-                                "inside a deeper graph)",
-                                value=s.graph_row_layers / s.decoded_rows if s.decoded_rows else 0.0)
-
-
 class CompletionsApp:
     """Request handlers bound to one engine, one service and the server's options. The service is owned by the
     caller."""
@@ -168,14 +124,10 @@ class CompletionsApp:
         self._echo_ids = count()
         # JSON, validation, tokenizing and detokenizing: off the event loop, never more than this many at once
         self.pool = ThreadPoolExecutor(text_threads, thread_name_prefix="skipdecode-text")
-        self.registry = CollectorRegistry()
-        self.registry.register(ServiceCollector(service))
-        self.invalid = Counter("skipdecode_requests_invalid", "Requests refused as invalid (4xx)",
-                               registry=self.registry)
-        self.gone = Counter("skipdecode_client_disconnects_before_body", "Clients that hung up before sending their "
-                            "whole request body (nothing was submitted for them)", registry=self.registry)
-        self.latency = Histogram("skipdecode_request_seconds", "Time from submit to the last token",
-                                 registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.counters = RequestCounters()
+        # what /metrics shows: this server's own snapshot; a Ray replica replaces it with the sum over every
+        # replica's (skipdecode/serve/ray.py), so a scrape through Ray's proxy sees the whole application
+        self.metrics_snapshot: Callable[[], Awaitable[Snapshot]] = self._own_snapshot
 
     def starlette(self) -> Guard:
         @asynccontextmanager
@@ -197,7 +149,7 @@ class CompletionsApp:
                         exception_handlers={HTTPException: self.http_error, Exception: self.server_error},
                         lifespan=lifespan)
         return Guard(app, self.config.api_key, allowed_hosts(self.config.host, self.config.allowed_hosts),
-                     on_refusal=lambda exc: self.invalid.inc())
+                     on_refusal=lambda exc: self.counters.refused())
 
     # -- small routes -------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -206,8 +158,16 @@ class CompletionsApp:
         return JSONResponse({"status": "ok" if ok else "shutting down", "queue_depth": s.queue_depth,
                              "running": s.running}, status_code=200 if ok else 503)
 
+    def snapshot(self) -> Snapshot:
+        """This server's metrics as raw sums (skipdecode/serve/metrics.py)."""
+        return self.counters.snapshot(self.service)
+
+    async def _own_snapshot(self) -> Snapshot:
+        return self.snapshot()
+
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        body, media_type = render(await self.metrics_snapshot())
+        return Response(body, media_type=media_type)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [P.model_object(self.model_name, self.created)]})
@@ -246,10 +206,10 @@ class CompletionsApp:
                                          listener=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         except SkipDecodeError as exc:
             if isinstance(exc, RequestError):
-                self.invalid.inc()
+                self.counters.refused()
             return error_response(exc)
         except ClientDisconnect:  # hung up before its whole body arrived: nothing was submitted, nobody to answer
-            self.gone.inc()
+            self.counters.hung_up()
             return Response(status_code=499)  # nginx's "client closed request": a count, not a server error
         if req.stream:
             return self._stream(self._sse(req, handle, queue, prefix))
@@ -336,12 +296,12 @@ class CompletionsApp:
             for i, (ev, delta) in enumerate(zip(tokens[:len(deltas)], deltas, strict=True)):
                 if text is not None and text.stopped and i == len(deltas) - 1:
                     handle.cancel("stop")  # end here, stop generating
-                    self.latency.observe(time.monotonic() - t0)
+                    self.counters.observe(time.monotonic() - t0)
                     yield ev, delta, "stop"
                     return
                 yield ev, delta, None
             if finish is not None:
-                self.latency.observe(time.monotonic() - t0)
+                self.counters.observe(time.monotonic() - t0)
                 yield None, tail, finish.reason
                 return
 

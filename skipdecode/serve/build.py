@@ -14,11 +14,13 @@ from skipdecode.serve.config import ServeConfig
 
 @dataclass(frozen=True)
 class Server:
-    """A loaded engine, the service that batches requests on it, and the ASGI app serving them."""
+    """A loaded engine, the service that batches requests on it, the ASGI app serving them and its handlers
+    (`CompletionsApp`: its metrics, which a Ray replica sums with the other replicas')."""
 
     engine: object
     service: object
     app: object
+    handlers: object
 
 
 def build_server(config: ServeConfig) -> Server:
@@ -29,7 +31,7 @@ def build_server(config: ServeConfig) -> Server:
     from skipdecode.runtime.errors import InputError
     from skipdecode.runtime.ort_sessions import configure_onnxruntime
     from skipdecode.runtime.service import Service, ServiceConfig
-    from skipdecode.serve.app import create_app
+    from skipdecode.serve.app import CompletionsApp
     from skipdecode.serve.engine_source import resolve_engine
 
     if config.engine is None:
@@ -43,7 +45,8 @@ def build_server(config: ServeConfig) -> Server:
     service = Service(engine, ServiceConfig(
         max_batch=config.max_batch, max_tokens_in_flight=config.max_tokens_in_flight, max_queue=config.max_queue,
         max_prefill_tokens=config.max_prefill_tokens or None, strategy=config.strategy))
-    return Server(engine, service, create_app(engine, service, config))
+    handlers = CompletionsApp(engine, service, config)
+    return Server(engine, service, handlers.starlette(), handlers)
 
 
 def run(config: ServeConfig) -> int:

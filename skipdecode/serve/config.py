@@ -127,6 +127,10 @@ class ServeConfig:
                                   lo=1, process=True)
     ray_start_timeout: float = option(300.0, "seconds for every replica to load its engine and report healthy",
                                       group=RAY_GROUP, above=0, process=True)
+    ray_metrics: bool = option(False, "let the local Ray instance export Ray's own Prometheus metrics: Ray serves "
+                               "them on every interface without authentication, whatever --host and --api-key "
+                               "say, so they are off unless asked for (the app's /metrics, behind the API key, "
+                               "sums every replica)", group=RAY_GROUP, process=True)
 
     def __post_init__(self) -> None:
         if self.engine is not None:

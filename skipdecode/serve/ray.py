@@ -42,12 +42,19 @@ from skipdecode.runtime.errors import InputError, ReplicaFailedError
 from skipdecode.runtime.manifest import load_manifest
 from skipdecode.serve.config import ServeConfig
 from skipdecode.serve.engine_source import is_archive_uri, normalize_source
+from skipdecode.serve.metrics import merge
 from skipdecode.serve.protocol import DONE, error_body, event
 
 APP_NAME = "skipdecode"
 DEPLOYMENT_NAME = "SkipDecodeEngine"
+METRICS_DEPLOYMENT = "SkipDecodeMetrics"
+# Replicas publish their metrics this often (and on every scrape they answer); a replica silent for STALE_AFTER_S
+# (dead, or removed by autoscaling) drops out of the sum
+PUBLISH_PERIOD_S = 2.0
+STALE_AFTER_S = 3 * PUBLISH_PERIOD_S
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "skipdecode.serve.ray:proxy_middlewares"
+RAY_METRICS_ENV = "RAY_enable_metrics_collection"  # "0": the node's metrics agent starts no Prometheus exporter
 REPLICA_HEADER = "x-skipdecode-replica"  # the Ray actor name of the replica that answered (operations, tests)
 
 
@@ -86,18 +93,68 @@ class ReplicaHeader:
         await self.app(scope, receive, send_named)
 
 
+@serve.deployment(name=METRICS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+class MetricsBoard:
+    """The latest metrics snapshot of every engine replica (skipdecode/serve/metrics.py). Each replica publishes its
+    own every PUBLISH_PERIOD_S and when it answers a scrape; the one answering `/metrics` renders the sum of all
+    that are fresh, so a scrape through Ray's proxy describes the whole application, not whichever replica the
+    proxy picked. A replica that stops publishing drops out after STALE_AFTER_S: its counts leave the sums, which
+    Prometheus' rate() and increase() read as a counter reset."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[str, tuple[float, dict]] = {}
+
+    def publish(self, replica: str, snapshot: dict) -> None:
+        self.snapshots[replica] = (time.monotonic(), snapshot)
+
+    def forget(self, replica: str) -> None:
+        self.snapshots.pop(replica, None)
+
+    def collect(self) -> list[dict]:
+        now = time.monotonic()
+        self.snapshots = {k: v for k, v in self.snapshots.items() if now - v[0] <= STALE_AFTER_S}
+        return [snap for _, snap in self.snapshots.values()]
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class SkipDecodeEngine:
     """One replica: the engine loaded once, its continuous-batching service, and `skipdecode serve`'s app."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, board=None) -> None:
         from skipdecode.serve.build import build_server
 
         # onnxruntime threads: as many as Ray reserved for this replica (replicas share the machine's cores)
         server = build_server(dataclasses.replace(config, threads=config.threads or max(1, int(config.replica_cpus))))
-        self.engine, self.service = server.engine, server.service
-        self.app_with_header = ReplicaHeader(server.app, serve.get_replica_context().replica_id.to_full_id_str())
+        self.engine, self.service, self.handlers = server.engine, server.service, server.handlers
+        self.name = serve.get_replica_context().replica_id.to_full_id_str()
+        self.app_with_header = ReplicaHeader(server.app, self.name)
+        self.board = board  # the MetricsBoard's handle (None: this replica's metrics alone)
+        if board is not None:
+            self.handlers.metrics_snapshot = self.application_snapshot
+            self._stop_publishing = threading.Event()
+            threading.Thread(target=self._publish_periodically, name="skipdecode-metrics", daemon=True).start()
+
+    def _publish_periodically(self) -> None:
+        while not self._stop_publishing.wait(PUBLISH_PERIOD_S):
+            try:
+                self.board.publish.remote(self.name, self.handlers.snapshot())
+            except Exception:  # noqa: BLE001 - the board restarting: the next period publishes again
+                pass
+
+    async def application_snapshot(self) -> dict:
+        """The sum of every live replica's metrics, this one's taken now."""
+        await self.board.publish.remote(self.name, self.handlers.snapshot())
+        return merge(await self.board.collect.remote())
+
+    def __del__(self) -> None:
+        """Ray Serve calls this when it stops the replica: its counts leave the sums now, not after STALE_AFTER_S."""
+        if getattr(self, "board", None) is not None:
+            self._stop_publishing.set()
+            try:
+                self.board.forget.remote(self.name)
+            except Exception:  # noqa: BLE001 - the application is going away as a whole: nothing to forget
+                pass
 
     def __serve_build_asgi_app__(self):
         """Ray Serve's late-bound ingress: the app is built in __init__, once the engine is loaded."""
@@ -114,7 +171,7 @@ def build_app(config: ServeConfig):
     """The Ray Serve application (deploy it with `serve.run`). A local engine path becomes absolute: replicas do
     not run in this directory."""
     config = dataclasses.replace(config, engine=normalize_source(config.engine))
-    return SkipDecodeEngine.options(**deployment_options(config)).bind(config)
+    return SkipDecodeEngine.options(**deployment_options(config)).bind(config, MetricsBoard.bind())
 
 
 def app_builder(args: dict[str, Any]):
@@ -299,13 +356,17 @@ def check_local_capacity(config: ServeConfig, cpus: float) -> None:
 
 def local_ray_environment(env, config: ServeConfig | None = None) -> None:
     """Environment a local Ray instance's processes inherit (set before `ray.init` starts them): the proxy's
-    middleware and connection limits (`config`'s); no usage reporting (Ray's default today, pinned so a machine
+    middleware and connection limits (`config`'s); Ray's own Prometheus exporter off unless `--ray-metrics` (Ray
+    binds it to every interface, without authentication, and turns a loopback node address into a reachable one,
+    so it cannot follow `--host`); no usage reporting (Ray's default today, pinned so a machine
     without network never tries); and 30 s instead of 5 s for the proxy to report ready, since on a small, busy
     machine (2 cores, replicas loading) the controller otherwise kills a proxy that is merely slow to start (seen
     at a load of 4 on 2 cores)."""
     env.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     if config is not None:
         env[PROXY_LIMITS_ENV] = proxy_limits(config)
+        if not config.ray_metrics:  # Ray cannot bind its metrics exporter to loopback: no exporter at all
+            env.setdefault(RAY_METRICS_ENV, "0")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
