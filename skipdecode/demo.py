@@ -25,6 +25,7 @@ from skipdecode.cliargs import floats, ints
 from skipdecode.runtime.errors import InputError, check_int
 from skipdecode.runtime.generator import timed_generate
 from skipdecode.runtime.request import GenerateOptions
+from skipdecode.runtime.speculative import DEFAULT_DRAFT_TOKENS
 
 FULL_DEPTH = "full depth"
 LOSSLESS = "lossless"
@@ -66,16 +67,20 @@ class SettingResult:
     accepted: int = 0
 
 
-def default_settings(speedups: Sequence[float], lossless: bool, draft_scheme: str | None = None) -> list[Setting]:
+def default_settings(speedups: Sequence[float], lossless: bool, draft_scheme: str | None = None,
+                     draft_tokens: int | None = None) -> list[Setting]:
     """Full depth, each SkipDecode speedup, lossless mode; on an engine with quantized drafts (`draft_scheme`, e.g.
-    "int8-b64") lossless mode twice: as it runs by default (quantized drafts) and drafting with the float buckets."""
+    "int8-b64") lossless mode twice: as it runs by default (quantized drafts) and drafting with the float buckets.
+    `draft_tokens`: lossless rows draft that many per round (None: the engine's automatic policy)."""
     settings = [Setting(FULL_DEPTH)] + [Setting(f"SkipDecode {s:g}x", speedup=s) for s in speedups]
     if not lossless:
         return settings
     if draft_scheme:
-        return settings + [Setting(f"{LOSSLESS} ({draft_scheme.split('-')[0]} drafts)", lossless=True),
-                           Setting(f"{LOSSLESS} (float drafts)", lossless=True, draft_weights="float")]
-    return settings + [Setting(LOSSLESS, lossless=True)]
+        return settings + [Setting(f"{LOSSLESS} ({draft_scheme.split('-')[0]} drafts)", lossless=True,
+                                   draft_tokens=draft_tokens),
+                           Setting(f"{LOSSLESS} (float drafts)", lossless=True, draft_weights="float",
+                                   draft_tokens=draft_tokens)]
+    return settings + [Setting(LOSSLESS, lossless=True, draft_tokens=draft_tokens)]
 
 
 def _timed(engine, prompt: Sequence[int], opts: GenerateOptions) -> tuple[float, float, list[int], int, int]:
@@ -171,11 +176,21 @@ def cmd_demo(args) -> int:
         prompt = engine.encode(args.prompt) if args.prompt is not None else list(args.prompt_ids)
         refusal = engine.backend.lossless_refusal  # quantized engines: lossless would not be their full depth's
         drafts = engine.manifest.drafts.get("scheme") if engine.backend.draft_buckets else None
-        settings = default_settings(args.speedups, args.lossless and refusal is None, drafts)
+        # an engine whose measured policy is not to draft would show lossless mode as full depth: draft the
+        # runtime's default length instead, and say so
+        policy = engine.backend.draft_policy
+        shown = DEFAULT_DRAFT_TOKENS if policy.tokens == 0 else None
+        settings = default_settings(args.speedups, args.lossless and refusal is None, drafts, shown)
         L = engine.backend.num_layers
         log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
         log(f"loaded {args.engine} in {load_s:.1f} s: {L} layers, buckets "
             f"{','.join(map(str, engine.manifest.buckets))}, {threads} threads")
+        if args.lossless and refusal is None:
+            log(f"lossless mode drafts {shown} tokens per round: this engine's measured policy is not to draft "
+                "(it did not beat full depth where it was exported; docs/lossless.md)" if shown else
+                f"lossless mode drafts as this engine's measured policy says: up to {policy.tokens} tokens from "
+                f"the {policy.draft_speedup:g}x bucket" + (f", a round ending below {policy.stop_below:g}"
+                                                          if policy.stop_below is not None else ""))
         if args.lossless and refusal is not None:
             log(f"lossless mode left out: {refusal}")
         results = run_demo(engine, prompt, settings, args.max_new_tokens, args.rounds, log)

@@ -149,3 +149,16 @@ def test_the_tuner_refuses_an_engine_whose_lossless_output_is_not_full_depth(eng
     monkeypatch.setattr(batcher_module, "speculative_accept", accept_all)
     with pytest.raises(EngineError, match="gave other tokens than full depth"):
         lossless_tune.tune(out)
+
+
+def test_the_demo_shows_lossless_mode_drafting_on_an_engine_whose_policy_is_not_to(engine_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    monkeypatch.setattr("skipdecode.runtime.ort_sessions.configure_onnxruntime", lambda threads=None: threads or 1)
+    _, _, out = engine_dir
+    eng = with_policy(out, tmp_path / "none", {"draft_speedup": 3.0, "draft_tokens": 0, "stop_below": None})
+    assert main(["demo", "--engine", str(eng), "--no-verify", "--prompt-ids", "2 17 29 41 53", "--max-new-tokens",
+                 "12", "--rounds", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    settings = {s["name"]: s for s in json.loads(captured.out)["settings"]}
+    assert settings["lossless (int8 drafts)"]["drafted"] > 0 and settings["lossless (float drafts)"]["drafted"] > 0
+    assert all(s["tokens"] == settings["full depth"]["tokens"] for s in settings.values() if "lossless" in s["name"])
