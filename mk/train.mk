@@ -38,8 +38,9 @@ small-model: NAME := small-opt-kjv
 small-model: TOKENIZER := $(TINY)/skip-tuned/tokenizer.json
 small-model: PRETRAIN_STEPS ?= 1000
 small-model: PRETRAIN_LR := 1.5e-3
-small-model: SKIPTUNE_STEPS ?= 500
+small-model: SKIPTUNE_STEPS ?= 1500
 small-model: SKIPTUNE_LR := 4e-4
+small-model: TUNE_SPEEDUPS := 1,2,3,5
 small-model: CHECKPOINT_EVERY := 50
 
 .PHONY: corpus tiny-model small-model finetune eval
