@@ -6,7 +6,7 @@ SOAK_SECONDS ?= 600
 
 PREFILL_BENCH_JSON ?= build/prefill_bench.json
 
-.PHONY: serve serve-bench prefill-bench soak
+.PHONY: serve serve-bench prefill-bench scoring-bench soak
 
 # Serve OUT on http://127.0.0.1:$(PORT): OpenAI-style POST /v1/completions (SSE streaming), GET /health, GET /metrics.
 serve:
@@ -20,6 +20,11 @@ serve-bench:
 prefill-bench:
 	$(PY) -m skipdecode.bench.prefill_bench --engine $(OUT) --budgets 0,32,64 --rounds 7 --threads 1 \
 		--json $(PREFILL_BENCH_JSON)
+
+# An ordinary request's time to first token while 8 prompts of 255 tokens are scored (echo + logprobs), vs idle.
+scoring-bench:
+	$(PY) -m skipdecode.bench.scoring_bench --engine $(OUT) --scorers 8 --score-prompt 255 --rounds 9 --threads 1 \
+		--json build/scoring_bench.json
 
 # Soak `skipdecode serve` for SOAK_SECONDS under mixed load (cancels, streams); reports server memory over time.
 soak:

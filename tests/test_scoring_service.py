@@ -125,3 +125,16 @@ def test_chunks_cover_the_prompt_on_an_engine_with_a_verify_graph(engine_dir):
             del type(be).has_verify
     assert [e.token for e in chunked] == prompt[1:] == [e.token for e in stepped]
     assert max(abs(a.logprob - b.logprob) for a, b in zip(chunked, stepped, strict=True)) < 1e-4
+
+
+def test_scoring_bench_smoke(engine_dir, tmp_path):
+    """The bench's ordinary request gets its first token while the scoring jobs are still running (steps shared)."""
+    import json
+
+    from skipdecode.bench import scoring_bench
+    out = tmp_path / "scoring.json"
+    assert scoring_bench.main(["--engine", str(engine_dir[2]), "--scorers", "2", "--score-prompt", "60",
+                               "--rounds", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert all(report["medians"][k] > 0 for k in ("idle_ttft_ms", "chunk_ms", "loaded_ttft_ms"))
+    assert report["rounds"][0]["scoring_jobs_pending"] >= 1
