@@ -30,7 +30,7 @@ tiny-model: BASE_WEIGHTS := yes
 # small-opt-kjv (hidden 384, 12 layers, 24.5 M params, ~49 MiB in fp16): big enough that batch-1 decoding reads
 # its weights from DRAM (~98 MiB in fp32 against an 8 MiB last-level cache), with the tiny model's tokenizer so the
 # LM head stays ~13% of the weights. Measured 3.1 s per step of 16 x 128 tokens on 2 idle cores (3.5x the tiny
-# model's FLOPs), so 1000 pretraining + 500 skip-tuning steps take ~1.2 h, plus ~10 min for the held-out losses and
+# model's FLOPs), so 1000 pretraining + 3000 skip-tuning steps take ~3.5 h, plus ~10 min for the held-out losses and
 # the quality report. 1000 steps see 2.0 M tokens (~2.2 epochs of the training split); the lower learning rates
 # follow the wider model (lr ~ 1 / width from the tiny one's 2e-3). Only the skip-tuned weights are committed (the
 # repository holds one ~49 MiB copy); the untuned base stays in build/, its record in models/small-opt-kjv/pretrained.
@@ -38,7 +38,7 @@ small-model: NAME := small-opt-kjv
 small-model: TOKENIZER := $(TINY)/skip-tuned/tokenizer.json
 small-model: PRETRAIN_STEPS ?= 1000
 small-model: PRETRAIN_LR := 1.5e-3
-small-model: SKIPTUNE_STEPS ?= 2000
+small-model: SKIPTUNE_STEPS ?= 3000
 small-model: SKIPTUNE_LR := 4e-4
 small-model: TUNE_SPEEDUPS := 1,2,3,5
 small-model: CHECKPOINT_EVERY := 50

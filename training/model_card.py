@@ -40,10 +40,10 @@ PURPOSES = {
         tokenizer="the tiny model's (`tiny-opt-kjv`), a byte-level BPE\ntrained on the training split (`tokenizers`): "
                   "a small vocabulary keeps the LM head a small share of the weights",
         sizing="3.1 s per step of 16 x 128 tokens on an idle 2-core CPU (3.5x the tiny model's FLOPs): 1000\n"
-               "pretraining + 2000 skip-tuning steps are ~2.6 h, plus the held-out losses and this report. The\n"
-               "skip-tuning ran in three resumed stretches (500 steps drawing speedups 2, 3, 5; then 1000 and 500\n"
-               "more drawing 1, 2, 3, 5, each resume stretching the cosine schedule to the new step count): with full\n"
-               "depth drawn too, its own perplexity keeps improving while the skipped depths are tuned.\n"
+               "pretraining + 3000 skip-tuning steps are ~3.5 h, plus the held-out losses and this report. The\n"
+               "skip-tuning ran in four resumed stretches (500 steps drawing speedups 2, 3, 5; then 1000, 500 and\n"
+               "1000 more drawing 1, 2, 3, 5, each resume stretching the cosine schedule to the new step count):\n"
+               "with full depth drawn too, its own perplexity keeps improving while the skipped depths are tuned.\n"
                "Learning rates scale the tiny model's as 1 / width. Only the skip-tuned weights are committed (one\n"
                "~49 MiB copy); `pretrained/` holds the base's config and training record, and `make small-model`\n"
                "rebuilds its weights under build/.",
