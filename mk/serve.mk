@@ -5,6 +5,7 @@ SOAK_JSON ?= build/soak.json
 SOAK_SECONDS ?= 600
 
 PREFILL_BENCH_JSON ?= build/prefill_bench.json
+SCORING_BENCH_JSON ?= build/scoring_bench.json
 
 .PHONY: serve serve-bench prefill-bench scoring-bench soak
 
@@ -24,7 +25,7 @@ prefill-bench:
 # An ordinary request's time to first token while 8 prompts of 255 tokens are scored (echo + logprobs), vs idle.
 scoring-bench:
 	$(PY) -m skipdecode.bench.scoring_bench --engine $(OUT) --scorers 8 --score-prompt 255 --rounds 9 --threads 1 \
-		--json build/scoring_bench.json
+		--json $(SCORING_BENCH_JSON)
 
 # Soak `skipdecode serve` for SOAK_SECONDS under mixed load (cancels, streams); reports server memory over time.
 soak:
